@@ -1,0 +1,29 @@
+"""Fixtures shared by every test module; the machinery lives in support.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support import Daemon, make_daemon
+
+
+@pytest.fixture
+def daemon_factory(tmp_path) -> Iterator:
+    """Start real daemons with config overrides: `daemon_factory(node_timeout_ms=500)`."""
+    started: list[Daemon] = []
+
+    def start(name: str = "orchestratord", **overrides) -> Daemon:
+        daemon = make_daemon(tmp_path / name, **overrides).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> Daemon:
+    """A real orchestratord on 127.0.0.1 with a fresh database."""
+    return daemon_factory()
