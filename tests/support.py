@@ -48,7 +48,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll `predicate` until it returns something truthy or the deadline passes."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -61,7 +63,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
             if result:
                 return result
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last error {last_error!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}: last error {last_error!r}"
+    )
 
 
 @dataclass
@@ -149,7 +153,9 @@ class Daemon:
         except OSError:
             return False
 
-    def api(self, method: str, path: str, body: Any = None, token: str | None | object = ..., **kw) -> Response:
+    def api(
+        self, method: str, path: str, body: Any = None, token: str | object | None = ..., **kw
+    ) -> Response:
         """A request to the daemon, authenticated with its token unless `token` says otherwise."""
         use_token = self.token if token is ... else token
         return http(method, self.url + path, body=body, token=use_token, **kw)
@@ -218,7 +224,12 @@ def sample_registration(node_id: str = "gpu-1", pools: int = 1, gpus_per_pool: i
         "address": f"http://{node_id}.lab:8080",
         "version": "0.1.0",
         "pools": pool_list,
-        "capabilities": {"gpus": gpu_list, "cuda_version": "12.4", "cpu_cores": 32, "ram_total_bytes": 256 * 1024**3},
+        "capabilities": {
+            "gpus": gpu_list,
+            "cuda_version": "12.4",
+            "cpu_cores": 32,
+            "ram_total_bytes": 256 * 1024**3,
+        },
     }
 
 
