@@ -1,4 +1,4 @@
-"""The app factory: one middleware for auth, errors and timing; the store and background work in cleanup_ctx."""
+"""The app factory: one middleware for auth, errors and timing; the store and background work in cleanup."""
 
 from __future__ import annotations
 
@@ -83,13 +83,20 @@ async def _flush_heartbeats(registry: Registry) -> None:
         await registry.store.write_heartbeats(rows)
 
 
-async def _background(registry: Registry) -> None:
+async def _write_back(registry: Registry) -> None:
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         try:
             await _flush_heartbeats(registry)
         except Exception as exc:  # a full disk must not stop liveness tracking; the next flush retries
             log.error("writing heartbeats to the database failed: %s", exc)
+
+
+async def _sweep(registry: Registry) -> None:
+    # Often enough that an offline node is logged and leaves the index soon after its timeout.
+    interval_s = min(1.0, registry.node_timeout_s / 4)
+    while True:
+        await asyncio.sleep(interval_s)
         registry.sweep()
 
 
@@ -108,11 +115,12 @@ def create_app(settings: Settings, token: str) -> web.Application:
     async def state(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         await registry.load()
-        task = asyncio.create_task(_background(registry))
+        tasks = [asyncio.create_task(_write_back(registry)), asyncio.create_task(_sweep(registry))]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await _flush_heartbeats(registry)
         await store.close()
 
