@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# `make lab`: brings up (or re-converges) the local podman lab — one control
+# host and two GPU nodes, systemd containers reached over SSH — and rolls the
+# kit out onto it with site.yml, then prints the cluster state.
+#
+# Idempotent: running containers are reused, the key and the token are made
+# once, and a second run must report changed=0 on every lab host.
+#
+#   LAB_PREFIX=llrole make lab    a separate lab (own containers, network, state)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+# shellcheck source=lab/common.sh
+source lab/common.sh
+
+if [[ $(id -u) -ne 0 ]]; then
+  die "the lab needs root: rootful podman gives each container an address the controller can reach"
+fi
+
+run_start=$(date +%s)
+step "system packages (scripts/system-deps.sh)"
+bash scripts/system-deps.sh
+step "base image"
+bash lab/image.sh
+
+step "state in ${state_dir#"$repo"/}"
+mkdir -p "$state_dir"
+chmod 700 "$repo/.lab" "$state_dir"
+if [[ ! -f $state_dir/id_ed25519 ]]; then
+  ssh-keygen -q -t ed25519 -N '' -C "llorch-lab-$prefix" -f "$state_dir/id_ed25519"
+  echo "made the lab's ssh key"
+fi
+if [[ ! -s $state_dir/api-token ]]; then
+  # 48 url-safe characters; written 0600 from the start and never printed.
+  (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(36))' >"$state_dir/api-token.new")
+  mv "$state_dir/api-token.new" "$state_dir/api-token"
+  echo "made the lab's API token (0600, not shown)"
+fi
+chmod 600 "$state_dir/api-token"
+
+step "network $network"
+if ! podman network exists "$network"; then
+  podman network create --label "llorch.lab.prefix=$prefix" "$network" >/dev/null
+  echo "created"
+fi
+subnet=$(podman network inspect "$network" --format '{{range .Subnets}}{{.Subnet}} {{end}}' | awk '{print $1}')
+[[ $subnet == */24 ]] || die "network $network has subnet '$subnet'; the lab expects a /24 (podman's default)"
+net_base=${subnet%.*}
+# Fixed addresses: podman's CNI backend here has no DNS between containers, so
+# every container gets /etc/hosts entries for the others, valid across restarts.
+declare -A address=()
+add_hosts=()
+for i in "${!roles[@]}"; do
+  name=${prefix}-${roles[$i]}
+  address[$name]=$net_base.$((10 + i))
+  add_hosts+=(--add-host "$name:${address[$name]}")
+done
+
+step "containers"
+for role in "${roles[@]}"; do
+  name=$prefix-$role
+  status=$(podman container inspect --format '{{.State.Status}}' "$name" 2>/dev/null || echo missing)
+  case $status in
+    running) echo "$name: running, reused" ;;
+    missing)
+      podman run -d --name "$name" --hostname "$name" \
+        --label "llorch.lab.prefix=$prefix" \
+        --network "$network" --ip "${address[$name]}" "${add_hosts[@]}" \
+        --runtime=runc --systemd=always \
+        --ulimit nofile=1024:2048 --ulimit nproc=4096:8192 \
+        "$image" /sbin/init >/dev/null
+      echo "$name: started at ${address[$name]}"
+      ;;
+    *)
+      podman start "$name" >/dev/null
+      echo "$name: was $status, started"
+      ;;
+  esac
+done
+
+step "ssh"
+pubkey=$(cat "$state_dir/id_ed25519.pub")
+for role in "${roles[@]}"; do
+  name=$prefix-$role
+  # Rewrite only when different, so a re-run touches nothing in the container.
+  podman exec "$name" sh -c 'umask 077; mkdir -p /root/.ssh
+    grep -qxF "$0" /root/.ssh/authorized_keys 2>/dev/null || echo "$0" >>/root/.ssh/authorized_keys' "$pubkey"
+done
+for role in "${roles[@]}"; do
+  name=$prefix-$role
+  wait_for "$name: sshd answers" 90 lab_ssh "${address[$name]}" true
+done
+
+step "inventory ${inventory#"$repo"/}"
+write_inventory
+echo "written for hosts: ${!address[*]}"
+
+summary=()
+playbooks=(lab/prepare.yml)
+# The staging helper's model mirror joins the preparation once it exists.
+[[ -f lab/model_mirror.yml ]] && playbooks+=(lab/model_mirror.yml)
+run_playbook "${playbooks[@]}"
+run_playbook site.yml
+run_playbook playbooks/status.yml
+
+step "summary (LAB_PREFIX=$prefix)"
+printf '%s\n' "${summary[@]}"
+echo "lab up in $(($(date +%s) - run_start)) s; token in ${state_dir#"$repo"/}/api-token; controller URL http://${address[$prefix-control]}:9200"
