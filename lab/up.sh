@@ -7,6 +7,7 @@
 # once, and a second run must report changed=0 on every lab host.
 #
 #   LAB_PREFIX=llrole make lab    a separate lab (own containers, network, state)
+#   LAB_MEASURE=1 make lab        also measure the per-task floor now and compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -113,6 +114,14 @@ playbooks=(lab/prepare.yml)
 [[ -f lab/model_mirror.yml ]] && playbooks+=(lab/model_mirror.yml)
 run_playbook "${playbooks[@]}"
 run_playbook site.yml
+site_wall=$last_wall site_runs=$last_runs
+if [[ ${LAB_MEASURE:-0} == 1 ]]; then
+  run_playbook lab/floor.yml >/dev/null
+  measured=$(awk -v sw="$site_wall" -v sr="$site_runs" -v fw="$last_wall" -v fr="$last_runs" 'BEGIN {
+    per_task = sw / sr; floor = fw / fr
+    printf "site.yml %.3f s per task run; floor now %.3f s (lab/floor.yml); ratio %.2f (goal <= 1.3)", per_task, floor, per_task / floor }')
+  summary+=("$measured")
+fi
 run_playbook playbooks/status.yml
 
 step "summary (LAB_PREFIX=$prefix)"
