@@ -108,6 +108,7 @@ run_playbook() {
   line=$(printf '%-40s %6s s  lab hosts %d  task runs %3d (skipped %d)  changed %d  failed %d  goal <= %s s' \
     "$*" "$wall" "$hosts" "$runs" "$skipped" "$changed" "$failed" "$floor")
   summary+=("$line")
+  lab_changed_total=$((${lab_changed_total:-0} + changed))
   echo "$line"
   if ((rc != 0)); then
     echo "lab: $* failed (exit $rc); log in ${log#"$repo"/}" >&2

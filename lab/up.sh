@@ -126,4 +126,9 @@ run_playbook playbooks/status.yml
 
 step "summary (LAB_PREFIX=$prefix)"
 printf '%s\n' "${summary[@]}"
+if ((lab_changed_total == 0)); then
+  echo "idempotent: changed=0 on every lab host in every playbook"
+else
+  echo "changes on lab hosts: $lab_changed_total (a re-run of an unchanged lab should make none)"
+fi
 echo "lab up in $(($(date +%s) - run_start)) s; token in ${state_dir#"$repo"/}/api-token; controller URL http://${address[$prefix-control]}:9200"
