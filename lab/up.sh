@@ -113,7 +113,10 @@ playbooks=(lab/prepare.yml)
 # The staging helper's model mirror joins the preparation once it exists.
 [[ -f lab/model_mirror.yml ]] && playbooks+=(lab/model_mirror.yml)
 run_playbook "${playbooks[@]}"
-run_playbook site.yml
+# Both lab GPU nodes in one batch: the lab serves no traffic that a rolling
+# restart would protect (playbooks/upgrade.yml still goes one node at a time).
+# An extra var, because a play's `serial` cannot see inventory variables.
+run_playbook site.yml -e llorch_node_serial=2
 site_wall=$last_wall site_runs=$last_runs
 if [[ ${LAB_MEASURE:-0} == 1 ]]; then
   run_playbook lab/floor.yml >/dev/null
