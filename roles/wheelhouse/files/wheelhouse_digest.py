@@ -2,9 +2,9 @@
 """Print what the wheelhouse would be built from, as JSON: a digest and each package's name and version.
 
 The digest covers every source file (not caches), the constraints file, the build steps and the
-building Python's version and platform, so the wheelhouse is rebuilt exactly when one of them changed. `current` says
-whether the stamp in the wheelhouse already holds this digest. `sources` maps each package name to
-its folder.
+building Python's version and platform, so the wheelhouse is rebuilt exactly when one of them
+changed. `current` says whether the stamp in the wheelhouse already holds this digest. `sources`
+maps each package name to its folder.
 """
 
 from __future__ import annotations
