@@ -43,6 +43,14 @@ def _envelope(status: int, code: str, message: str, headers=None) -> web.Respons
     )
 
 
+def _check_query(request: web.Request) -> None:
+    # A misspelt filter (?stauts=offline) must not silently answer everything.
+    allowed = getattr(request.match_info.route.handler, "query_params", ())
+    for name in request.query:
+        if name not in allowed:
+            raise ApiError(400, "INVALID_PARAMS", f"unknown query parameter - at `{name}`")
+
+
 def make_middleware(auth: BearerAuth, metrics: Metrics | None):
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
@@ -53,6 +61,8 @@ def make_middleware(auth: BearerAuth, metrics: Metrics | None):
                     401, "UNAUTHORIZED", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
                 )
             else:
+                if request.query:
+                    _check_query(request)
                 response = await handler(request)
         except ApiError as exc:
             response = _envelope(exc.status, exc.code, exc.message)
