@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _orchestratord import harness  # noqa: E402
+from _orchestratord import harness
 
 NODES = 1000
 CONNECTIONS = 64
@@ -55,7 +55,8 @@ request = function()
   local node = counter % {NODES}
   local visit = math.floor(counter / {NODES})
   counter = counter + 1
-  return wrk.format(nil, "/v2/nodes/" .. ids[node + 1] .. "/heartbeat", nil, bodies[(visit % {SLOT_STEPS}) + 1])
+  local body = bodies[(visit % {SLOT_STEPS}) + 1]
+  return wrk.format(nil, "/v2/nodes/" .. ids[node + 1] .. "/heartbeat", nil, body)
 end
 """
     )
@@ -64,7 +65,9 @@ end
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating daemon/bare rounds (default 3)")
     args = parser.parse_args()
@@ -94,7 +97,9 @@ def main() -> None:
                 daemon_runs.append(
                     harness.run_wrk(daemon.url, daemon_script, args.duration, CONNECTIONS, daemon.proc.pid)
                 )
-                bare_runs.append(harness.run_wrk(bare.url, bare_script, args.duration, CONNECTIONS, bare.proc.pid))
+                bare_runs.append(
+                    harness.run_wrk(bare.url, bare_script, args.duration, CONNECTIONS, bare.proc.pid)
+                )
                 print(f"round {round_number}:")
                 print("  " + harness.describe("orchestratord", daemon_runs[-1]))
                 print("  " + harness.describe("bare aiohttp", bare_runs[-1]))
@@ -112,7 +117,9 @@ def main() -> None:
     print(f"  p99 ratio daemon/bare:        {ours.p99_ms / floor.p99_ms:.2f}  (goal <= 2.00)")
     cpu_ratio = floor.server_cpu_us_per_request / ours.server_cpu_us_per_request
     print(f"  CPU efficiency daemon/bare:   {cpu_ratio:.2f}  (bare's CPU per request / the daemon's)")
-    print(f"  nodes online at the end: {online} of {NODES}; heartbeats on disk after stop: {stored} of {NODES}")
+    print(
+        f"  nodes online at the end: {online} of {NODES}; heartbeats on disk after stop: {stored} of {NODES}"
+    )
 
 
 def stored_heartbeats(db_path: Path) -> int:

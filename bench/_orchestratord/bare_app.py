@@ -11,7 +11,12 @@ import json
 
 from aiohttp import web
 
-FIXED_PICK = {"node_id": "bench-00000", "pool_id": "pool-0", "address": "http://bench:8080", "strategy": "least-loaded"}
+FIXED_PICK = {
+    "node_id": "bench-00000",
+    "pool_id": "pool-0",
+    "address": "http://bench:8080",
+    "strategy": "least-loaded",
+}
 
 
 def make_app(mode: str) -> web.Application:

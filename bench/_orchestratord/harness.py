@@ -102,7 +102,16 @@ class Daemon:
         env.pop("LLORCH_API_TOKEN", None)
         self.log = (workdir / "orchestratord.log").open("wb")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "orchestratord", "--config", str(config_path)],
+            [
+                "taskset",
+                "-c",
+                SERVER_CPU,
+                sys.executable,
+                "-m",
+                "orchestratord",
+                "--config",
+                str(config_path),
+            ],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -120,7 +129,17 @@ class BareApp:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, sys.executable, str(BARE_APP), "--mode", mode, "--port", str(self.port)],
+            [
+                "taskset",
+                "-c",
+                SERVER_CPU,
+                sys.executable,
+                str(BARE_APP),
+                "--mode",
+                mode,
+                "--port",
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -201,7 +220,9 @@ def seed_nodes(url: str, token: str, nodes: list[tuple[dict, dict]], concurrency
 
 
 def online_count(url: str, token: str) -> int:
-    request = urllib.request.Request(url + "/v2/nodes?status=online", headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(
+        url + "/v2/nodes?status=online", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(request, timeout=60) as answer:
         return json.load(answer)["count"]
 
@@ -218,8 +239,17 @@ def run_wrk(url: str, script: Path, duration_s: int, connections: int, server_pi
     cpu_before = process_cpu_s(server_pid)
     output = subprocess.run(
         [
-            "taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency",
-            "-s", str(script), url,
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
         ],
         capture_output=True,
         text=True,
