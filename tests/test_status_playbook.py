@@ -40,7 +40,7 @@ def test_status_prints_nodes_and_catalog_from_inventory_vars_or_environment(daem
     assert nodes["gpu-a"][:6] == ["gpu-a", "online", "2/2", "6", "140.00 GB", "m-alone,m-shared"]
     assert re.fullmatch(r"\d+ s ago", nodes["gpu-a"][6])
     assert nodes["gpu-b"][:3] == ["gpu-b", "draining", "2/2"]
-    assert nodes["gpu-c"] == ["gpu-c", "registering", "0/2", "0", "0.00 Bytes", "-", "-"]
+    assert nodes["gpu-c"] == ["gpu-c", "registering", "0/2", "0", "-", "-", "-"]
     assert rows[4] == ["MODEL", "REPLICAS", "NODES"]
     # gpu-b is draining, so only gpu-a counts as holding a model.
     assert sorted(rows[5:]) == [["m-alone", "1", "gpu-a"], ["m-shared", "1", "gpu-a"]]

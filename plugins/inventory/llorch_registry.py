@@ -54,8 +54,8 @@ options:
 """
 
 EXAMPLES = r"""
-# inventories/registry.llorch_registry.yml — url and token from LLORCH_URL and LLORCH_API_TOKEN
-plugin: llorch_registry
+# The smallest file takes url and token from LLORCH_URL and LLORCH_API_TOKEN:
+#   plugin: llorch_registry
 
 # A production file: token from a 0600 file, only nodes that are up, groups by GPU model
 plugin: llorch_registry
