@@ -6,7 +6,7 @@ import json
 
 import pytest
 from support import free_port
-from support_registry import add_node, ansible_env, node_record, run, run_tasks
+from support_registry import TlsProxy, add_node, ansible_env, node_record, run, run_tasks
 
 URL_AND_TOKEN_FROM_ENV: dict = {}  # the modules read LLORCH_URL / LLORCH_API_TOKEN themselves
 
@@ -231,3 +231,27 @@ def test_ansible_doc_documents_every_module(tmp_path):
         )
         assert docs[name]["examples"] and docs[name]["return"]
     assert docs["llorch_node"]["doc"]["options"]["state"]["choices"] == ["present", "drained", "absent"]
+
+
+def test_tls_certificates_are_checked_unless_told_otherwise(slow_daemon, tmp_path):
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    proxy = TlsProxy(slow_daemon, tmp_path)
+    try:
+        untrusted, with_ca, unchecked = run_tasks(
+            ansible_env(slow_daemon, tmp_path, LLORCH_URL=proxy.url),
+            tmp_path,
+            [
+                {"llorch_nodes_info": URL_AND_TOKEN_FROM_ENV, "ignore_errors": True},
+                {"llorch_nodes_info": {"ca_path": str(proxy.cert)}},
+                {"llorch_nodes_info": {"validate_certs": False}},
+            ],
+        )
+    finally:
+        proxy.close()
+
+    assert untrusted["failed"], untrusted
+    assert untrusted["msg"].startswith(
+        f"cannot reach the registry at {proxy.url}: TLS certificate not trusted"
+    )
+    assert [node["node_id"] for node in with_ca["nodes"]] == ["gpu-a"]
+    assert [node["node_id"] for node in unchecked["nodes"]] == ["gpu-a"]
