@@ -178,7 +178,8 @@ MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
-PIPELINE_DEPTH = 6  # buffers in flight between the reader, hasher and writer threads
+PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
+WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of what it wrote
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -327,6 +328,7 @@ def stream_into(read_into, fd: int, hasher) -> int:
         to_write.put(None)
 
     def write_worker() -> None:
+        flushed_to = start = os.lseek(fd, 0, os.SEEK_CUR)
         while (item := to_write.get()) is not None:
             buffer, length = item
             view = memoryview(buffer)[:length]
@@ -335,6 +337,11 @@ def stream_into(read_into, fd: int, hasher) -> int:
                     count = os.write(fd, view)
                     view = view[count:]
                     written[0] += count
+                if start + written[0] - flushed_to >= WRITEBACK_BYTES:
+                    # Start writeback of what is written so far (async, like sync_file_range), so the final
+                    # fsync waits for the last few MiB, not for the whole file.
+                    os.posix_fadvise(fd, flushed_to, start + written[0] - flushed_to, os.POSIX_FADV_DONTNEED)
+                    flushed_to = start + written[0]
             except OSError as exc:
                 failures.append(exc)
             free_buffers.put(buffer)
