@@ -117,6 +117,15 @@ def test_check_mode_reports_the_change_and_touches_nothing(served, models_dir):
     assert served.requests == []
 
 
+def test_check_mode_with_a_models_dir_still_to_be_created_reports_the_change(served, tmp_path):
+    models_dir = tmp_path / "not-yet"
+
+    result, _ = run_module(stage_args(served, models_dir), check=True)
+
+    assert result["changed"] is True, result
+    assert not models_dir.exists()
+
+
 def test_sha256_mismatch_leaves_no_file_and_names_both_digests(served, models_dir):
     wrong = "0" * 64
 

@@ -418,7 +418,9 @@ class Stager:
         params = self.module.params
         if not ID_PATTERN.match(self.model_id) or self.model_id in (".", ".."):
             raise StageError(f"id {self.model_id!r} may hold only letters, digits, '.', '_' and '-'")
-        if not os.path.isdir(self.models_dir):
+        # In check mode the directory may be one that an earlier task would have created.
+        self.dir_missing = not os.path.isdir(self.models_dir)
+        if self.dir_missing and not self.module.check_mode:
             raise StageError(f"models_dir {self.models_dir} does not exist or is not a directory")
         if params["state"] == "absent":
             return
@@ -460,6 +462,11 @@ class Stager:
     # -- state=absent
 
     def remove(self) -> dict:
+        if self.dir_missing:
+            self.result.update(
+                path="", msg=f"model {self.model_id} is not staged ({self.models_dir} does not exist)"
+            )
+            return self.result
         manifest = read_manifest(self.models_dir)
         entry = manifest.get(self.model_id)
         targets = []
@@ -496,7 +503,7 @@ class Stager:
     # -- state=present
 
     def stage(self) -> dict:
-        manifest = read_manifest(self.models_dir)
+        manifest = {} if self.dir_missing else read_manifest(self.models_dir)
         self.result.update(
             sha256=self.sha256,
             size_bytes=self.size_bytes or 0,
@@ -563,7 +570,7 @@ class Stager:
         partial = self.partial_size()
         if self.module.params["force"]:
             partial = 0
-        if self.size_bytes is not None:
+        if self.size_bytes is not None and not self.dir_missing:
             self.check_free_space(self.size_bytes - min(partial, self.size_bytes))
         resume = f", resuming at byte {partial}" if partial and self.is_url else ""
         self.result["resumed_from"] = partial if self.is_url else 0
