@@ -223,8 +223,9 @@ def main() -> None:
         times = bench_one_file(work, server, size, sha256, options.rounds)
         median = {name: statistics.median(values) for name, values in times.items()}
         stage_net = median["stage"] - median["stage_noop"]
-        sha_pass = max(median["hashlib"], median["sha256sum"])
-        floor = max(median["curl"], sha_pass)
+        # Two sha256 passes: sha256sum (what a person runs) and hashlib (OpenSSL, what the module uses).
+        floor_sha256sum = max(median["curl"], median["sha256sum"])
+        floor_hashlib = max(median["curl"], median["hashlib"])
         mib = options.size_mib
         print(f"\nstaging {mib} MiB from 127.0.0.1, {os.cpu_count()} CPUs, median of {options.rounds} rounds")
         for name, label in (
@@ -240,8 +241,15 @@ def main() -> None:
             f"  {'model_stage minus the no-op re-run':44s} {stage_net:7.2f} s  {mib / stage_net:8.0f} MiB/s"
         )
         print(f"  {'model_stage, its own seconds (fetch+hash)':44s} {median['stage_inner']:7.2f} s")
-        print(f"ratio model_stage / max(curl -o, sha256 pass)   {stage_net / floor:5.2f}  (goal <= 1.25)")
-        print(f"ratio (curl -o then sha256sum) / model_stage    {median['curl+sha256sum'] / stage_net:5.2f}")
+        goal = "(goal <= 1.25)"
+        print(
+            f"ratio model_stage / max(curl -o, sha256sum)        {stage_net / floor_sha256sum:5.2f}  {goal}"
+        )
+        print(f"ratio model_stage / max(curl -o, hashlib pass)     {stage_net / floor_hashlib:5.2f}  {goal}")
+        print(
+            f"ratio (curl -o, then sha256sum) / model_stage      {median['curl+sha256sum'] / stage_net:5.2f}"
+        )
+        print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
         first, again, empty = bench_rerun(work, server)
         per_model = again / RERUN_MODELS
