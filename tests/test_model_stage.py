@@ -183,6 +183,17 @@ def test_dropped_connection_keeps_the_partial_file_and_the_next_run_resumes(serv
     assert not partial.exists()
 
 
+def test_a_complete_partial_file_is_verified_and_renamed_without_a_request(served, models_dir):
+    (models_dir / "tiny.gguf.partial").write_bytes(MODEL_BYTES)
+
+    result, _ = run_module(stage_args(served, models_dir))
+
+    assert result["changed"] is True, result
+    assert result["resumed_from"] == len(MODEL_BYTES) and result["bytes_downloaded"] == 0
+    assert served.requests == []
+    assert visible_files(models_dir) == ["manifest.json", "tiny.gguf"]
+
+
 def test_a_server_that_ignores_range_restarts_from_the_beginning(served, models_dir):
     (models_dir / "tiny.gguf.partial").write_bytes(MODEL_BYTES[:1000])
     served.rules.honour_range = False

@@ -693,7 +693,11 @@ class Stager:
         if self.is_url:
             hash_existing(fd, existing, self.hasher)
             headers = {str(k): str(v) for k, v in (self.module.params["headers"] or {}).items()}
-            written, resumed_from = self.download(fd, existing, headers)
+            if existing and existing == self.size_bytes:
+                # A run that stopped after the last byte but before the rename: only the check is left.
+                written, resumed_from = 0, existing
+            else:
+                written, resumed_from = self.download(fd, existing, headers)
         else:
             written, resumed_from = self.copy_local(fd), 0
         self.result["bytes_downloaded"] = written
