@@ -211,7 +211,8 @@ def human_bytes(count: int) -> str:
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # timezone.utc, not datetime.UTC (3.11+): nodes may run an older Python than the controller.
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
 
 
 def fsync_dir(path: str) -> None:
