@@ -211,7 +211,7 @@ def human_bytes(count: int) -> str:
 
 
 def utc_now() -> str:
-    # timezone.utc, not datetime.UTC (3.11+): nodes may run an older Python than the controller.
+    # timezone.utc rather than the 3.11+ alias: nodes may run an older Python than the controller.
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
 
 
