@@ -14,12 +14,14 @@ from .nvidia_smi import NvidiaSmiError, ProbeResult, probe
 NO_GPU_KINDS = ("not-found", "no-devices")
 # The daemon requires a compute capability; drivers before ~510 cannot tell it.
 UNKNOWN_COMPUTE_CAPABILITY = "unknown"
+# nvidia-smi on a large node with persistence mode off can take seconds; past this it is hung.
+NVIDIA_SMI_TIMEOUT_S = 30.0
 
 
 def probe_gpus(settings: Settings) -> ProbeResult | None:
     """The node's GPUs, or None for a host without GPUs when CPU pools are allowed."""
     try:
-        return probe(settings.nvidia_smi, timeout=settings.request_timeout_s + 5)
+        return probe(settings.nvidia_smi, timeout=NVIDIA_SMI_TIMEOUT_S)
     except NvidiaSmiError as error:
         if settings.allow_cpu_pools and error.kind in NO_GPU_KINDS:
             return None
