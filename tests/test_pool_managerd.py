@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, http, wait_until
-from support_agent import MIB, AgentProcess, make_agent, standin_env
+from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, make_agent, standin_env
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.agent import Backoff
@@ -347,3 +347,33 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
 )
 def test_broken_gpu_driver_is_refused_with_what_nvidia_smi_said(tmp_path, fixture, said):
     _refused(make_agent(tmp_path / "agent", None, fixture=fixture), "GPU probe failed", said, code=3)
+
+
+def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, start_agent, tmp_path):
+    # A private copy of the stand-in that picks its machine from the file beside it, so the test can
+    # break the "driver" under a running agent.
+    standin = tmp_path / "bin" / "nvidia-smi-standin"
+    standin.parent.mkdir()
+    standin.write_text(STANDIN.read_text())
+    standin.chmod(0o755)
+    chosen = tmp_path / "bin" / "nvidia-smi-standin.fixture"
+    chosen.write_text(str(FIXTURES / "lab-2x-l4"))
+    agent = make_agent(tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2)
+    agent.write_config()
+    env = standin_env()
+    del env["NVIDIA_SMI_STANDIN_FIXTURE"]
+    agent.proc = subprocess.Popen(
+        agent.command(), env=env, stdout=agent.log_path.open("ab"), stderr=subprocess.STDOUT
+    )
+    try:
+        wait_online(daemon, agent)
+        chosen.write_text(str(FIXTURES / "driver-mismatch"))
+        wait_until(lambda: not node_of(daemon)["pools"][0]["ready"], timeout=10, what="the pool not ready")
+        chosen.write_text(str(FIXTURES / "lab-2x-l4"))
+        wait_until(lambda: node_of(daemon)["pools"][0]["ready"], timeout=10, what="the pool ready again")
+        log = agent.log()
+        assert log.count("GPU probe failed") == 1 and "Driver/library version mismatch" in log
+        assert "GPU probe works again" in log
+        assert agent.running()
+    finally:
+        agent.stop()
