@@ -377,3 +377,12 @@ def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, 
         assert agent.running()
     finally:
         agent.stop()
+
+
+def test_example_config_documents_every_key_and_is_accepted():
+    from pool_managerd.config import KEYS, load_settings
+
+    example = REPO_ROOT / "files" / "pool_managerd" / "pool-managerd.example.yml"
+    text = example.read_text()
+    assert [key for key in KEYS if f"\n{key}:" not in text and f"\n# {key}:" not in text] == []
+    assert load_settings(example).pools[1].gpus == (1,)
