@@ -7,7 +7,7 @@ Standard library only, no Ansible imports, Python 3.9+: this file is shipped ins
 
 API
 ---
-``probe(nvidia_smi="nvidia-smi", timeout=10.0) -> ProbeResult``
+``probe(nvidia_smi="nvidia-smi", timeout=10.0, with_cuda=True) -> ProbeResult``
     Runs ``--query-gpu=<QUERY_FIELDS> --format=csv,noheader,nounits`` (dropping optional fields an old
     driver rejects, such as ``compute_cap`` before ~510) and the plain ``nvidia-smi`` header (``-q`` as a
     fallback) for the CUDA version. Raises ``NvidiaSmiError`` on any failure.
@@ -682,8 +682,13 @@ def probe(
     timeout: float = 10.0,
     fields: tuple = QUERY_FIELDS,
     runner: Callable[..., str] | None = None,
+    with_cuda: bool = True,
 ) -> ProbeResult:
-    """Ask nvidia-smi about every GPU and the CUDA version; raise NvidiaSmiError on any failure."""
+    """Ask nvidia-smi about every GPU and (unless with_cuda is False) the CUDA version.
+
+    Raises NvidiaSmiError on any failure. `runner(args, nvidia_smi, timeout) -> stdout` replaces
+    run_nvidia_smi, e.g. to run it through another transport.
+    """
     run = runner or run_nvidia_smi
     asked = list(fields)
     while True:
@@ -698,6 +703,8 @@ def probe(
                 raise
             asked.remove(rejected)  # an older driver: ask again without the optional field
     result = parse_query_csv(output, fields=asked)
+    if not with_cuda:
+        return result
     try:
         result.cuda_version = parse_cuda_version(run([], nvidia_smi, timeout))
         if result.cuda_version is None:

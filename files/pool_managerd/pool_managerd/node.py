@@ -18,10 +18,10 @@ UNKNOWN_COMPUTE_CAPABILITY = "unknown"
 NVIDIA_SMI_TIMEOUT_S = 30.0
 
 
-def probe_gpus(settings: Settings) -> ProbeResult | None:
+def probe_gpus(settings: Settings, with_cuda: bool = True) -> ProbeResult | None:
     """The node's GPUs, or None for a host without GPUs when CPU pools are allowed."""
     try:
-        return probe(settings.nvidia_smi, timeout=NVIDIA_SMI_TIMEOUT_S)
+        return probe(settings.nvidia_smi, timeout=NVIDIA_SMI_TIMEOUT_S, with_cuda=with_cuda)
     except NvidiaSmiError as error:
         if settings.allow_cpu_pools and error.kind in NO_GPU_KINDS:
             return None
