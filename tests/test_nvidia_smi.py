@@ -265,6 +265,14 @@ def test_csv_unknown_values_become_none_and_bad_numbers_are_named() -> None:
         nvidia_smi.parse_query_csv("0, Tesla T4, lots, 1, 470.1, 7.5, [N/A]\n", fields=fields)
 
 
+def test_warning_lines_mixed_into_the_csv_are_kept_apart() -> None:
+    fields = ["index", "name", "memory.total", "memory.free", "driver_version"]
+    text = "WARNING: infoROM is corrupted at gpu 0000:04:00.0\n0, Tesla T4, 15109, 15000, 470.1\n"
+    result = nvidia_smi.parse_query_csv(text, fields=fields)
+    assert [gpu.name for gpu in result.gpus] == ["Tesla T4"]
+    assert result.warnings == ["WARNING: infoROM is corrupted at gpu 0000:04:00.0"]
+
+
 def test_cuda_version_from_every_header_style() -> None:
     assert (
         nvidia_smi.parse_cuda_version(

@@ -197,6 +197,8 @@ class Agent:
             self.settings.control_url,
             len(self.pools),
         )
+        for warning in self.gpus.warnings if self.gpus else []:
+            log.warning("nvidia-smi: %s", warning)
         async with ControlPlane(
             self.settings.control_url, self._token, self.settings.request_timeout_s, self.settings.ca_file
         ) as control:
