@@ -1,4 +1,4 @@
-"""The app factory: one middleware for auth, errors and timing; the store and background work in cleanup_ctx."""
+"""The app factory: one middleware for auth, errors and timing; the store and background work in cleanup."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def _envelope(status: int, code: str, message: str, headers=None) -> web.Respons
     )
 
 
+def _check_query(request: web.Request) -> None:
+    # A misspelt filter (?stauts=offline) must not silently answer everything.
+    allowed = getattr(request.match_info.route.handler, "query_params", ())
+    for name in request.query:
+        if name not in allowed:
+            raise ApiError(400, "INVALID_PARAMS", f"unknown query parameter - at `{name}`")
+
+
 def make_middleware(auth: BearerAuth, metrics: Metrics | None):
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
@@ -53,6 +61,8 @@ def make_middleware(auth: BearerAuth, metrics: Metrics | None):
                     401, "UNAUTHORIZED", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
                 )
             else:
+                if request.query:
+                    _check_query(request)
                 response = await handler(request)
         except ApiError as exc:
             response = _envelope(exc.status, exc.code, exc.message)
@@ -83,13 +93,20 @@ async def _flush_heartbeats(registry: Registry) -> None:
         await registry.store.write_heartbeats(rows)
 
 
-async def _background(registry: Registry) -> None:
+async def _write_back(registry: Registry) -> None:
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         try:
             await _flush_heartbeats(registry)
         except Exception as exc:  # a full disk must not stop liveness tracking; the next flush retries
             log.error("writing heartbeats to the database failed: %s", exc)
+
+
+async def _sweep(registry: Registry) -> None:
+    # Often enough that an offline node is logged and leaves the index soon after its timeout.
+    interval_s = min(1.0, registry.node_timeout_s / 4)
+    while True:
+        await asyncio.sleep(interval_s)
         registry.sweep()
 
 
@@ -108,11 +125,12 @@ def create_app(settings: Settings, token: str) -> web.Application:
     async def state(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         await registry.load()
-        task = asyncio.create_task(_background(registry))
+        tasks = [asyncio.create_task(_write_back(registry)), asyncio.create_task(_sweep(registry))]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await _flush_heartbeats(registry)
         await store.close()
 

@@ -206,6 +206,8 @@ class Registry:
         now = self.clock()
         # An offline node has left the index; its first heartbeat back must re-enter it even unchanged.
         came_back = not self.is_live(node, now)
+        if came_back and node.heard:
+            log.info("node %s heard from again after %d ms", node_id, (now - node.last_contact) * 1000)
         node.last_contact = now
         node.last_heartbeat_at = utc_now()
         if came_back or not node.heard or body.pools != node.pools:

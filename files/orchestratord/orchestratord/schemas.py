@@ -6,7 +6,6 @@ daemon can still register; every declared field is checked for type and range.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,6 +22,14 @@ Count = Annotated[int, Meta(ge=0, le=1_000_000)]
 GpuIndex = Annotated[int, Meta(ge=0, le=1024)]
 ShortText = Annotated[str, Meta(max_length=256)]
 Address = Annotated[str, Meta(min_length=1, max_length=512)]
+Timestamp = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9]{4}-[01][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-5][0-9]:[0-6][0-9](\.[0-9]{1,9})?"
+        r"([Zz]|[+-][0-2][0-9]:[0-5][0-9])$",
+        description="RFC 3339 time of the agent's clock (informational)",
+    ),
+]
 Strategy = Literal["least-loaded", "round-robin", "random"]
 NodeStatus = Literal["registering", "online", "draining", "offline"]
 
@@ -83,7 +90,8 @@ class PoolStatus(Struct):
 
 class Heartbeat(Struct):
     # The agent's clock is reported but never trusted for liveness: the daemon's own clock decides.
-    timestamp: datetime
+    # Checked by shape only (a pattern the published schema states too), as nothing computes with it.
+    timestamp: Timestamp
     pools: Annotated[list[PoolStatus], Meta(max_length=256)]
 
 
