@@ -386,3 +386,19 @@ def test_example_config_documents_every_key_and_is_accepted():
     text = example.read_text()
     assert [key for key in KEYS if f"\n{key}:" not in text and f"\n# {key}:" not in text] == []
     assert load_settings(example).pools[1].gpus == (1,)
+
+
+def test_cpu_only_host_registers_when_allowed(daemon, start_agent):
+    agent = start_agent(daemon, fixture="no-devices", allow_cpu_pools=True)
+    node = wait_online(daemon, agent)
+    assert node["capabilities"]["gpus"] == []
+    assert [(p["pool_id"], p["gpus"], p["ready"], p["vram_total_bytes"]) for p in node["pools"]] == [
+        ("cpu", [], True, 0)
+    ]
+
+
+def test_sigterm_while_the_control_plane_is_away_still_exits_zero(start_agent):
+    agent = start_agent(None, control_url=f"http://127.0.0.1:{free_port()}")
+    wait_until(lambda: "unreachable on registration" in agent.log(), timeout=10, what="the outage logged")
+    assert agent.signal(signal.SIGTERM) == 0
+    assert "pool-managerd stopped" in agent.log()
