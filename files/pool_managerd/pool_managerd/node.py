@@ -84,7 +84,12 @@ def pool_statuses(
     draining: bool,
     models: list[str],
 ) -> list[dict]:
-    """One heartbeat entry per pool. No engine runs yet, so every slot is free unless the node drains."""
+    """One heartbeat entry per pool.
+
+    slots_free counts slots with no request in flight. No engine runs yet, so every slot is free, draining
+    or not: a drain stops new placements (the `draining` flag), and free == total is how the rolling
+    upgrade sees that a draining node has gone idle.
+    """
     by_index = {gpu.index: gpu for gpu in gpus.gpus} if gpus else {}
     statuses = []
     for pool in pools:
@@ -96,7 +101,7 @@ def pool_statuses(
                 "ready": ready,
                 "draining": draining,
                 "slots_total": pool.slots_total,
-                "slots_free": 0 if draining else pool.slots_total,
+                "slots_free": pool.slots_total,
                 "vram_total_bytes": sum(gpu.vram_total_bytes for gpu in members),
                 "vram_free_bytes": sum(gpu.vram_free_bytes or 0 for gpu in members),
                 "models_available": list(models),
