@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,12 @@ def test_standin_finds_its_fixture_from_the_file_beside_it(tmp_path: Path) -> No
     env.pop("NVIDIA_SMI_STANDIN_FIXTURE")
     answer = subprocess.run([str(copy)], env=env, capture_output=True, text=True, timeout=20)
     assert "Driver Version: 470.182.03" in answer.stdout
+
+
+def test_parser_is_stdlib_only_and_python39_syntax() -> None:
+    # It runs on target hosts inside Ansible modules, where only the standard library is sure to exist.
+    source = (REPO_ROOT / "plugins" / "module_utils" / "nvidia_smi.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {name.split(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {"__future__"}
