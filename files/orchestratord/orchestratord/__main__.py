@@ -1,0 +1,63 @@
+"""`python -m orchestratord --config FILE`: read the settings and the token, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from . import __version__
+from .config import ConfigError, load_settings, load_token, token_fingerprint
+
+log = logging.getLogger("orchestratord")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchestratord", description="llorch-kit control daemon")
+    parser.add_argument("--config", help="YAML settings file (e.g. /etc/llorch/orchestratord.yml)")
+    parser.add_argument("--version", action="version", version=f"orchestratord {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        token = load_token(settings)
+    except ConfigError as exc:
+        print(f"orchestratord: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .app import create_app  # after logging is set up
+
+    log.info(
+        "orchestratord %s on %s:%d, database %s, token %s, heartbeat %d ms, node timeout %d ms",
+        __version__,
+        settings.listen_host,
+        settings.listen_port,
+        settings.db_path,
+        token_fingerprint(token),
+        settings.heartbeat_interval_ms,
+        settings.node_timeout_ms,
+    )
+    try:
+        web.run_app(
+            create_app(settings, token),
+            host=settings.listen_host,
+            port=settings.listen_port,
+            access_log=None,
+            print=None,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        log.error(
+            "cannot serve on %s:%d: %s", settings.listen_host, settings.listen_port, exc.strerror or exc
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

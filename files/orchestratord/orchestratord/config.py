@@ -1,0 +1,138 @@
+"""Settings: one typed object read once from a YAML file, with ORCHESTRATORD_<KEY> environment overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "ORCHESTRATORD_"
+TOKEN_ENV = "LLORCH_API_TOKEN"
+MIN_TOKEN_LENGTH = 32
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PositiveMs = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """A configuration problem a person fixes; printed as one line, never as a traceback."""
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    listen_host: str = "0.0.0.0"
+    listen_port: Port = 9200
+    # None: take the token from LLORCH_API_TOKEN instead.
+    token_file: str | None = None
+    db_path: str = "/var/lib/orchestratord/registry.db"
+    heartbeat_interval_ms: PositiveMs = 5000
+    # Three missed heartbeats: one lost packet or a slow GC pause must not flap a node
+    # offline, yet a dead node leaves placement within 15 s.
+    node_timeout_ms: PositiveMs = 15000
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    metrics_enabled: bool = True
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+
+SETTING_NAMES = tuple(Settings.__struct_fields__)
+
+
+def _field_of(error: msgspec.ValidationError) -> str:
+    """The key a msgspec error is about ('... - at `$.listen_port`' -> 'listen_port')."""
+    text = str(error)
+    marker = "at `$."
+    if marker in text:
+        return text.split(marker, 1)[1].split("`", 1)[0].split("[", 1)[0]
+    if "Object contains unknown field" in text:
+        return text.split("`", 2)[1]
+    return "?"
+
+
+def _read_file(config_path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {config_path} cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {config_path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {config_path} must hold a mapping of settings")
+    return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    """ORCHESTRATORD_<KEY> values, parsed as YAML scalars so 9300 is an int and false a bool."""
+    overrides = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in SETTING_NAMES:
+            raise ConfigError(f"environment variable {name}: unknown setting {key!r}")
+        try:
+            overrides[key] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            overrides[key] = value
+        if key in ("listen_host", "token_file", "db_path", "log_level") and overrides[key] is not None:
+            overrides[key] = str(value)
+    return overrides
+
+
+def load_settings(config_path: str | Path | None, environ: dict[str, str] | None = None) -> Settings:
+    """Read the file (when given), apply environment overrides, check every value's type and range."""
+    environ = dict(os.environ if environ is None else environ)
+    raw: dict = {}
+    source = "defaults"
+    if config_path is not None:
+        config_path = Path(config_path)
+        raw = _read_file(config_path)
+        source = str(config_path)
+        unknown = sorted(str(key) for key in raw if key not in SETTING_NAMES)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(SETTING_NAMES)})")
+    env = _env_overrides(environ)
+    merged = {**raw, **env}
+    try:
+        return msgspec.convert(merged, Settings)
+    except msgspec.ValidationError as exc:
+        key = _field_of(exc)
+        where = f"environment variable {ENV_PREFIX}{key.upper()}" if key in env else source
+        detail = str(exc).split(" - at ", 1)[0]
+        raise ConfigError(f"{where}: key {key!r}: {detail}") from None
+
+
+def load_token(settings: Settings, environ: dict[str, str] | None = None) -> str:
+    """The API token from token_file (0600 or stricter) or LLORCH_API_TOKEN; at least 32 characters."""
+    environ = os.environ if environ is None else environ
+    if settings.token_file:
+        path = Path(settings.token_file)
+        try:
+            mode = path.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(
+                    f"token_file {path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"chmod 600 it"
+                )
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"token_file {path} cannot be read: {exc.strerror}") from None
+        origin = f"token_file {path}"
+    elif environ.get(TOKEN_ENV):
+        token = environ[TOKEN_ENV].strip()
+        origin = TOKEN_ENV
+    else:
+        raise ConfigError(f"no API token: set token_file in the config or {TOKEN_ENV}")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{origin}: the token must be at least {MIN_TOKEN_LENGTH} characters")
+    return token
+
+
+def token_fingerprint(token: str) -> str:
+    """A short, non-reversible name for the token that is safe to log."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:8]

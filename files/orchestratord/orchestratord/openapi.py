@@ -1,0 +1,188 @@
+"""The OpenAPI 3 document, generated from the same msgspec structs that decode the requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from . import __version__, schemas
+
+REF = "#/components/schemas/{name}"
+
+ERROR_ANSWERS = {
+    "400": "Invalid body or parameter; the message names the field",
+    "401": "Missing or wrong bearer token",
+    "404": "No such node",
+    "413": "Body larger than max_body_bytes",
+}
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": REF.format(name=ref)}}},
+    }
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: _json("Error", ERROR_ANSWERS[code]) for code in codes}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": REF.format(name=name)}}}}
+
+
+NODE_ID_PARAM = {
+    "name": "node_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": schemas.ID_PATTERN},
+}
+
+
+def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [
+            schemas.Registration,
+            schemas.Heartbeat,
+            schemas.DrainRequest,
+            schemas.PlacementRequest,
+            schemas.Error,
+            schemas.Health,
+            schemas.Ready,
+            schemas.RegisterAnswer,
+            schemas.HeartbeatAnswer,
+            schemas.Node,
+            schemas.NodeList,
+            schemas.Availability,
+            schemas.CatalogModels,
+            schemas.Placement,
+        ],
+        ref_template=REF,
+    )
+    secured = [{"bearer": []}]
+    paths: dict[str, Any] = {
+        "/health": {
+            "get": {
+                "summary": "Liveness of the daemon",
+                "security": [],
+                "responses": {"200": _json("Health", "The daemon runs")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "summary": "Readiness: the database answers",
+                "security": [],
+                "responses": {
+                    "200": _json("Ready", "Ready"),
+                    "503": _json("Error", "Database not answering"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}
+                },
+            }
+        },
+        "/v2/nodes/register": {
+            "post": {
+                "summary": "Register a node, or update its registration",
+                "requestBody": _body("Registration"),
+                "responses": {"200": _json("RegisterAnswer", "Registered"), **_errors("400", "401", "413")},
+            }
+        },
+        "/v2/nodes/{node_id}/heartbeat": {
+            "post": {
+                "summary": "Report a node's pools; the answer says when to report again and whether to drain",
+                "parameters": [NODE_ID_PARAM],
+                "requestBody": _body("Heartbeat"),
+                "responses": {
+                    "200": _json("HeartbeatAnswer", "Recorded"),
+                    **_errors("400", "401", "404", "413"),
+                },
+            }
+        },
+        "/v2/nodes": {
+            "get": {
+                "summary": "List nodes",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "enum": ["registering", "online", "draining", "offline"],
+                        },
+                    }
+                ],
+                "responses": {"200": _json("NodeList", "Nodes, sorted by id"), **_errors("400", "401")},
+            }
+        },
+        "/v2/nodes/{node_id}": {
+            "get": {
+                "summary": "One node",
+                "parameters": [NODE_ID_PARAM],
+                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404")},
+            },
+            "delete": {
+                "summary": "Deregister a node",
+                "parameters": [NODE_ID_PARAM],
+                "responses": {"204": {"description": "Deregistered"}, **_errors("400", "401", "404")},
+            },
+        },
+        "/v2/nodes/{node_id}/drain": {
+            "post": {
+                "summary": "Drain (true) or undrain (false) a node; placement skips a draining node",
+                "parameters": [NODE_ID_PARAM],
+                "requestBody": _body("DrainRequest"),
+                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404", "413")},
+            }
+        },
+        "/v2/catalog/availability": {
+            "get": {
+                "summary": "Models per node; replication counted per node, not per pool",
+                "responses": {"200": _json("Availability", "Availability"), **_errors("401")},
+            }
+        },
+        "/v2/catalog/models": {
+            "get": {
+                "summary": "Models on online nodes",
+                "responses": {"200": _json("CatalogModels", "Models"), **_errors("401")},
+            }
+        },
+        "/v2/placement": {
+            "post": {
+                "summary": "Pick a pool for a model",
+                "requestBody": _body("PlacementRequest"),
+                "responses": {
+                    "200": _json("Placement", "The chosen pool"),
+                    **_errors("400", "401", "413"),
+                    "503": _json("Error", "MODEL_NOT_AVAILABLE or NO_CAPACITY"),
+                },
+            }
+        },
+    }
+    if metrics_enabled:
+        paths["/metrics"] = {
+            "get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}},
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "orchestratord", "version": __version__},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": secured,
+        "paths": paths,
+    }

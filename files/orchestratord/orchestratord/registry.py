@@ -1,0 +1,494 @@
+"""The cluster state in memory: nodes, their status, the model catalog and placement.
+
+Liveness is decided in one place, `Registry.status_of`, from the daemon's own monotonic clock at the
+moment each heartbeat arrived; the agent's timestamp is kept for display only. Placement reads an index
+kept up to date by heartbeats (pools that can take work, by model, ordered by load and by id), so a
+decision looks at the best few candidates instead of scanning every node.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+from sortedcontainers import SortedList
+
+from . import schemas
+from .store import HeartbeatRow, SqliteStore, StoredNode
+
+log = logging.getLogger(__name__)
+
+ANY_MODEL = ""  # index key for "no model asked"; model ids are never empty
+RANDOM_TRIES = 16
+
+PoolKey = tuple[str, str]  # (node_id, pool_id): the tie-break order everywhere
+LoadKey = tuple[int, int, str, str]  # (-slots_free, -vram_free, node_id, pool_id): least loaded first
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class NodeNotFound(KeyError):
+    pass
+
+
+class NoPlacement(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class NodeState:
+    node_id: str
+    registration: schemas.Registration
+    registered_at: str
+    drain: bool = False
+    pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
+    last_heartbeat_at: str | None = None
+    last_contact: float = 0.0  # daemon monotonic time of the registration or the last heartbeat
+    heard: bool = False  # a heartbeat arrived since the registration
+    models: list[str] = field(default_factory=list)
+    reported_status: str = "registering"  # what the sweeper last logged
+
+
+class PlacementIndex:
+    """Pools that can take work now (ignoring liveness, which is checked at decision time)."""
+
+    def __init__(self) -> None:
+        self.by_load: dict[str, SortedList] = {}
+        self.by_id: dict[str, SortedList] = {}
+        self.entries: dict[PoolKey, tuple[LoadKey, tuple[str, ...]]] = {}
+        self.by_node: dict[str, set[PoolKey]] = {}
+
+    def set_pool(self, key: PoolKey, load: LoadKey | None, models: tuple[str, ...]) -> None:
+        old = self.entries.get(key)
+        if old is not None and load is not None and old == (load, models):
+            return
+        if old is not None:
+            self._remove(key, old)
+        if load is not None:
+            self.entries[key] = (load, models)
+            self.by_node.setdefault(key[0], set()).add(key)
+            for model in (ANY_MODEL, *models):
+                self.by_load.setdefault(model, SortedList()).add(load)
+                self.by_id.setdefault(model, SortedList()).add(key)
+
+    def _remove(self, key: PoolKey, entry: tuple[LoadKey, tuple[str, ...]]) -> None:
+        load, models = entry
+        del self.entries[key]
+        node_keys = self.by_node.get(key[0])
+        if node_keys is not None:
+            node_keys.discard(key)
+            if not node_keys:
+                del self.by_node[key[0]]
+        for model in (ANY_MODEL, *models):
+            self.by_load[model].remove(load)
+            self.by_id[model].remove(key)
+            if not self.by_id[model]:
+                del self.by_load[model], self.by_id[model]
+
+    def drop_node(self, node_id: str) -> None:
+        for key in list(self.by_node.get(node_id, ())):
+            self._remove(key, self.entries[key])
+
+
+class Registry:
+    def __init__(
+        self,
+        store: SqliteStore,
+        node_timeout_ms: int,
+        heartbeat_interval_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.node_timeout_s = node_timeout_ms / 1000
+        self.node_timeout_ms = node_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.index = PlacementIndex()
+        self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
+        self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
+        self.round_robin_after: dict[str, PoolKey] = {}
+        self.random = random.Random()
+        self._pool_decoder = msgspec.json.Decoder(list[schemas.PoolStatus])
+        self._registration_decoder = msgspec.json.Decoder(schemas.Registration)
+
+    # --- liveness: the one rule
+
+    def is_live(self, node: NodeState, now: float) -> bool:
+        return now - node.last_contact <= self.node_timeout_s
+
+    def status_of(self, node: NodeState, now: float) -> str:
+        if not self.is_live(node, now):
+            return "offline"
+        if not node.heard:
+            return "registering"
+        if node.drain or (node.pools and all(pool.draining for pool in node.pools)):
+            return "draining"
+        return "online"
+
+    # --- loading and writing back
+
+    async def load(self) -> None:
+        stored = await self.store.load_all()
+        now = self.clock()
+        for row in stored:
+            self._restore(row, now)
+        log.info("loaded %d node(s) from %s", len(stored), self.store.db_path)
+
+    def _restore(self, row: StoredNode, now: float) -> None:
+        node = NodeState(
+            node_id=row.node_id,
+            registration=self._registration_decoder.decode(row.registration),
+            registered_at=row.registered_at,
+            drain=row.drain,
+            # Restored nodes get one node_timeout of grace: their agents re-send within an interval.
+            last_contact=now,
+        )
+        self.nodes[node.node_id] = node
+        if row.pools is not None and row.last_heartbeat_at is not None:
+            node.heard = True
+            node.last_heartbeat_at = row.last_heartbeat_at
+            self._apply_pools(node, self._pool_decoder.decode(row.pools))
+        node.reported_status = self.status_of(node, now)
+
+    def take_dirty(self) -> list[HeartbeatRow]:
+        dirty, self.dirty = self.dirty, {}
+        return [
+            HeartbeatRow(node.node_id, node.last_heartbeat_at, msgspec.json.encode(node.pools))
+            for node in dirty.values()
+            if node.last_heartbeat_at is not None and self.nodes.get(node.node_id) is node
+        ]
+
+    # --- writes
+
+    async def register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+        registered_at = utc_now()
+        await self.store.upsert_node(body.node_id, msgspec.json.encode(body), registered_at)
+        node = self.nodes.get(body.node_id)
+        now = self.clock()
+        if node is None:
+            node = NodeState(node_id=body.node_id, registration=body, registered_at=registered_at)
+            self.nodes[body.node_id] = node
+            log.info(
+                "node %s registered from %s with %d pool(s)", body.node_id, body.address, len(body.pools)
+            )
+        else:
+            node.registration = body
+            node.registered_at = registered_at
+            log.info("node %s registered again from %s", body.node_id, body.address)
+        self.dirty.pop(body.node_id, None)
+        node.heard = False
+        node.last_heartbeat_at = None
+        node.last_contact = now
+        self._apply_pools(node, None)
+        node.reported_status = self.status_of(node, now)
+        return schemas.RegisterAnswer(
+            node_id=node.node_id,
+            status=node.reported_status,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            node_timeout_ms=self.node_timeout_ms,
+        )
+
+    def heartbeat(self, node_id: str, body: schemas.Heartbeat) -> schemas.HeartbeatAnswer:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise NodeNotFound(node_id)
+        now = self.clock()
+        # An offline node has left the index; its first heartbeat back must re-enter it even unchanged.
+        came_back = not self.is_live(node, now)
+        if came_back and node.heard:
+            log.info("node %s heard from again after %d ms", node_id, (now - node.last_contact) * 1000)
+        node.last_contact = now
+        node.last_heartbeat_at = utc_now()
+        if came_back or not node.heard or body.pools != node.pools:
+            node.heard = True
+            self._apply_pools(node, body.pools)
+        self.dirty[node_id] = node
+        return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
+
+    async def set_drain(self, node_id: str, drain: bool) -> schemas.Node:
+        node = self.get(node_id)
+        if node.drain != drain:
+            await self.store.update_drain(node_id, drain)
+            node.drain = drain
+            self._reindex(node)
+            log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
+        return self.view(node, self.clock())
+
+    async def delete(self, node_id: str) -> None:
+        self.get(node_id)
+        await self.store.delete_node(node_id)
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self._apply_pools(node, None)
+            self.dirty.pop(node_id, None)
+            log.info("node %s deregistered", node_id)
+
+    # --- the index
+
+    def _apply_pools(self, node: NodeState, pools: list[schemas.PoolStatus] | None) -> None:
+        old_models = set(node.models)
+        node.pools = pools
+        models = sorted({model for pool in pools or () for model in pool.models_available})
+        node.models = models
+        new_models = set(models)
+        for model in old_models - new_models:
+            holders = self.model_nodes.get(model)
+            if holders is not None:
+                holders.discard(node.node_id)
+                if not holders:
+                    del self.model_nodes[model]
+        for model in new_models - old_models:
+            self.model_nodes.setdefault(model, set()).add(node.node_id)
+        self._reindex(node)
+
+    def _reindex(self, node: NodeState) -> None:
+        reported = {pool.pool_id for pool in node.pools or ()}
+        for key in list(self.index.by_node.get(node.node_id, ())):
+            if key[1] not in reported:
+                self.index.set_pool(key, None, ())
+        for pool in node.pools or ():
+            takes_work = not node.drain and pool.ready and not pool.draining and pool.slots_free > 0
+            load = (
+                (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
+            )
+            self.index.set_pool((node.node_id, pool.pool_id), load, tuple(sorted(set(pool.models_available))))
+
+    # --- reads
+
+    def get(self, node_id: str) -> NodeState:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise NodeNotFound(node_id)
+        return node
+
+    def view(self, node: NodeState, now: float) -> schemas.Node:
+        readings = {pool.pool_id: pool for pool in node.pools or ()}
+        pools = []
+        for spec in node.registration.pools:
+            reading = readings.pop(spec.pool_id, None)
+            pools.append(self._pool_view(spec.pool_id, spec.gpus, spec.slots_total, reading))
+        for reading in readings.values():  # pools the agent reports beyond its registration
+            pools.append(self._pool_view(reading.pool_id, [], reading.slots_total, reading))
+        reg = node.registration
+        return schemas.Node(
+            node_id=node.node_id,
+            machine_id=reg.machine_id,
+            address=reg.address,
+            version=reg.version,
+            status=self.status_of(node, now),
+            drain=node.drain,
+            registered_at=node.registered_at,
+            last_heartbeat_at=node.last_heartbeat_at,
+            capabilities=reg.capabilities,
+            pools=pools,
+            models=node.models,
+        )
+
+    @staticmethod
+    def _pool_view(
+        pool_id: str, gpus: list[int], slots_total: int, reading: schemas.PoolStatus | None
+    ) -> schemas.PoolView:
+        if reading is None:
+            return schemas.PoolView(pool_id, gpus, False, False, slots_total, 0, 0, 0, None, [])
+        return schemas.PoolView(
+            pool_id=pool_id,
+            gpus=gpus,
+            ready=reading.ready,
+            draining=reading.draining,
+            slots_total=reading.slots_total,
+            slots_free=reading.slots_free,
+            vram_total_bytes=reading.vram_total_bytes,
+            vram_free_bytes=reading.vram_free_bytes,
+            engine=reading.engine,
+            models_available=sorted(set(reading.models_available)),
+        )
+
+    def list_nodes(self, status: str | None = None) -> schemas.NodeList:
+        now = self.clock()
+        views = [self.view(self.nodes[node_id], now) for node_id in sorted(self.nodes)]
+        if status is not None:
+            views = [view for view in views if view.status == status]
+        return schemas.NodeList(nodes=views, count=len(views))
+
+    def count_by_status(self) -> dict[str, int]:
+        now = self.clock()
+        counts = dict.fromkeys(("registering", "online", "draining", "offline"), 0)
+        for node in self.nodes.values():
+            counts[self.status_of(node, now)] += 1
+        return counts
+
+    def pools_ready(self) -> int:
+        now = self.clock()
+        return sum(
+            1
+            for key in self.index.entries
+            if (node := self.nodes.get(key[0])) is not None and self.is_live(node, now)
+        )
+
+    def availability(self) -> schemas.Availability:
+        now = self.clock()
+        nodes: dict[str, schemas.AvailabilityNode] = {}
+        holders: dict[str, int] = {}
+        for node_id in sorted(self.nodes):
+            node = self.nodes[node_id]
+            online = self.status_of(node, now) == "online"
+            pools = [
+                schemas.AvailabilityPool(
+                    pool_id=pool.pool_id,
+                    ready=pool.ready and not pool.draining,
+                    models=sorted(set(pool.models_available)),
+                )
+                for pool in node.pools or ()
+            ]
+            nodes[node_id] = schemas.AvailabilityNode(
+                node_id=node_id,
+                address=node.registration.address,
+                online=online,
+                models=node.models,
+                pools=pools,
+            )
+            if online:
+                # Counted per node: a model in two pools of one node is still on one node.
+                for model in node.models:
+                    holders[model] = holders.get(model, 0) + 1
+        return schemas.Availability(
+            nodes=nodes,
+            total_models=len(holders),
+            replicated_models=sorted(model for model, count in holders.items() if count >= 2),
+            single_node_models=sorted(model for model, count in holders.items() if count == 1),
+        )
+
+    def catalog_models(self) -> schemas.CatalogModels:
+        now = self.clock()
+        by_model: dict[str, schemas.CatalogModel] = {}
+        for node_id in sorted(self.nodes):
+            node = self.nodes[node_id]
+            if self.status_of(node, now) != "online":
+                continue
+            for model in node.models:
+                entry = by_model.setdefault(model, schemas.CatalogModel(model, [], 0, 0, 0))
+                entry.nodes.append(node_id)
+                entry.replicas += 1
+            for pool in node.pools or ():
+                if not pool.ready or pool.draining:
+                    continue
+                for model in set(pool.models_available):
+                    entry = by_model[model]
+                    entry.pools_ready += 1
+                    entry.slots_free += pool.slots_free
+        return schemas.CatalogModels(models=[by_model[model] for model in sorted(by_model)])
+
+    # --- placement
+
+    def place(self, request: schemas.PlacementRequest) -> schemas.Placement:
+        now = self.clock()
+        model = request.model_id or ANY_MODEL
+        vram_needed = request.vram_bytes or 0
+        strategy = request.strategy
+        if strategy == "least-loaded":
+            pick = self._least_loaded(model, vram_needed, now)
+        elif strategy == "round-robin":
+            pick = self._round_robin(model, vram_needed, now)
+        else:
+            pick = self._random(model, vram_needed, now)
+        if pick is None:
+            raise self._why_not(request, now)
+        node = self.nodes[pick[0]]
+        return schemas.Placement(
+            node_id=pick[0], pool_id=pick[1], address=node.registration.address, strategy=strategy
+        )
+
+    def _fits(self, key: PoolKey, vram_needed: int, now: float, stale: list[str]) -> bool:
+        node = self.nodes[key[0]]
+        if not self.is_live(node, now):
+            stale.append(key[0])
+            return False
+        return -self.index.entries[key][0][1] >= vram_needed
+
+    def _evict(self, stale: list[str]) -> None:
+        # Offline nodes leave the index when a decision meets them; their next heartbeat brings them back.
+        for node_id in set(stale):
+            self.index.drop_node(node_id)
+
+    def _least_loaded(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
+        stale: list[str] = []
+        pick = None
+        for load in self.index.by_load.get(model, ()):
+            key = (load[2], load[3])
+            if self._fits(key, vram_needed, now, stale):
+                pick = key
+                break
+        self._evict(stale)
+        return pick
+
+    def _round_robin(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
+        ordered = self.index.by_id.get(model)
+        if not ordered:
+            return None
+        start = 0
+        after = self.round_robin_after.get(model)
+        if after is not None:
+            start = ordered.bisect_right(after)
+        stale: list[str] = []
+        pick = None
+        count = len(ordered)
+        for offset in range(count):
+            key = ordered[(start + offset) % count]
+            if self._fits(key, vram_needed, now, stale):
+                pick = key
+                break
+        self._evict(stale)
+        if pick is not None:
+            self.round_robin_after[model] = pick
+        return pick
+
+    def _random(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
+        ordered = self.index.by_id.get(model)
+        if not ordered:
+            return None
+        stale: list[str] = []
+        for _ in range(RANDOM_TRIES):
+            key = ordered[self.random.randrange(len(ordered))]
+            if self._fits(key, vram_needed, now, stale):
+                self._evict(stale)
+                return key
+        # Few candidates fit: choose among all that do.
+        fitting = [key for key in ordered if self._fits(key, vram_needed, now, stale)]
+        self._evict(stale)
+        return self.random.choice(fitting) if fitting else None
+
+    def _why_not(self, request: schemas.PlacementRequest, now: float) -> NoPlacement:
+        if request.model_id is not None:
+            holders = self.model_nodes.get(request.model_id, ())
+            if not any(self.is_live(self.nodes[node_id], now) for node_id in holders):
+                return NoPlacement("MODEL_NOT_AVAILABLE", f"no online node holds model {request.model_id!r}")
+            return NoPlacement(
+                "NO_CAPACITY", f"no ready pool with free slots and enough VRAM holds {request.model_id!r}"
+            )
+        return NoPlacement("NO_CAPACITY", "no ready pool with free slots and enough VRAM")
+
+    # --- housekeeping
+
+    def sweep(self) -> None:
+        """Log status changes that happen by time passing (offline) and drop offline nodes from the index."""
+        now = self.clock()
+        for node in self.nodes.values():
+            status = self.status_of(node, now)
+            if status != node.reported_status:
+                if status == "offline":
+                    log.warning("node %s offline: no heartbeat for %d ms", node.node_id, self.node_timeout_ms)
+                    self.index.drop_node(node.node_id)
+                else:
+                    log.info("node %s %s", node.node_id, status)
+                node.reported_status = status

@@ -1,0 +1,218 @@
+"""The route table: each handler decodes its body with one schema, asks the registry, encodes the answer."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from . import __version__, schemas
+from .registry import NodeNotFound, NoPlacement, Registry
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+ID_RE = re.compile(schemas.ID_PATTERN)
+STATUSES = ("registering", "online", "draining", "offline")
+
+REGISTRY = web.AppKey("registry", Registry)
+METRICS = web.AppKey("metrics", object)
+OPENAPI = web.AppKey("openapi", bytes)
+
+_decoders = {
+    schemas.Registration: msgspec.json.Decoder(schemas.Registration),
+    schemas.Heartbeat: msgspec.json.Decoder(schemas.Heartbeat),
+    schemas.DrainRequest: msgspec.json.Decoder(schemas.DrainRequest),
+    schemas.PlacementRequest: msgspec.json.Decoder(schemas.PlacementRequest),
+}
+
+
+class ApiError(Exception):
+    """An answer in the error envelope; the error middleware turns it into a response."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=schemas.encode(value), status=status, content_type=JSON)
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    return value
+
+
+async def decode_body(request: web.Request, schema: type) -> Any:
+    body = await request.read()
+    try:
+        return _decoders[schema].decode(body)
+    except msgspec.ValidationError as exc:
+        if "got `float`" not in str(exc):
+            raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "INVALID_PARAMS", f"malformed JSON body: {exc}") from None
+    # JSON Schema counts 4.0 as an integer, so the published document promises to accept it; the fast
+    # strict decoder does not, so such bodies take this slower path. Strings are still no numbers.
+    try:
+        return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), schema, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
+
+
+def check(rule, body):
+    try:
+        return rule(body)
+    except schemas.ValidationProblem as exc:
+        raise ApiError(400, "INVALID_PARAMS", str(exc)) from None
+
+
+def node_id_of(request: web.Request) -> str:
+    node_id = request.match_info["node_id"]
+    if not ID_RE.match(node_id):
+        raise ApiError(400, "INVALID_PARAMS", f"node_id must match {schemas.ID_PATTERN} - at `node_id`")
+    return node_id
+
+
+def not_found(node_id: str) -> ApiError:
+    return ApiError(404, "NODE_NOT_FOUND", f"no node {node_id!r} is registered")
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return json_response(schemas.Health(status="ok", version=__version__))
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    try:
+        if await request.app[REGISTRY].store.ping():
+            return json_response(schemas.Ready(status="ready"))
+    except Exception as exc:  # any database failure means not ready
+        log.warning("readiness check failed: %s", exc)
+    raise ApiError(503, "DATABASE_UNAVAILABLE", "the database does not answer")
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type=JSON)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if metrics is None:
+        raise ApiError(404, "NOT_FOUND", "metrics are turned off (metrics_enabled: false)")
+    return web.Response(
+        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+@routes.post("/v2/nodes/register")
+async def register(request: web.Request) -> web.Response:
+    body = check(schemas.check_registration, await decode_body(request, schemas.Registration))
+    answer = await request.app[REGISTRY].register(body)
+    if request.app[METRICS] is not None:
+        request.app[METRICS].registrations.inc()
+    return json_response(answer)
+
+
+@routes.post("/v2/nodes/{node_id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    node_id = node_id_of(request)
+    metrics = request.app[METRICS]
+    try:
+        body = check(schemas.check_heartbeat, await decode_body(request, schemas.Heartbeat))
+        answer = request.app[REGISTRY].heartbeat(node_id, body)
+    except ApiError:
+        if metrics is not None:
+            metrics.heartbeats.labels("invalid").inc()
+        raise
+    except NodeNotFound:
+        if metrics is not None:
+            metrics.heartbeats.labels("unknown_node").inc()
+        raise not_found(node_id) from None
+    if metrics is not None:
+        metrics.heartbeats.labels("ok").inc()
+    return json_response(answer)
+
+
+@routes.get("/v2/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        raise ApiError(400, "INVALID_PARAMS", f"status must be one of {', '.join(STATUSES)} - at `status`")
+    return json_response(request.app[REGISTRY].list_nodes(status))
+
+
+list_nodes.query_params = ("status",)  # the only route with query parameters; others refuse any
+
+
+@routes.get("/v2/nodes/{node_id}")
+async def get_node(request: web.Request) -> web.Response:
+    node_id = node_id_of(request)
+    registry = request.app[REGISTRY]
+    try:
+        node = registry.get(node_id)
+    except NodeNotFound:
+        raise not_found(node_id) from None
+    return json_response(registry.view(node, registry.clock()))
+
+
+@routes.post("/v2/nodes/{node_id}/drain")
+async def drain(request: web.Request) -> web.Response:
+    node_id = node_id_of(request)
+    body = await decode_body(request, schemas.DrainRequest)
+    try:
+        return json_response(await request.app[REGISTRY].set_drain(node_id, body.drain))
+    except NodeNotFound:
+        raise not_found(node_id) from None
+
+
+@routes.delete("/v2/nodes/{node_id}")
+async def delete_node(request: web.Request) -> web.Response:
+    node_id = node_id_of(request)
+    try:
+        await request.app[REGISTRY].delete(node_id)
+    except NodeNotFound:
+        raise not_found(node_id) from None
+    return web.Response(status=204)
+
+
+@routes.get("/v2/catalog/availability")
+async def availability(request: web.Request) -> web.Response:
+    return json_response(request.app[REGISTRY].availability())
+
+
+@routes.get("/v2/catalog/models")
+async def catalog_models(request: web.Request) -> web.Response:
+    return json_response(request.app[REGISTRY].catalog_models())
+
+
+@routes.post("/v2/placement")
+async def placement(request: web.Request) -> web.Response:
+    body = await decode_body(request, schemas.PlacementRequest)
+    metrics = request.app[METRICS]
+    try:
+        answer = request.app[REGISTRY].place(body)
+    except NoPlacement as exc:
+        if metrics is not None:
+            metrics.placements.labels(exc.code.lower()).inc()
+        raise ApiError(503, exc.code, exc.message) from None
+    if metrics is not None:
+        metrics.placements.labels("placed").inc()
+    return json_response(answer)

@@ -1,0 +1,233 @@
+"""The wire schemas: every request body is decoded by one of these, and /openapi.json is generated from them.
+
+Unknown fields in request bodies are ignored rather than refused, so an agent one version ahead of the
+daemon can still register; every declared field is checked for type and range.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+# Model ids may carry a publisher prefix as on model hubs ("org/name"); they never appear in a URL path.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9._:/-]{1,256}$"
+
+Id = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
+ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN, description="[A-Za-z0-9._:/-]{1,256}")]
+Bytes = Annotated[int, Meta(ge=0, le=2**62, description="a byte count")]
+Count = Annotated[int, Meta(ge=0, le=1_000_000)]
+GpuIndex = Annotated[int, Meta(ge=0, le=1024)]
+ShortText = Annotated[str, Meta(max_length=256)]
+Address = Annotated[str, Meta(min_length=1, max_length=512)]
+Timestamp = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9]{4}-[01][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-5][0-9]:[0-6][0-9](\.[0-9]{1,9})?"
+        r"([Zz]|[+-][0-2][0-9]:[0-5][0-9])$",
+        description="RFC 3339 time of the agent's clock (informational)",
+    ),
+]
+Strategy = Literal["least-loaded", "round-robin", "random"]
+NodeStatus = Literal["registering", "online", "draining", "offline"]
+
+
+class ValidationProblem(ValueError):
+    """A body that decoded but breaks a rule across fields; carries the JSON path of the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{message} - at `{field}`")
+        self.field = field
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+class GpuInfo(Struct):
+    index: GpuIndex
+    name: ShortText
+    vram_total_bytes: Bytes
+    compute_capability: ShortText
+    driver_version: ShortText
+    uuid: ShortText | None = None
+
+
+class Capabilities(Struct):
+    gpus: Annotated[list[GpuInfo], Meta(max_length=1024)]
+    cpu_cores: Count
+    ram_total_bytes: Bytes
+    cuda_version: ShortText | None = None
+
+
+class PoolSpec(Struct):
+    pool_id: Id
+    gpus: Annotated[list[GpuIndex], Meta(max_length=1024)]
+    slots_total: Count
+
+
+class Registration(Struct):
+    node_id: Id
+    address: Address
+    pools: Annotated[list[PoolSpec], Meta(max_length=256)]
+    capabilities: Capabilities
+    machine_id: ShortText | None = None
+    version: ShortText | None = None
+
+
+class PoolStatus(Struct):
+    pool_id: Id
+    ready: bool
+    draining: bool
+    slots_total: Count
+    slots_free: Count
+    vram_total_bytes: Bytes
+    vram_free_bytes: Bytes
+    engine: ShortText | None = None
+    models_available: Annotated[list[ModelId], Meta(max_length=4096)] = []
+
+
+class Heartbeat(Struct):
+    # The agent's clock is reported but never trusted for liveness: the daemon's own clock decides.
+    # Checked by shape only (a pattern the published schema states too), as nothing computes with it.
+    timestamp: Timestamp
+    pools: Annotated[list[PoolStatus], Meta(max_length=256)]
+
+
+class DrainRequest(Struct):
+    drain: bool
+
+
+class PlacementRequest(Struct):
+    model_id: ModelId | None = None
+    vram_bytes: Bytes | None = None
+    strategy: Strategy = "least-loaded"
+
+
+def check_registration(body: Registration) -> Registration:
+    seen: set[str] = set()
+    for number, pool in enumerate(body.pools):
+        if pool.pool_id in seen:
+            raise ValidationProblem(f"$.pools[{number}].pool_id", f"duplicate pool_id {pool.pool_id!r}")
+        seen.add(pool.pool_id)
+    return body
+
+
+def check_heartbeat(body: Heartbeat) -> Heartbeat:
+    seen: set[str] = set()
+    for number, pool in enumerate(body.pools):
+        if pool.slots_free > pool.slots_total:
+            raise ValidationProblem(
+                f"$.pools[{number}].slots_free",
+                f"slots_free ({pool.slots_free}) must not exceed slots_total ({pool.slots_total})",
+            )
+        if pool.pool_id in seen:
+            raise ValidationProblem(f"$.pools[{number}].pool_id", f"duplicate pool_id {pool.pool_id!r}")
+        seen.add(pool.pool_id)
+    return body
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+
+class Error(Struct):
+    code: str
+    message: str
+
+
+class Health(Struct):
+    status: str
+    version: str
+
+
+class Ready(Struct):
+    status: str
+
+
+class RegisterAnswer(Struct):
+    node_id: str
+    status: NodeStatus
+    heartbeat_interval_ms: int
+    node_timeout_ms: int
+
+
+class HeartbeatAnswer(Struct):
+    next_heartbeat_ms: int
+    drain: bool
+
+
+class PoolView(Struct):
+    pool_id: str
+    gpus: list[int]
+    ready: bool
+    draining: bool
+    slots_total: int
+    slots_free: int
+    vram_total_bytes: int
+    vram_free_bytes: int
+    engine: str | None
+    models_available: list[str]
+
+
+class Node(Struct):
+    node_id: str
+    machine_id: str | None
+    address: str
+    version: str | None
+    status: NodeStatus
+    drain: Annotated[bool, Meta(description="true while an operator has drained the node")]
+    registered_at: str
+    last_heartbeat_at: str | None
+    capabilities: Capabilities
+    pools: list[PoolView]
+    models: list[str]
+
+
+class NodeList(Struct):
+    nodes: list[Node]
+    count: int
+
+
+class AvailabilityPool(Struct):
+    pool_id: str
+    ready: bool
+    models: list[str]
+
+
+class AvailabilityNode(Struct):
+    node_id: str
+    address: str
+    online: bool
+    models: list[str]
+    pools: list[AvailabilityPool]
+
+
+class Availability(Struct):
+    nodes: dict[str, AvailabilityNode]
+    total_models: int
+    replicated_models: list[str]
+    single_node_models: list[str]
+
+
+class CatalogModel(Struct):
+    model_id: str
+    nodes: list[str]
+    replicas: int
+    pools_ready: int
+    slots_free: int
+
+
+class CatalogModels(Struct):
+    models: list[CatalogModel]
+
+
+class Placement(Struct):
+    node_id: str
+    pool_id: str
+    address: str
+    strategy: Strategy
+
+
+def encode(value: Any) -> bytes:
+    return msgspec.json.encode(value)

@@ -1,0 +1,141 @@
+"""Durable node records in SQLite (WAL), behind the small interface a replicated store would also offer.
+
+Every call runs on one dedicated thread that owns the connection, so the event loop never waits on
+disk and writes are applied in the order they were asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    registration BLOB NOT NULL,
+    registered_at TEXT NOT NULL,
+    drain INTEGER NOT NULL DEFAULT 0,
+    last_heartbeat_at TEXT,
+    pools BLOB
+)
+"""
+
+
+@dataclass
+class StoredNode:
+    node_id: str
+    registration: bytes  # the registration body as JSON
+    registered_at: str
+    drain: bool
+    last_heartbeat_at: str | None
+    pools: bytes | None  # the last heartbeat's pool list as JSON
+
+
+@dataclass
+class HeartbeatRow:
+    node_id: str
+    last_heartbeat_at: str
+    pools: bytes
+
+
+class SqliteStore:
+    """load all, upsert node, update drain, delete node, write heartbeats in a batch."""
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, func, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    # --- lifecycle
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a 2xx for a registration or a drain means the record is on disk.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(SCHEMA)
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # --- the interface
+
+    async def ping(self) -> bool:
+        return await self._run(self._ping)
+
+    def _ping(self) -> bool:
+        assert self._db is not None
+        return self._db.execute("SELECT 1").fetchone() == (1,)
+
+    async def load_all(self) -> list[StoredNode]:
+        return await self._run(self._load_all)
+
+    def _load_all(self) -> list[StoredNode]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT node_id, registration, registered_at, drain, last_heartbeat_at, pools FROM nodes"
+        ).fetchall()
+        return [
+            StoredNode(r[0], bytes(r[1]), r[2], bool(r[3]), r[4], bytes(r[5]) if r[5] else None) for r in rows
+        ]
+
+    async def upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
+        await self._run(self._upsert_node, node_id, registration, registered_at)
+
+    def _upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
+        assert self._db is not None
+        # A new registration forgets the old pool readings; the operator's drain stays.
+        self._db.execute(
+            "INSERT INTO nodes (node_id, registration, registered_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(node_id) DO UPDATE SET registration = excluded.registration, "
+            "registered_at = excluded.registered_at, last_heartbeat_at = NULL, pools = NULL",
+            (node_id, registration, registered_at),
+        )
+
+    async def update_drain(self, node_id: str, drain: bool) -> None:
+        await self._run(self._update_drain, node_id, drain)
+
+    def _update_drain(self, node_id: str, drain: bool) -> None:
+        assert self._db is not None
+        self._db.execute("UPDATE nodes SET drain = ? WHERE node_id = ?", (int(drain), node_id))
+
+    async def delete_node(self, node_id: str) -> None:
+        await self._run(self._delete_node, node_id)
+
+    def _delete_node(self, node_id: str) -> None:
+        assert self._db is not None
+        self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+
+    async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None:
+        await self._run(self._write_heartbeats, rows)
+
+    def _write_heartbeats(self, rows: list[HeartbeatRow]) -> None:
+        assert self._db is not None
+        # One transaction, one fsync, however many nodes reported in the last second. UPDATE, not
+        # upsert: a node deleted since its heartbeat stays deleted.
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE nodes SET last_heartbeat_at = ?, pools = ? WHERE node_id = ?",
+                [(row.last_heartbeat_at, row.pools, row.node_id) for row in rows],
+            )

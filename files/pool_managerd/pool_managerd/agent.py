@@ -1,0 +1,222 @@
+"""The agent's life: register with backoff, heartbeat at the pace the control plane sets, deregister on stop.
+
+It never exits because the control plane is down, slow, restarted or refusing it: every request has a
+timeout and every failure leads to a jittered backoff and another try. One log line per state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+
+from .config import PoolConfig, Settings
+from .control import Answer, ControlPlane
+from .models import ModelManifest
+from .node import heartbeat, pool_statuses, probe_gpus, registration
+from .nvidia_smi import NvidiaSmiError, ProbeResult
+
+log = logging.getLogger(__name__)
+
+# The longest a stop may wait for the deregistration: systemd's stop timeout is far longer.
+DEREGISTER_TIMEOUT_S = 3.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter: a random wait in [0, min(cap, initial * 2**attempt)]."""
+
+    def __init__(self, initial_s: float, cap_s: float):
+        self.initial_s = initial_s
+        self.cap_s = cap_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.initial_s * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 32)
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: Settings,
+        token: str,
+        pools: tuple[PoolConfig, ...],
+        gpus: ProbeResult | None,
+    ):
+        self.settings = settings
+        self._token = token
+        self.pools = pools
+        self.gpus = gpus
+        self.gpus_healthy = True
+        self.draining = False
+        self.manifest = ModelManifest(settings.models_dir)
+        self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self.state = "starting"
+        self.registered_once = False
+        self._last_probe = time.monotonic()
+        self._stop = asyncio.Event()
+
+    # -- state and logging ------------------------------------------------------------------------------
+
+    def _enter(self, state: str, message: str, level: int = logging.INFO) -> None:
+        """Log only when the state changes, so a long outage is one line, not one per retry."""
+        if state != self.state:
+            log.log(level, message)
+            self.state = state
+
+    def _trouble(self, what: str, answer: Answer) -> None:
+        url = self.settings.control_url
+        if answer.status == 401:
+            self._enter(
+                "rejected",
+                f"token rejected by {url} (HTTP 401 on {what}): check token_file "
+                f"{self.settings.token_file}; retrying with backoff",
+                logging.ERROR,
+            )
+        elif answer.status is None or answer.status >= 500:
+            self._enter(
+                "unreachable",
+                f"control plane {url} unreachable on {what} ({answer.describe()}); retrying with backoff",
+                logging.WARNING,
+            )
+        else:
+            self._enter(
+                "refused",
+                f"control plane {url} refused the {what} ({answer.describe()}); retrying with backoff",
+                logging.ERROR,
+            )
+
+    # -- one cycle ----------------------------------------------------------------------------------------
+
+    async def _refresh_gpus(self) -> None:
+        """Ask the GPUs for free VRAM now and then; a failed probe marks the GPU pools not ready."""
+        if self.gpus is None or time.monotonic() - self._last_probe < self.settings.gpu_probe_interval_s:
+            return
+        self._last_probe = time.monotonic()
+        try:
+            # Only the GPU query: the CUDA version does not change under a running driver.
+            fresh = await asyncio.to_thread(probe_gpus, self.settings, False)
+            problem = None if fresh is not None else "no GPU found any more"
+        except NvidiaSmiError as error:
+            fresh, problem = None, str(error)
+        if fresh is None:
+            if self.gpus_healthy:
+                log.error("GPU probe failed: %s; GPU pools report not ready", problem)
+            self.gpus_healthy = False
+            return  # keep the last GPU list: the pools stay registered, only not ready
+        fresh.cuda_version = self.gpus.cuda_version
+        self.gpus = fresh
+        if not self.gpus_healthy:
+            log.info("GPU probe works again; GPU pools report ready")
+        self.gpus_healthy = True
+
+    async def _register(self, control: ControlPlane) -> float | None:
+        """Register; the heartbeat interval in seconds, or None after a failure."""
+        body = registration(self.settings, self.gpus, self.pools)
+        answer = await control.register(body)
+        if not answer.ok or not isinstance(answer.body, dict):
+            self._trouble("registration", answer)
+            return None
+        interval_ms = answer.body.get("heartbeat_interval_ms", 5000)
+        again = "registered again" if self.registered_once else "registered"
+        self._enter(
+            "online",
+            f"{again} with {self.settings.control_url} as node {self.settings.node_id} ({len(self.pools)} "
+            f"pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every {interval_ms} ms)",
+        )
+        self.registered_once = True
+        return max(int(interval_ms), 50) / 1000
+
+    async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
+        """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None)."""
+        await self._refresh_gpus()
+        statuses = pool_statuses(
+            self.pools, self.gpus, self.gpus_healthy, self.draining, self.manifest.available()
+        )
+        answer = await control.heartbeat(self.settings.node_id, heartbeat(statuses))
+        if answer.status == 404:
+            return "unknown", None
+        if not answer.ok or not isinstance(answer.body, dict):
+            self._trouble("heartbeat", answer)
+            return "failed", None
+        if self.state != "online":
+            self._enter("online", f"control plane {self.settings.control_url} back online")
+        drain = bool(answer.body.get("drain", False))
+        if drain != self.draining:
+            log.info(
+                "drain %s by the control plane: pools now report draining=%s",
+                "requested" if drain else "lifted",
+                str(drain).lower(),
+            )
+            self.draining = drain
+        return "ok", max(int(answer.body.get("next_heartbeat_ms", 5000)), 50) / 1000
+
+    async def _loop(self, control: ControlPlane) -> None:
+        interval: float | None = None
+        while True:
+            if interval is None:
+                interval = await self._register(control)
+                if interval is None:
+                    await asyncio.sleep(self.backoff.next_delay())
+                    continue
+                self.backoff.reset()
+            outcome, next_interval = await self._heartbeat(control)
+            if outcome == "unknown":
+                log.warning(
+                    "control plane %s does not know node %s (deleted by an operator or its database "
+                    "was lost); registering again",
+                    self.settings.control_url,
+                    self.settings.node_id,
+                )
+                self.state = "unregistered"
+                interval = None
+                continue
+            if outcome == "failed":
+                await asyncio.sleep(self.backoff.next_delay())
+                continue
+            self.backoff.reset()
+            interval = next_interval
+            await asyncio.sleep(interval)
+
+    # -- the whole life -----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        log.info(
+            "pool-managerd starting: node %s, control plane %s, %d pools",
+            self.settings.node_id,
+            self.settings.control_url,
+            len(self.pools),
+        )
+        for warning in self.gpus.warnings if self.gpus else []:
+            log.warning("nvidia-smi: %s", warning)
+        async with ControlPlane(
+            self.settings.control_url, self._token, self.settings.request_timeout_s, self.settings.ca_file
+        ) as control:
+            work = asyncio.create_task(self._loop(control))
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (work, stop):
+                task.cancel()
+                # An exception other than the cancel is a bug, not an outage: it propagates and
+                # systemd restarts the agent.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self.settings.deregister_on_stop and self.registered_once:
+                timeout = min(self.settings.request_timeout_s, DEREGISTER_TIMEOUT_S)
+                answer = await control.deregister(self.settings.node_id, timeout)
+                if answer.ok or answer.status == 404:
+                    log.info("deregistered node %s from %s", self.settings.node_id, self.settings.control_url)
+                else:
+                    log.warning("could not deregister node %s: %s", self.settings.node_id, answer.describe())
+        log.info("pool-managerd stopped")
+        return 0

@@ -1,0 +1,115 @@
+"""What this node is (registration) and how its pools stand (heartbeat), built from the probe and config."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, PoolConfig, Settings, machine_id, ram_total_bytes
+from .nvidia_smi import NvidiaSmiError, ProbeResult, probe
+
+# Failures that mean "this host has no GPU" rather than "its GPU or driver is broken".
+NO_GPU_KINDS = ("not-found", "no-devices")
+# The daemon requires a compute capability; drivers before ~510 cannot tell it.
+UNKNOWN_COMPUTE_CAPABILITY = "unknown"
+# nvidia-smi on a large node with persistence mode off can take seconds; past this it is hung.
+NVIDIA_SMI_TIMEOUT_S = 30.0
+
+
+def probe_gpus(settings: Settings, with_cuda: bool = True) -> ProbeResult | None:
+    """The node's GPUs, or None for a host without GPUs when CPU pools are allowed."""
+    try:
+        return probe(settings.nvidia_smi, timeout=NVIDIA_SMI_TIMEOUT_S, with_cuda=with_cuda)
+    except NvidiaSmiError as error:
+        if settings.allow_cpu_pools and error.kind in NO_GPU_KINDS:
+            return None
+        raise
+
+
+def resolve_pools(settings: Settings, gpus: ProbeResult | None) -> tuple[PoolConfig, ...]:
+    """The configured pools, checked against the GPUs found; by default one pool with every GPU."""
+    indices = [gpu.index for gpu in gpus.gpus] if gpus else []
+    if settings.pools is None:
+        return (PoolConfig("default" if indices else "cpu", tuple(indices), 1),)
+    for number, pool in enumerate(settings.pools):
+        for index in pool.gpus:
+            if index not in indices:
+                found = ", ".join(str(i) for i in indices) if indices else "none"
+                raise ConfigError(
+                    f"pools[{number}] ({pool.pool_id}) names GPU {index}, but this node's GPUs are: {found}"
+                )
+    return settings.pools
+
+
+def registration(settings: Settings, gpus: ProbeResult | None, pools: tuple[PoolConfig, ...]) -> dict:
+    """The POST /v2/nodes/register body."""
+    gpu_list = []
+    for gpu in gpus.gpus if gpus else []:
+        entry: dict[str, Any] = {
+            "index": gpu.index,
+            "name": gpu.name,
+            "vram_total_bytes": gpu.vram_total_bytes,
+            "compute_capability": gpu.compute_capability or UNKNOWN_COMPUTE_CAPABILITY,
+            "driver_version": gpus.driver_version,
+        }
+        if gpu.uuid:
+            entry["uuid"] = gpu.uuid
+        gpu_list.append(entry)
+    capabilities: dict[str, Any] = {
+        "gpus": gpu_list,
+        "cpu_cores": os.cpu_count() or 1,
+        "ram_total_bytes": ram_total_bytes(),
+    }
+    if gpus and gpus.cuda_version:
+        capabilities["cuda_version"] = gpus.cuda_version
+    body: dict[str, Any] = {
+        "node_id": settings.node_id,
+        "address": settings.address,
+        "version": __version__,
+        "pools": [{"pool_id": p.pool_id, "gpus": list(p.gpus), "slots_total": p.slots_total} for p in pools],
+        "capabilities": capabilities,
+    }
+    found_machine_id = machine_id()
+    if found_machine_id:
+        body["machine_id"] = found_machine_id
+    return body
+
+
+def pool_statuses(
+    pools: tuple[PoolConfig, ...],
+    gpus: ProbeResult | None,
+    gpus_healthy: bool,
+    draining: bool,
+    models: list[str],
+) -> list[dict]:
+    """One heartbeat entry per pool.
+
+    slots_free counts slots with no request in flight. No engine runs yet, so every slot is free, draining
+    or not: a drain stops new placements (the `draining` flag), and free == total is how the rolling
+    upgrade sees that a draining node has gone idle.
+    """
+    by_index = {gpu.index: gpu for gpu in gpus.gpus} if gpus else {}
+    statuses = []
+    for pool in pools:
+        members = [by_index[index] for index in pool.gpus if index in by_index]
+        ready = len(members) == len(pool.gpus) and (gpus_healthy or not pool.gpus)
+        statuses.append(
+            {
+                "pool_id": pool.pool_id,
+                "ready": ready,
+                "draining": draining,
+                "slots_total": pool.slots_total,
+                "slots_free": pool.slots_total,
+                "vram_total_bytes": sum(gpu.vram_total_bytes for gpu in members),
+                "vram_free_bytes": sum(gpu.vram_free_bytes or 0 for gpu in members),
+                "models_available": list(models),
+            }
+        )
+    return statuses
+
+
+def heartbeat(statuses: list[dict]) -> dict:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"timestamp": now, "pools": statuses}

@@ -1,0 +1,1 @@
+../../../plugins/module_utils/nvidia_smi.py

@@ -1,0 +1,142 @@
+"""Helpers for the agent tests: a real pool-managerd process fed by the stand-in nvidia-smi.
+
+Only the GPU is faked (files/testing/nvidia-smi-standin replaying a fixture); the agent is the real
+program talking HTTP to a real orchestratord.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from support import REPO_ROOT, TEST_TOKEN, Daemon, package_env
+
+STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
+FIXTURES = REPO_ROOT / "files" / "testing" / "nvsmi"
+MIB = 1024 * 1024
+
+
+def nvsmi_real() -> Path:
+    """The shared real recordings: beside the checkout, or at /work/shared for a worktree."""
+    from support import NVSMI_REAL
+
+    if NVSMI_REAL.is_dir():
+        return NVSMI_REAL
+    return Path("/work/shared/nvsmi-real")
+
+
+def standin_env(fixture: str = "lab-2x-l4", **extra: str) -> dict[str, str]:
+    return package_env(NVIDIA_SMI_STANDIN_FIXTURE=str(FIXTURES / fixture), **extra)
+
+
+@dataclass
+class AgentProcess:
+    """A real pool-managerd started as `python -m pool_managerd --config FILE`."""
+
+    workdir: Path
+    config: dict[str, Any]
+    fixture: str = "lab-2x-l4"
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "pool-managerd.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "pool-managerd.yml"
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.config["models_dir"])
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def command(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "pool_managerd", "--config", str(self.config_path), *extra]
+
+    def start(self) -> AgentProcess:
+        self.write_config()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(),
+            env=standin_env(self.fixture),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        return self
+
+    def run_once(self, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run the agent to completion (--once, or a setup it refuses) and capture its output."""
+        self.write_config()
+        return subprocess.run(
+            self.command(*extra),
+            env=standin_env(self.fixture),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.workdir,
+        )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.running():
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def write_manifest(self, models: dict[str, dict[str, Any]] | str) -> None:
+        """Write the manifest atomically, as staging does (a str is written verbatim, e.g. a torn one)."""
+        text = models if isinstance(models, str) else json.dumps(models)
+        temporary = self.models_dir / ".manifest.json.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, self.models_dir / "manifest.json")
+
+
+def make_agent(
+    workdir: Path,
+    daemon: Daemon | None,
+    fixture: str = "lab-2x-l4",
+    token: str | None = None,
+    **overrides: Any,
+) -> AgentProcess:
+    """An agent (not started) pointed at `daemon`, with fast test timings and its own models dir."""
+    token_file = workdir / "api-token"
+    workdir.mkdir(parents=True, exist_ok=True)
+    token_file.write_text((token or (daemon.token if daemon else TEST_TOKEN)) + "\n")
+    token_file.chmod(0o600)
+    models_dir = workdir / "models"
+    models_dir.mkdir(exist_ok=True)
+    config: dict[str, Any] = {
+        "control_url": daemon.url if daemon else "http://127.0.0.1:9",
+        "token_file": str(token_file),
+        "node_id": "gpu-node-1",
+        "address": "http://gpu-node-1.lab:8000",
+        "models_dir": str(models_dir),
+        "nvidia_smi": str(STANDIN),
+        "request_timeout_s": 2,
+        "backoff_initial_s": 0.1,
+        "backoff_max_s": 1,
+        "gpu_probe_interval_s": 1,
+    }
+    config.update(overrides)
+    return AgentProcess(workdir=workdir, config=config, fixture=fixture)

@@ -1,0 +1,344 @@
+"""The one nvidia-smi parser: every real recording read right, the stand-in's machines, clear failures."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from support import REPO_ROOT
+from support_agent import FIXTURES, MIB, STANDIN, nvsmi_real, standin_env
+
+sys.path.insert(0, str(REPO_ROOT / "plugins" / "module_utils"))
+# Imported from module_utils as a plain module (stdlib only), the way Ansible ships it to hosts.
+import nvidia_smi
+from nvidia_smi import NvidiaSmiError
+
+REAL = nvsmi_real()
+
+
+class Machine(NamedTuple):
+    gpus: int
+    name: str  # the first GPU's, as that output spells it (the table cuts long names)
+    vram_mib: int  # the first GPU's total
+    driver: str
+    cuda: str | None  # None where that output does not carry it (--query-gpu CSV)
+    mig: str | None  # the first GPU's current MIG mode
+
+
+# What each real recording says, read off the files by hand. An error entry holds words the message must have.
+EXPECTED: dict[str, Machine | tuple[str, ...]] = {
+    "gpud--a10-drv535.129.03.q.txt": Machine(1, "NVIDIA A10", 23028, "535.129.03", "12.2", None),
+    "gpud--geforce-fan-err-drv525.125.06.table.txt": Machine(
+        1, "NVIDIA GeForce ...", 23028, "525.125.06", "12.0", None
+    ),
+    "gpud--h100x8-drv535.161.08.q.txt": Machine(
+        8, "NVIDIA H100 80GB HBM3", 81559, "535.161.08", "12.2", "Disabled"
+    ),
+    "gpud--h100x8-drv535.183.01-invalid.q.txt": ("8 GPUs are attached but describes 1", "cut-off"),
+    "gpud--h100x8-drv535.183.01.q.txt": Machine(
+        8, "NVIDIA H100 80GB HBM3", 81559, "535.183.01", "12.2", "Disabled"
+    ),
+    "gpud--h100x8-drv550.90.07.table.txt": Machine(
+        8, "NVIDIA H100 80GB HBM3", 81559, "550.90.07", "12.4", "Disabled"
+    ),
+    "gpud--rtx-4090x8-drv535.154.05.q.txt": Machine(
+        8, "NVIDIA GeForce RTX 4090", 24564, "535.154.05", "12.2", None
+    ),
+    "gpud--titan-v-drv560.35.03.q.txt": Machine(1, "NVIDIA TITAN V", 12288, "560.35.03", "12.6", None),
+    "netdata--a100-sxm4-mig.xml": Machine(1, "NVIDIA A100-SXM4-40GB", 40960, "510.47.03", "11.6", "Enabled"),
+    "netdata--help-query-gpu.txt": ("--help-query-gpu", "not a GPU recording"),
+    "netdata--rtx-2080-win.xml": Machine(1, "NVIDIA GeForce RTX 2080", 8192, "516.59", "11.7", None),
+    "netdata--rtx-3060.xml": Machine(
+        1, "NVIDIA GeForce RTX 3060 Laptop GPU", 6144, "515.65.01", "11.7", None
+    ),
+    "netdata--rtx-4090-driver-535.xml": Machine(
+        1, "NVIDIA GeForce RTX 4090", 24564, "535.86.05", "12.2", None
+    ),
+    "netdata--tesla-p100.csv": ("lacks the column(s) index, memory.total, driver_version", "GPU"),
+    "netdata--tesla-p100.xml": Machine(1, "Tesla P100-PCIE-16GB", 16384, "510.47.03", "11.6", None),
+    # Captures with 4 GPUs attached but only GPU 0 printed (run with -i 0): one GPU is what the file holds.
+    "telegraf--a100-sxm4-v12.xml": Machine(1, "NVIDIA A100-SXM4-80GB", 81920, "535.54.03", "12.2", "Enabled"),
+    "telegraf--a10g.xml": Machine(1, "NVIDIA A10G", 23028, "515.105.01", "11.7", None),
+    "telegraf--dual-rtx-2070-v13.xml": Machine(2, "NVIDIA GeForce RTX 2070", 8192, "590.44.01", "13.1", None),
+    "telegraf--dual-rtx-2080-v13.xml": Machine(2, "NVIDIA GeForce RTX 2080", 8192, "590.44.01", "13.1", None),
+    "telegraf--dual-rtx-a5000-v13.xml": Machine(2, "NVIDIA RTX A5000", 24564, "590.44.01", "13.1", None),
+    "telegraf--gt-1030.xml": Machine(1, "NVIDIA GeForce GT 1030", 1998, "470.74", "11.4", None),
+    "telegraf--gtx-1070-ti.xml": ("no driver version", "trimmed"),
+    "telegraf--gtx-1660-ti.xml": Machine(1, "Graphics Device", 5912, "418.43", "10.1", None),
+    "telegraf--quadro-p2000-v12.xml": Machine(1, "Quadro P2000", 5120, "525.125.06", "12.0", None),
+    "telegraf--quadro-p400.xml": Machine(1, "Quadro P400", 1998, "418.43", "10.1", None),
+    "telegraf--rtx-3060-v12.xml": Machine(1, "NVIDIA GeForce RTX 3060", 12288, "570.124.04", "12.8", None),
+    "telegraf--rtx-3080-v12.xml": Machine(1, "NVIDIA GeForce RTX 3080", 10240, "536.40", "12.2", None),
+    "telegraf--rtx-3080-v13.xml": Machine(1, "NVIDIA GeForce RTX 3080", 10240, "595.58.03", "13.2", None),
+    "telegraf--rtx-3090-v12.xml": Machine(1, "NVIDIA GeForce RTX 3090", 24576, "525.147.05", "12.0", None),
+    "telegraf--rtx-3090-v13.xml": Machine(1, "NVIDIA GeForce RTX 3090", 24576, "590.44.01", "13.1", None),
+    "telegraf--rtx-4000-sff-ada-v13.xml": Machine(
+        1, "NVIDIA RTX 4000 SFF Ada Generation", 20475, "595.84", "13.2", None
+    ),
+    "telegraf--rtx-pro-6000-maxq-blackwell-v13.xml": Machine(
+        1, "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition", 97887, "590.44.01", "13.1", None
+    ),
+    "telegraf--tesla-p4.xml": Machine(1, "GRID P4-1Q", 1024, "513.46", "11.6", None),
+    "telegraf--tesla-t4.xml": Machine(1, "Tesla T4", 15360, "515.105.01", "11.7", None),
+}
+
+
+def _nvgpuexp(machine: str, name: str, mib: int, driver: str, cuda: str, mig: str | None, short: str) -> None:
+    """One nvidia_gpu_exporter capture and the four sections cut out of it."""
+    prefix = f"nvgpuexp--{machine}--drv{driver}"
+    EXPECTED[f"{prefix}.capture.txt"] = Machine(1, name, mib, driver, cuda, mig)
+    EXPECTED[f"{prefix}.idle-q.txt"] = Machine(1, name, mib, driver, cuda, mig)
+    EXPECTED[f"{prefix}.idle-table.txt"] = Machine(1, short, mib, driver, cuda, mig)
+    EXPECTED[f"{prefix}.idle-query-gpu.csv"] = Machine(1, name, mib, driver, None, mig)
+    EXPECTED[f"{prefix}.load-query-gpu.csv"] = Machine(1, name, mib, driver, None, mig)
+
+
+H100, H200, RTX2080S = "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GeForce RTX 2080 SUPER"
+_nvgpuexp("linux--h100-80gb-hbm3", H100, 81559, "590.48.01", "13.1", "Disabled", H100)
+_nvgpuexp("linux--h100-mig", H100, 81559, "590.48.01", "13.1", "Enabled", H100)
+_nvgpuexp("linux--h200", H200, 143771, "590.48.01", "13.1", "Disabled", H200)
+_nvgpuexp("linux--h200-mig", H200, 143771, "590.48.01", "13.1", "Enabled", H200)
+_nvgpuexp("linux--l40s", "NVIDIA L40S", 46068, "595.80", "13.2", None, "NVIDIA L40S")
+_nvgpuexp("linux--rtx-2080-super", RTX2080S, 8192, "595.71.05", "13.2", None, "NVIDIA GeForce RTX 2080 ...")
+# 610 renamed the header fields (KMD Version, CUDA UMD Version) and marks the old ones deprecated.
+_nvgpuexp("linux--rtx-2080-super", RTX2080S, 8192, "610.57.04", "13.3", None, "NVIDIA GeForce RTX 2080 ...")
+_nvgpuexp(
+    "linux--rtx-4080-super",
+    "NVIDIA GeForce RTX 4080 SUPER",
+    16376,
+    "595.71.05",
+    "13.2",
+    None,
+    "NVIDIA GeForce RTX 4080 ...",
+)
+_nvgpuexp("windows--rtx-2080-super", RTX2080S, 8192, "591.86", "13.1", None, "NVIDIA GeForce RTX 2080 ...")
+_nvgpuexp("windows--rtx-2080-super", RTX2080S, 8192, "610.62", "13.3", None, "NVIDIA GeForce RTX 2080 ...")
+
+
+def _real_files() -> list[str]:
+    if not REAL.is_dir():
+        return ["(missing)"]
+    return sorted(p.name for p in REAL.iterdir() if p.name not in ("README.md", "SOURCES.md"))
+
+
+@pytest.mark.parametrize("name", _real_files())
+def test_every_real_recording_is_read_right_or_refused_clearly(name: str) -> None:
+    if not REAL.is_dir():
+        pytest.skip(f"the real nvidia-smi recordings are not at {REAL}")
+    assert name in EXPECTED, f"{name} is new in {REAL}: add what it should read as to EXPECTED"
+    expected = EXPECTED[name]
+    text = (REAL / name).read_text(errors="replace")
+    if not isinstance(expected, Machine):  # a refusal: the words its message must hold
+        with pytest.raises(NvidiaSmiError) as caught:
+            nvidia_smi.parse_recorded(text)
+        for words in expected:
+            assert words in str(caught.value)
+        return
+    result = nvidia_smi.parse_recorded(text)
+    first = result.gpus[0]
+    assert (len(result.gpus), first.name, first.vram_total_bytes // MIB) == (
+        expected.gpus,
+        expected.name,
+        expected.vram_mib,
+    )
+    assert (result.driver_version, result.cuda_version, first.mig_mode) == (
+        expected.driver,
+        expected.cuda,
+        expected.mig,
+    )
+    assert [gpu.index for gpu in result.gpus] == list(range(expected.gpus))
+    assert all(gpu.vram_total_bytes % MIB == 0 and gpu.vram_total_bytes > 0 for gpu in result.gpus)
+
+
+def test_mig_devices_are_listed_under_their_gpu() -> None:
+    if not REAL.is_dir():
+        pytest.skip(f"the real nvidia-smi recordings are not at {REAL}")
+    text = (REAL / "nvgpuexp--linux--h200-mig--drv590.48.01.idle-q.txt").read_text()
+    mig = nvidia_smi.parse_query_text(text).gpus[0].mig_devices
+    assert [device["gpu_instance_id"] for device in mig] == [2, 2, 3, 9, 10]
+    table = (REAL / "nvgpuexp--linux--h200-mig--drv590.48.01.idle-table.txt").read_text()
+    from_table = nvidia_smi.parse_table(table).gpus[0].mig_devices
+    assert [device["vram_total_bytes"] // MIB for device in from_table] == [71424, 71424, 33280, 16384, 16384]
+
+
+# --- the probe, through the stand-in -------------------------------------------------------------------
+
+
+def _probe(monkeypatch, fixture: str, timeout: float = 10.0, **env: str) -> nvidia_smi.ProbeResult:
+    for name, value in {"NVIDIA_SMI_STANDIN_FIXTURE": str(FIXTURES / fixture), **env}.items():
+        monkeypatch.setenv(name, value)
+    return nvidia_smi.probe(str(STANDIN), timeout=timeout)
+
+
+def test_probe_reads_the_lab_node(monkeypatch) -> None:
+    result = _probe(monkeypatch, "lab-2x-l4")
+    assert (result.driver_version, result.cuda_version) == ("550.90.07", "12.4")
+    assert [(g.index, g.name, g.compute_capability) for g in result.gpus] == [
+        (0, "NVIDIA L4", "8.9"),
+        (1, "NVIDIA L4", "8.9"),
+    ]
+    assert all(g.vram_total_bytes == 23034 * MIB and g.vram_free_bytes == 22599 * MIB for g in result.gpus)
+    assert result.gpus[0].uuid == "GPU-1ab0c7d2-5e3f-4a61-9b8d-0c2f7e4a9b10"
+    assert (result.gpus[0].persistence_mode, result.gpus[0].ecc_uncorrected, result.gpus[0].mig_mode) == (
+        "Enabled",
+        0,
+        None,
+    )
+
+
+def test_probe_drops_fields_an_old_driver_rejects(monkeypatch) -> None:
+    result = _probe(monkeypatch, "old-driver")
+    assert (result.driver_version, result.cuda_version) == ("470.182.03", "11.4")
+    assert [(g.name, g.compute_capability, g.vram_total_bytes // MIB) for g in result.gpus] == [
+        ("Tesla T4", None, 15109)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "kind", "said"),
+    [
+        ("no-devices", "no-devices", "No devices were found"),
+        ("driver-mismatch", "driver-mismatch", "Driver/library version mismatch"),
+        ("no-communicate", "no-driver", "couldn't communicate with the NVIDIA driver"),
+        ("cut-off", "garbled", "NVIDIA L4"),
+    ],
+)
+def test_probe_failures_say_driver_or_gpu_and_quote_nvidia_smi(monkeypatch, fixture, kind, said) -> None:
+    with pytest.raises(NvidiaSmiError) as caught:
+        _probe(monkeypatch, fixture)
+    message = str(caught.value)
+    assert caught.value.kind == kind
+    assert "driver" in message or "GPU" in message
+    assert said in message
+    assert "\n" not in message
+
+
+def test_probe_without_nvidia_smi_says_no_driver() -> None:
+    with pytest.raises(
+        NvidiaSmiError, match="not found at '/nonexistent/nvidia-smi': the NVIDIA driver"
+    ) as caught:
+        nvidia_smi.probe("/nonexistent/nvidia-smi")
+    assert caught.value.kind == "not-found"
+
+
+def test_probe_gives_up_on_a_hung_nvidia_smi(monkeypatch) -> None:
+    with pytest.raises(NvidiaSmiError, match=r"did not answer within 0.3 s: the GPU driver may be hung"):
+        _probe(monkeypatch, "lab-2x-l4", timeout=0.3, NVIDIA_SMI_STANDIN_DELAY_S="5")
+
+
+# --- recorded text of every shape ------------------------------------------------------------------------
+
+
+def test_csv_with_header_and_units_and_without_either_read_the_same() -> None:
+    with_header = (
+        "index, name, memory.total [MiB], memory.free [MiB], driver_version\n"
+        "0, NVIDIA L4, 23034 MiB, 1 MiB, 550.90.07\n"
+    )
+    bare = "0, NVIDIA L4, 23034, 1, 550.90.07\n"
+    fields = ["index", "name", "memory.total", "memory.free", "driver_version"]
+    assert nvidia_smi.parse_query_csv(with_header) == nvidia_smi.parse_query_csv(bare, fields=fields)
+    with pytest.raises(NvidiaSmiError, match="no header line and no field list"):
+        nvidia_smi.parse_query_csv(bare)
+
+
+def test_csv_unknown_values_become_none_and_bad_numbers_are_named() -> None:
+    fields = [
+        "index",
+        "name",
+        "memory.total",
+        "memory.free",
+        "driver_version",
+        "compute_cap",
+        "mig.mode.current",
+    ]
+    result = nvidia_smi.parse_query_csv(
+        "0, Tesla T4, 15109, [N/A], 470.1, [Not Supported], [N/A]\n", fields=fields
+    )
+    gpu = result.gpus[0]
+    assert (gpu.vram_free_bytes, gpu.compute_capability, gpu.mig_mode) == (None, None, None)
+    with pytest.raises(NvidiaSmiError, match=r"no memory.total for GPU 0"):
+        nvidia_smi.parse_query_csv("0, Tesla T4, [Unknown Error], 1, 470.1, 7.5, [N/A]\n", fields=fields)
+    with pytest.raises(NvidiaSmiError, match=r"GPU memory.total: 'lots' is not a number of MiB"):
+        nvidia_smi.parse_query_csv("0, Tesla T4, lots, 1, 470.1, 7.5, [N/A]\n", fields=fields)
+
+
+def test_warning_lines_mixed_into_the_csv_are_kept_apart() -> None:
+    fields = ["index", "name", "memory.total", "memory.free", "driver_version"]
+    text = "WARNING: infoROM is corrupted at gpu 0000:04:00.0\n0, Tesla T4, 15109, 15000, 470.1\n"
+    result = nvidia_smi.parse_query_csv(text, fields=fields)
+    assert [gpu.name for gpu in result.gpus] == ["Tesla T4"]
+    assert result.warnings == ["WARNING: infoROM is corrupted at gpu 0000:04:00.0"]
+
+
+def test_cuda_version_from_every_header_style() -> None:
+    assert (
+        nvidia_smi.parse_cuda_version(
+            "| NVIDIA-SMI 550.90.07  Driver Version: 550.90.07  CUDA Version: 12.4 |"
+        )
+        == "12.4"
+    )
+    assert (
+        nvidia_smi.parse_cuda_version("| NVIDIA-SMI 610.62   KMD Version: 610.62   CUDA UMD Version: 13.3  |")
+        == "13.3"
+    )
+    assert nvidia_smi.parse_cuda_version("CUDA Version     : 13.3 [Deprecated; will be removed]") == "13.3"
+    assert nvidia_smi.parse_cuda_version('CUDA version : Deprecated, see "CUDA UMD version" instead') is None
+
+
+@pytest.mark.parametrize("recording", ["table.txt", "q.txt"])
+def test_own_fixtures_read_the_same_in_every_shape(recording: str) -> None:
+    for fixture in ("lab-2x-l4", "old-driver"):
+        from_csv = nvidia_smi.parse_query_csv((FIXTURES / fixture / "query-gpu.csv").read_text())
+        other = nvidia_smi.parse_recorded((FIXTURES / fixture / recording).read_text())
+        assert [(g.index, g.name, g.vram_total_bytes) for g in other.gpus] == [
+            (g.index, g.name, g.vram_total_bytes) for g in from_csv.gpus
+        ]
+        assert other.driver_version == from_csv.driver_version
+
+
+# --- the stand-in itself -------------------------------------------------------------------------------
+
+
+def _standin(*args: str, fixture: str = "lab-2x-l4") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(STANDIN), *args], env=standin_env(fixture), capture_output=True, text=True, timeout=20
+    )
+
+
+def test_standin_says_it_is_a_standin() -> None:
+    answer = _standin("--version")
+    assert answer.returncode == 0 and "STAND-IN for nvidia-smi" in answer.stdout
+    assert "stand-in" in STANDIN.read_text().splitlines()[1].lower()
+
+
+def test_standin_answers_the_fields_asked_in_order_and_rejects_unknown_ones() -> None:
+    answer = _standin("--query-gpu=name,index,memory.total", "--format=csv,noheader,nounits")
+    assert answer.stdout.splitlines() == ["NVIDIA L4, 0, 23034", "NVIDIA L4, 1, 23034"]
+    with_units = _standin("--query-gpu=memory.total", "--format=csv")
+    assert with_units.stdout.splitlines() == ["memory.total [MiB]", "23034 MiB", "23034 MiB"]
+    old = _standin("--query-gpu=index,compute_cap", "--format=csv", fixture="old-driver")
+    assert old.returncode == 2 and 'Field "compute_cap" is not a valid field to query.' in old.stdout
+
+
+def test_standin_finds_its_fixture_from_the_file_beside_it(tmp_path: Path) -> None:
+    copy = tmp_path / "nvidia-smi-standin"
+    copy.write_text(STANDIN.read_text())
+    copy.chmod(0o755)
+    (tmp_path / "nvidia-smi-standin.fixture").write_text(str(FIXTURES / "old-driver") + "\n")
+    env = standin_env()
+    env.pop("NVIDIA_SMI_STANDIN_FIXTURE")
+    answer = subprocess.run([str(copy)], env=env, capture_output=True, text=True, timeout=20)
+    assert "Driver Version: 470.182.03" in answer.stdout
+
+
+def test_parser_is_stdlib_only_and_python39_syntax() -> None:
+    # It runs on target hosts inside Ansible modules, where only the standard library is sure to exist.
+    source = (REPO_ROOT / "plugins" / "module_utils" / "nvidia_smi.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {name.split(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {"__future__"}

@@ -1,0 +1,158 @@
+"""Placement: filters, strategies and the (node_id, pool_id) tie-break."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from support import sample_registration
+from support_daemon import GiB, beat_pools, online_node, place, pool_reading
+
+
+def pick(daemon, **request) -> tuple[str, str]:
+    answer = place(daemon, **request)
+    assert answer.status == 200, answer.text
+    return answer.body["node_id"], answer.body["pool_id"]
+
+
+def test_placement_answers_node_pool_address_and_strategy(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    answer = place(daemon, model_id="llama")
+    assert answer.body == {
+        "node_id": "gpu-1",
+        "pool_id": "pool-0",
+        "address": "http://gpu-1.lab:8080",
+        "strategy": "least-loaded",
+    }
+
+
+def test_placement_by_model(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-2", ["qwen"])
+    assert pick(daemon, model_id="qwen") == ("gpu-2", "pool-0")
+    assert pick(daemon, model_id="llama") == ("gpu-1", "pool-0")
+
+
+def test_unknown_model_is_model_not_available(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    answer = place(daemon, model_id="mixtral")
+    assert answer.status == 503
+    assert answer.body["code"] == "MODEL_NOT_AVAILABLE"
+    assert "mixtral" in answer.body["message"]
+
+
+def test_placement_by_vram(daemon):
+    online_node(daemon, "gpu-small", ["llama"], vram_free_bytes=10 * GiB)
+    online_node(daemon, "gpu-big", ["llama"], vram_free_bytes=60 * GiB)
+    assert pick(daemon, model_id="llama", vram_bytes=20 * GiB) == ("gpu-big", "pool-0")
+    assert pick(daemon, model_id="llama", vram_bytes=60 * GiB) == ("gpu-big", "pool-0")
+    too_much = place(daemon, model_id="llama", vram_bytes=61 * GiB)
+    assert too_much.status == 503
+    assert too_much.body["code"] == "NO_CAPACITY"
+
+
+def test_least_loaded_prefers_free_slots_then_free_vram(daemon):
+    daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1", pools=3))
+    beat_pools(
+        daemon,
+        "gpu-1",
+        [
+            pool_reading("pool-0", ["llama"], slots_free=1, vram_free_bytes=70 * GiB),
+            pool_reading("pool-1", ["llama"], slots_free=3, vram_free_bytes=20 * GiB),
+            pool_reading("pool-2", ["llama"], slots_free=3, vram_free_bytes=30 * GiB),
+        ],
+    )
+    assert pick(daemon, model_id="llama") == ("gpu-1", "pool-2")
+    # A heartbeat that changes the load moves the answer: the index follows heartbeats.
+    beat_pools(
+        daemon,
+        "gpu-1",
+        [
+            pool_reading("pool-0", ["llama"], slots_free=4, vram_free_bytes=70 * GiB),
+            pool_reading("pool-1", ["llama"], slots_free=3, vram_free_bytes=20 * GiB),
+            pool_reading("pool-2", ["llama"], slots_free=0, vram_free_bytes=30 * GiB),
+        ],
+    )
+    assert pick(daemon, model_id="llama") == ("gpu-1", "pool-0")
+
+
+def test_ties_break_on_node_then_pool_whatever_the_arrival_order(daemon):
+    for node_id in ["gpu-c", "gpu-a", "gpu-b"]:
+        online_node(daemon, node_id, ["llama"], pools=2)
+    answers = {pick(daemon, model_id="llama") for _ in range(10)}
+    assert answers == {("gpu-a", "pool-0")}
+    assert pick(daemon) == ("gpu-a", "pool-0")
+
+
+def test_same_state_gives_the_same_answer_after_a_restart(daemon):
+    for node_id in ["gpu-2", "gpu-1"]:
+        online_node(daemon, node_id, ["llama"], pools=2)
+    before = pick(daemon, model_id="llama")
+    daemon.restart()
+    after = pick(daemon, model_id="llama")
+    assert before == after == ("gpu-1", "pool-0")
+
+
+def test_round_robin_spreads_over_every_candidate(daemon):
+    for node_id in ["gpu-1", "gpu-2", "gpu-3"]:
+        online_node(daemon, node_id, ["llama"], pools=2)
+    online_node(daemon, "gpu-other", ["qwen"])
+    picks = [pick(daemon, model_id="llama", strategy="round-robin") for _ in range(12)]
+    counts = Counter(picks)
+    assert len(counts) == 6
+    assert set(counts.values()) == {2}
+    # In (node_id, pool_id) order, wrapping around.
+    assert picks[:6] == sorted(picks[:6])
+    assert picks[6:] == picks[:6]
+
+
+def test_random_picks_only_candidates(daemon):
+    online_node(daemon, "gpu-1", ["llama"], pools=2)
+    online_node(daemon, "gpu-2", ["llama"], ready=False)
+    online_node(daemon, "gpu-3", ["qwen"])
+    picks = {pick(daemon, model_id="llama", strategy="random") for _ in range(30)}
+    assert picks <= {("gpu-1", "pool-0"), ("gpu-1", "pool-1")}
+    assert len(picks) == 2  # 30 fair coin flips all landing on one side: 2**-29
+
+
+def test_operator_drained_node_is_skipped(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-2", ["llama"])
+    daemon.api("POST", "/v2/nodes/gpu-1/drain", {"drain": True})
+    for strategy in ("least-loaded", "round-robin", "random"):
+        for _ in range(4):
+            assert pick(daemon, model_id="llama", strategy=strategy) == ("gpu-2", "pool-0")
+    daemon.api("POST", "/v2/nodes/gpu-1/drain", {"drain": False})
+    assert pick(daemon, model_id="llama") == ("gpu-1", "pool-0")
+
+
+def test_draining_not_ready_and_full_pools_are_skipped(daemon):
+    daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1", pools=4))
+    beat_pools(
+        daemon,
+        "gpu-1",
+        [
+            pool_reading("pool-0", ["llama"], draining=True),
+            pool_reading("pool-1", ["llama"], ready=False),
+            pool_reading("pool-2", ["llama"], slots_free=0),
+            pool_reading("pool-3", ["llama"], slots_free=1),
+        ],
+    )
+    for strategy in ("least-loaded", "round-robin", "random"):
+        assert pick(daemon, model_id="llama", strategy=strategy) == ("gpu-1", "pool-3")
+    beat_pools(daemon, "gpu-1", [pool_reading("pool-3", ["llama"], slots_free=0)])
+    answer = place(daemon, model_id="llama")
+    assert answer.status == 503
+    assert answer.body["code"] == "NO_CAPACITY"
+
+
+def test_registering_node_gets_no_work(daemon):
+    daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1"))
+    answer = place(daemon)
+    assert answer.status == 503
+    assert answer.body["code"] == "NO_CAPACITY"
+
+
+def test_deleted_node_gets_no_work(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    daemon.api("DELETE", "/v2/nodes/gpu-1")
+    assert place(daemon, model_id="llama").body["code"] == "MODEL_NOT_AVAILABLE"
