@@ -93,7 +93,7 @@ run_playbook() {
     /^PLAY RECAP/ { recap = 1; next }
     recap && index($1, prefix) == 1 {
       for (i = 3; i <= NF; i++) { split($i, kv, "="); n[kv[1]] += kv[2] }
-      hosts++
+      if (!($1 in seen)) { seen[$1] = 1; hosts++ }
     }
     END { printf "%d %d %d %d %d", hosts, n["ok"] + n["skipped"] + n["failed"], n["changed"], n["failed"] + n["unreachable"], n["skipped"] }
   ' "$log")

@@ -57,18 +57,30 @@ for i in "${!roles[@]}"; do
 done
 
 step "containers"
+# How every lab container runs. CAP_SYS_ADMIN lets systemd build the services'
+# mount namespaces: without it, it silently skips ProtectSystem, PrivateTmp
+# and the like, and the hardening the roles set would not be in effect.
+run_opts=(--runtime=runc --systemd=always --cap-add=SYS_ADMIN
+  --ulimit nofile=1024:2048 --ulimit nproc=4096:8192)
+image_recipe=$(podman image inspect --format '{{ index .Labels "llorch.lab.recipe" }}' "$image")
 for role in "${roles[@]}"; do
   name=$prefix-$role
+  # A container made with other settings or another image is made again.
+  spec=$(printf '%s\n' "$image_recipe" "${address[$name]}" "${add_hosts[@]}" "${run_opts[@]}" | sha256sum | cut -c1-16)
   status=$(podman container inspect --format '{{.State.Status}}' "$name" 2>/dev/null || echo missing)
+  if [[ $status != missing ]] &&
+    [[ $(podman container inspect --format '{{ index .Config.Labels "llorch.lab.spec" }}' "$name") != "$spec" ]]; then
+    podman rm -f -t 0 "$name" >/dev/null
+    echo "$name: made with older settings, removed"
+    status=missing
+  fi
   case $status in
     running) echo "$name: running, reused" ;;
     missing)
       podman run -d --name "$name" --hostname "$name" \
-        --label "llorch.lab.prefix=$prefix" \
+        --label "llorch.lab.prefix=$prefix" --label "llorch.lab.spec=$spec" \
         --network "$network" --ip "${address[$name]}" "${add_hosts[@]}" \
-        --runtime=runc --systemd=always \
-        --ulimit nofile=1024:2048 --ulimit nproc=4096:8192 \
-        "$image" /sbin/init >/dev/null
+        "${run_opts[@]}" "$image" /sbin/init >/dev/null
       echo "$name: started at ${address[$name]}"
       ;;
     *)

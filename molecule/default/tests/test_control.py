@@ -1,0 +1,79 @@
+"""The control host after converge: orchestratord runs hardened, as its own user, and knows the GPU node."""
+
+import os
+
+import pytest
+import testinfra.utils.ansible_runner
+from conftest import main_process, registry_get, unit_properties
+
+testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
+    os.environ["MOLECULE_INVENTORY_FILE"]
+).get_hosts("control")
+
+TOKEN_FILE = "/etc/llorch/orchestratord.token"
+
+
+def test_orchestratord_is_enabled_and_running(host):
+    service = host.service("orchestratord")
+    assert service.is_enabled
+    assert service.is_running
+
+
+def test_orchestratord_runs_as_its_own_unprivileged_user(host):
+    user = host.user("orchestratord")
+    assert user.exists and user.uid != 0
+    assert user.shell in ("/usr/sbin/nologin", "/bin/false")
+    assert main_process(host, "orchestratord")["user"] == "orchestratord"
+
+
+def test_orchestratord_hardening_is_configured_and_in_effect(host):
+    props = unit_properties(
+        host, "orchestratord", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "Restart"
+    )
+    assert props == {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "Restart": "on-failure",
+    }
+    process = main_process(host, "orchestratord")
+    assert process["no_new_privs"] == "1"
+    # ProtectSystem=strict: the service sees / read-only.
+    assert process["root_mount_options"].startswith("ro")
+
+
+def test_token_file_is_private_to_the_service_user(host):
+    token = host.file(TOKEN_FILE)
+    assert token.mode == 0o600
+    assert token.user == "orchestratord"
+    assert len(token.content_string.strip()) >= 32
+
+
+def test_orchestratord_listens_on_9200_and_is_ready(host):
+    assert host.socket("tcp://0.0.0.0:9200").is_listening
+    health = host.check_output(
+        "python3 -c %s", "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9200/ready').status)"
+    )
+    assert health.strip() == "200"
+
+
+def test_the_gpu_node_is_online_in_the_registry(host):
+    nodes = registry_get(host, "/v2/nodes", TOKEN_FILE)["nodes"]
+    by_id = {node["node_id"]: node for node in nodes}
+    assert by_id["molecule-gpu"]["status"] == "online"
+    gpus = by_id["molecule-gpu"]["capabilities"]["gpus"]
+    assert [gpu["name"] for gpu in gpus] == ["NVIDIA L4", "NVIDIA L4"]
+
+
+@pytest.mark.parametrize("path", ["/v2/nodes"])
+def test_the_registry_refuses_requests_without_the_token(host, path):
+    status = host.check_output(
+        "python3 -c %s",
+        "import urllib.request as u, urllib.error as e\n"
+        "try:\n"
+        f"    u.urlopen('http://127.0.0.1:9200{path}')\n"
+        "except e.HTTPError as err:\n"
+        "    print(err.code)",
+    )
+    assert status.strip() == "401"

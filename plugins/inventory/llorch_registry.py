@@ -1,0 +1,218 @@
+# Copyright: llorch-kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from urllib.parse import urlsplit
+
+from ansible.errors import AnsibleParserError
+from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+
+DOCUMENTATION = r"""
+name: llorch_registry
+short_description: The GPU nodes registered with orchestratord, as inventory
+description:
+  - Asks the llorch registry (orchestratord, C(GET /v2/nodes)) for its nodes and makes each one a host.
+  - Groups C(llorch_nodes) (every node), C(llorch_online), C(llorch_offline), C(llorch_draining),
+    C(llorch_registering) (always defined, possibly empty), and one group per model held by an online node,
+    C(llorch_model_<model id>) with every character outside C([A-Za-z0-9_]) made C(_).
+  - Host variables C(ansible_host) (the host part of the node's address), C(llorch_node_id), C(llorch_status),
+    C(llorch_address), C(llorch_models) (model ids), C(llorch_pools) (pool ids), C(llorch_gpus) (how many
+    GPUs), C(llorch_last_heartbeat_at) (UTC, null before the first heartbeat).
+  - Host variables are kept lean (ids and a count), because Ansible's time per host grows with the size of its
+    variables; set O(detailed_vars) to add whole pool and GPU records.
+  - Uses a YAML configuration file whose name ends with C(.llorch_registry.yml) or C(.llorch_registry.yaml).
+extends_documentation_fragment:
+  - constructed
+  - inventory_cache
+  - llorch
+options:
+  plugin:
+    description: The name of this plugin; it marks the file as one for this plugin.
+    required: true
+    type: str
+    choices: [llorch_registry]
+  statuses:
+    description:
+      - Keep only nodes in these states. Groups for the states left out stay empty.
+    type: list
+    elements: str
+    choices: [registering, online, draining, offline]
+    default: [registering, online, draining, offline]
+  detailed_vars:
+    description:
+      - Also set C(llorch_pools_detail), each pool's last reported status (slots, VRAM, models, ready,
+        draining), and C(llorch_gpus_detail), each GPU's capabilities record (name, VRAM, compute capability,
+        driver).
+      - Whole records cost Ansible noticeably more time on large inventories (see the README's figures).
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+# The smallest file takes url and token from LLORCH_URL and LLORCH_API_TOKEN:
+#   plugin: llorch_registry
+
+# A production file: token from a 0600 file, only nodes that are up, groups by GPU model
+plugin: llorch_registry
+url: https://llorch-control.example.com:9200
+token_file: ~/.config/llorch/api-token
+ca_path: /etc/llorch/ca.pem
+statuses: [online, draining]
+keyed_groups:
+  - key: llorch_gpus | string
+    prefix: gpus
+compose:
+  ansible_user: "'ops'"
+groups:
+  big_nodes: llorch_gpus >= 8
+cache: true
+cache_plugin: jsonfile
+cache_connection: ~/.cache/llorch-inventory
+cache_timeout: 60
+"""
+
+
+def _load_llorch_api():
+    """The shared client in plugins/module_utils/llorch_api.py.
+
+    Modules import it as ansible.module_utils.llorch_api because AnsiballZ packs it for them; a
+    controller-side plugin outside a collection has no such import path, so load it by file.
+    """
+    name = "llorch_kit_llorch_api"
+    if name in sys.modules:
+        return sys.modules[name]
+    here = os.path.dirname(os.path.realpath(__file__))
+    path = os.path.join(here, os.pardir, "module_utils", "llorch_api.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+llorch_api = _load_llorch_api()
+
+BASE_GROUP = "llorch_nodes"
+CACHE_FORMAT = 1
+STATUS_GROUPS = {status: f"llorch_{status}" for status in llorch_api.NODE_STATUSES}
+_UNSAFE_IN_GROUP = re.compile(r"[^A-Za-z0-9_]")
+
+
+def model_group(model_id: str) -> str:
+    """The group for the online nodes that hold `model_id`."""
+    return "llorch_model_" + _UNSAFE_IN_GROUP.sub("_", model_id)
+
+
+def address_host(address: str) -> str | None:
+    """The host part of a node's address: http://10.0.0.5:8080 -> 10.0.0.5, http://[fd00::5]:80 -> fd00::5."""
+    if not address:
+        return None
+    try:
+        return urlsplit(address if "://" in address else "//" + address).hostname
+    except ValueError:
+        return None
+
+
+def host_record(node: dict, detailed: bool) -> dict:
+    """The host variables for one registry node (what the cache stores)."""
+    pools = node.get("pools") or []
+    gpus = (node.get("capabilities") or {}).get("gpus") or []
+    record = {
+        "llorch_node_id": node["node_id"],
+        "llorch_status": node.get("status"),
+        "llorch_address": node.get("address"),
+        "llorch_models": list(node.get("models") or []),
+        "llorch_pools": [pool.get("pool_id") for pool in pools],
+        "llorch_gpus": len(gpus),
+        "llorch_last_heartbeat_at": node.get("last_heartbeat_at"),
+    }
+    host = address_host(node.get("address") or "")
+    if host:
+        record["ansible_host"] = host
+    if detailed:
+        record["llorch_pools_detail"] = pools
+        record["llorch_gpus_detail"] = gpus
+    return record
+
+
+class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
+    NAME = "llorch_registry"
+
+    def verify_file(self, path):
+        return super().verify_file(path) and path.endswith((".llorch_registry.yml", ".llorch_registry.yaml"))
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache)
+        self._read_config_data(path)
+        records = self._host_records(path, cache)
+        self._populate(records)
+
+    def _option(self, name):
+        """An option's value, rendered when the file wrote it as a template (a lookup, a vault string)."""
+        value = self.get_option(name)
+        if isinstance(value, str) and self.templar.is_template(value):
+            value = self.templar.template(value)
+        return value
+
+    def _host_records(self, path, cache):
+        """Host records from the cache when it is on and not flushed, else from the registry."""
+        detailed = self.get_option("detailed_vars")
+        cache_on = self.get_option("cache")
+        cache_key = self.get_cache_key(path)
+        if cache_on and cache:
+            try:
+                cached = self._cache[cache_key]
+            except KeyError:
+                cached = None  # expired or never written
+            # A cache written by another version or with the other variable shape is a miss, not stale data.
+            wanted = {"format": CACHE_FORMAT, "detailed_vars": detailed}
+            if isinstance(cached, dict) and all(cached.get(key) == value for key, value in wanted.items()):
+                return json.loads(cached["hosts_json"])
+        try:
+            client = llorch_api.LlorchClient.from_options(self._option)
+            nodes = client.list_nodes()
+        except llorch_api.LlorchApiError as exc:
+            raise AnsibleParserError(str(exc)) from None
+        records = [host_record(node, detailed) for node in nodes if node.get("node_id")]
+        if cache_on:
+            # The records go in as one JSON string: Ansible's cache layer deep-copies and walks every value
+            # it is given, which costs more than the registry request itself at 10,000 nodes.
+            self._cache[cache_key] = {
+                "format": CACHE_FORMAT,
+                "detailed_vars": detailed,
+                "hosts_json": json.dumps(records, separators=(",", ":")),
+            }
+        return records
+
+    def _populate(self, records):
+        inventory = self.inventory
+        for group in (BASE_GROUP, *STATUS_GROUPS.values()):
+            inventory.add_group(group)
+        wanted = set(self.get_option("statuses"))
+        compose = self.get_option("compose")
+        groups = self.get_option("groups")
+        keyed_groups = self.get_option("keyed_groups")
+        strict = self.get_option("strict")
+        constructed = bool(compose or groups or keyed_groups)
+
+        for record in records:
+            status = record["llorch_status"]
+            if status not in wanted:
+                continue
+            host = inventory.add_host(record["llorch_node_id"], group=BASE_GROUP)
+            for name, value in record.items():
+                inventory.set_variable(host, name, value)
+            if status in STATUS_GROUPS:
+                inventory.add_child(STATUS_GROUPS[status], host)
+            if status == "online":
+                for model_id in record["llorch_models"]:
+                    inventory.add_child(inventory.add_group(model_group(model_id)), host)
+            if constructed:
+                self._set_composite_vars(compose, record, host, strict=strict)
+                self._add_host_to_composed_groups(groups, record, host, strict=strict)
+                self._add_host_to_keyed_groups(keyed_groups, record, host, strict=strict)

@@ -1,0 +1,290 @@
+# Copyright: llorch-kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one client for the orchestratord registry, shared by the inventory plugin and every module.
+
+It sits on Ansible's own ``open_url`` so that proxies, CA bundles and ``validate_certs`` behave as
+Ansible users expect, and it has one error path: every failure becomes an ``LlorchApiError`` whose
+message names the registry URL and what went wrong. No message ever contains the token.
+
+Modules build it with ``LlorchClient.from_module(module)``; the inventory plugin, which has no
+AnsibleModule, with ``LlorchClient.from_options(plugin.get_option)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import ssl
+from datetime import UTC, datetime
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote
+
+from ansible.module_utils.basic import env_fallback
+
+# The options every llorch module takes; documented once in plugins/doc_fragments/llorch.py.
+LLORCH_ARGUMENT_SPEC = {
+    "url": {"type": "str", "fallback": (env_fallback, ["LLORCH_URL"])},
+    "token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["LLORCH_API_TOKEN"])},
+    "token_file": {"type": "path"},
+    "validate_certs": {"type": "bool", "default": True},
+    "ca_path": {"type": "path"},
+    "timeout": {"type": "int", "default": 10},
+}
+
+NODE_STATUSES = ("registering", "online", "draining", "offline")
+
+# Short phrases for the errno values an operator meets most; anything else falls back to strerror.
+_ERRNO_PHRASES = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ECONNRESET: "connection reset",
+    errno.ETIMEDOUT: "timed out",
+}
+
+
+class LlorchApiError(Exception):
+    """A failed registry call, phrased for a person: it names the URL and never holds the token."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def read_token_file(path: str) -> str:
+    """The token stored in `path` (surrounding whitespace stripped)."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise LlorchApiError(f"cannot read token_file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise LlorchApiError(f"token_file {path} is empty")
+    return token
+
+
+def _reason(exc: BaseException) -> str:
+    """A short human phrase for a connection-level failure."""
+    if isinstance(exc, URLError) and not isinstance(exc, HTTPError):
+        reason = exc.reason
+        if isinstance(reason, BaseException):
+            return _reason(reason)
+        return str(reason)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message}); set ca_path, or validate_certs: false"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc.reason or exc})"
+    if isinstance(exc, socket.gaierror):
+        return f"name not resolved ({exc.strerror})"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_PHRASES:
+        return _ERRNO_PHRASES[exc.errno]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+class LlorchClient:
+    """Talks to orchestratord's /v2 API with a bearer token."""
+
+    def __init__(
+        self,
+        url: str | None,
+        token: str | None = None,
+        token_file: str | None = None,
+        validate_certs: bool = True,
+        ca_path: str | None = None,
+        timeout: int = 10,
+    ):
+        if not url:
+            raise LlorchApiError("no registry URL: set the url option or the LLORCH_URL environment variable")
+        if "://" not in url:
+            raise LlorchApiError(f"registry url {url!r} has no scheme: write it as http://HOST:PORT")
+        self.url = url.rstrip("/")
+        # An explicit token_file wins: the token option also picks up LLORCH_API_TOKEN from the
+        # environment, and a file named on purpose is the stronger signal.
+        if token_file:
+            token = read_token_file(token_file)
+        if not token:
+            raise LlorchApiError(
+                "no API token: set token, token_file or the LLORCH_API_TOKEN environment variable"
+            )
+        self._token = token
+        self.validate_certs = validate_certs
+        self.ca_path = ca_path
+        self.timeout = timeout
+
+    @classmethod
+    def from_options(cls, get_option) -> LlorchClient:
+        """Build from any option getter (AnsibleModule.params.get, a plugin's get_option)."""
+        return cls(
+            url=get_option("url"),
+            token=get_option("token"),
+            token_file=get_option("token_file"),
+            validate_certs=get_option("validate_certs"),
+            ca_path=get_option("ca_path"),
+            timeout=get_option("timeout"),
+        )
+
+    @classmethod
+    def from_module(cls, module) -> LlorchClient:
+        """Build from an AnsibleModule made with LLORCH_ARGUMENT_SPEC; fails the module on bad options."""
+        try:
+            return cls.from_options(module.params.get)
+        except LlorchApiError as exc:
+            module.fail_json(msg=str(exc))
+            raise  # not reached: fail_json exits
+
+    def __repr__(self) -> str:
+        return f"LlorchClient(url={self.url!r})"
+
+    def request(self, method: str, path: str, body=None, allow_missing: bool = False):
+        """One call; returns the decoded JSON body (None for 204, or for 404 when `allow_missing`)."""
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        where = f"{method} {path}"
+        # Imported here: an inventory read from the cache never makes a request, and this import is a
+        # visible part of a cached read's time.
+        from ansible.module_utils.urls import open_url
+
+        try:
+            # No redirects: following one would carry the token to another address, and a registry
+            # behind a redirect is better fixed by setting url to the final address.
+            answer = open_url(
+                self.url + path,
+                data=data,
+                headers=headers,
+                method=method,
+                timeout=self.timeout,
+                validate_certs=self.validate_certs,
+                ca_path=self.ca_path,
+                follow_redirects="none",
+                use_netrc=False,
+            )
+            with answer:
+                status, payload = answer.status, answer.read()
+        except HTTPError as exc:
+            if allow_missing and exc.code == 404:
+                return None
+            raise self._http_error(exc, where) from None
+        except (URLError, OSError) as exc:
+            raise LlorchApiError(f"cannot reach the registry at {self.url}: {_reason(exc)}") from None
+        if status == 204 or not payload:
+            return None
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise LlorchApiError(
+                f"the registry at {self.url} answered {where} with a body that is not JSON "
+                f"(is {self.url} really orchestratord?)"
+            ) from None
+
+    def _http_error(self, exc: HTTPError, where: str) -> LlorchApiError:
+        if exc.code == 401:
+            return LlorchApiError(f"token rejected by {self.url} (401)", status=401, code="UNAUTHORIZED")
+        if exc.code in (301, 302, 303, 307, 308):
+            target = exc.headers.get("Location", "elsewhere") if exc.headers else "elsewhere"
+            return LlorchApiError(
+                f"the registry at {self.url} redirected {where} to {target}; set url to the final address",
+                status=exc.code,
+            )
+        code, message = None, ""
+        try:
+            envelope = json.loads(exc.read() or b"null")
+        except (ValueError, OSError):
+            envelope = None
+        if isinstance(envelope, dict):
+            code, message = envelope.get("code"), envelope.get("message", "")
+        detail = " ".join(str(part) for part in (code, message) if part) or (exc.reason or "")
+        return LlorchApiError(
+            f"the registry at {self.url} answered {where} with {exc.code}: {detail}".rstrip(": "),
+            status=exc.code,
+            code=code,
+        )
+
+    # The registry's routes, one method each.
+
+    def list_nodes(self, status: str | None = None) -> list[dict]:
+        path = "/v2/nodes" + (f"?status={quote(status)}" if status else "")
+        answer = self.request("GET", path)
+        if not isinstance(answer, dict) or not isinstance(answer.get("nodes"), list):
+            raise LlorchApiError(f"the registry at {self.url} answered GET {path} without a nodes list")
+        return answer["nodes"]
+
+    def get_node(self, node_id: str) -> dict | None:
+        """The node's record, or None when the registry does not know it."""
+        return self.request("GET", f"/v2/nodes/{quote(node_id, safe='')}", allow_missing=True)
+
+    def set_drain(self, node_id: str, drain: bool) -> dict:
+        return self.request("POST", f"/v2/nodes/{quote(node_id, safe='')}/drain", body={"drain": drain})
+
+    def delete_node(self, node_id: str) -> bool:
+        """Remove the node; False when it was already gone."""
+        path = f"/v2/nodes/{quote(node_id, safe='')}"
+        try:
+            self.request("DELETE", path)
+        except LlorchApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def catalog_availability(self) -> dict:
+        return self.request("GET", "/v2/catalog/availability")
+
+    def catalog_models(self) -> list[dict]:
+        answer = self.request("GET", "/v2/catalog/models")
+        return answer.get("models", []) if isinstance(answer, dict) else []
+
+
+def busy_slots(node: dict) -> int:
+    """Slots in use across the node's pools, as its last heartbeat reported them."""
+    return sum(
+        max(int(pool.get("slots_total") or 0) - int(pool.get("slots_free") or 0), 0)
+        for pool in node.get("pools") or []
+    )
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 UTC time from the wire, or None."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def node_summary(node: dict, now: datetime | None = None) -> dict:
+    """The figures a person reads first about a node, derived from its registry record."""
+    pools = node.get("pools") or []
+    last_heartbeat = _parse_time(node.get("last_heartbeat_at"))
+    now = now or datetime.now(UTC)
+    return {
+        "pools_ready": sum(1 for pool in pools if pool.get("ready")),
+        "pools_total": len(pools),
+        "slots_free": sum(int(pool.get("slots_free") or 0) for pool in pools),
+        "slots_busy": busy_slots(node),
+        "vram_free_bytes": sum(int(pool.get("vram_free_bytes") or 0) for pool in pools),
+        "heartbeat_age_s": max(int((now - last_heartbeat).total_seconds()), 0) if last_heartbeat else None,
+    }
+
+
+def is_drained(node: dict) -> bool:
+    """Whether an operator drained the node.
+
+    The daemon's `drain` flag says it exactly; without one, `status: draining` is the best sign.
+    """
+    if "drain" in node:
+        return bool(node["drain"])
+    if "drained" in node:
+        return bool(node["drained"])
+    return node.get("status") == "draining"

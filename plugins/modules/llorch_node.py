@@ -1,0 +1,194 @@
+#!/usr/bin/python
+# Copyright: llorch-kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.llorch_api import (
+    LLORCH_ARGUMENT_SPEC,
+    LlorchApiError,
+    LlorchClient,
+    busy_slots,
+    is_drained,
+)
+
+DOCUMENTATION = r"""
+module: llorch_node
+short_description: Drain, undrain or remove a node in the llorch registry
+description:
+  - Sets a registered node's place in the llorch registry (orchestratord).
+  - C(drained) asks the registry to stop placing work on the node; with O(wait) the module then waits until
+    the node's pools report no busy slots.
+  - C(present) undrains a drained node. It cannot create one, because nodes join the registry themselves when
+    their pool-managerd starts.
+  - C(absent) removes the node's record. A node whose agent still runs registers again at its next heartbeat;
+    stop pool-managerd first to remove a node for good.
+extends_documentation_fragment:
+  - llorch
+options:
+  node_id:
+    description: The node's id in the registry.
+    type: str
+    required: true
+  state:
+    description: What the node should be.
+    type: str
+    choices: [present, drained, absent]
+    default: present
+  wait:
+    description:
+      - With O(state=drained), wait until the node's pools report no busy slots, and fail if O(wait_timeout)
+        runs out first. Ignored for other states and in check mode.
+    type: bool
+    default: false
+  wait_timeout:
+    description: Seconds to wait for the node to become idle.
+    type: int
+    default: 300
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would change without calling the registry's write routes, and does not wait.
+  diff_mode:
+    support: full
+    description: Shows the node's state (present, drained, absent) before and after.
+author:
+  - llorch-kit contributors
+"""
+
+EXAMPLES = r"""
+- name: Drain gpu-3 and wait up to ten minutes for its requests to finish
+  llorch_node:
+    url: "{{ llorch_controller_url }}"
+    token: "{{ llorch_api_token }}"
+    node_id: gpu-3
+    state: drained
+    wait: true
+    wait_timeout: 600
+  no_log: true
+
+- name: Put gpu-3 back into service (url and token from LLORCH_URL / LLORCH_API_TOKEN)
+  llorch_node:
+    node_id: gpu-3
+    state: present
+
+- name: Forget gpu-3 after its agent was stopped
+  llorch_node:
+    node_id: gpu-3
+    state: absent
+"""
+
+RETURN = r"""
+node:
+  description:
+    - The node's registry record after the change (what it would be, in check mode); empty when absent.
+  returned: success
+  type: dict
+  sample:
+    node_id: gpu-3
+    status: draining
+    address: http://10.0.0.13:8080
+    models: [meta-llama/Llama-3.1-8B-Instruct]
+busy_slots:
+  description: Slots still busy over the node's pools, as its last heartbeat reported them.
+  returned: success, when the node exists after the change
+  type: int
+  sample: 0
+state_before:
+  description: What the node was before the module ran.
+  returned: success
+  type: str
+  sample: present
+"""
+
+
+# How often to re-read the node while waiting; one GET per poll is cheap for the registry.
+POLL_INTERVAL_S = 0.5
+
+
+def node_state(node: dict | None) -> str:
+    if node is None:
+        return "absent"
+    return "drained" if is_drained(node) else "present"
+
+
+def wait_until_idle(client: LlorchClient, node_id: str, node: dict, timeout_s: int) -> dict:
+    """Re-read the node until its pools report no busy slots; raise when `timeout_s` runs out."""
+    deadline = time.monotonic() + timeout_s
+    while busy_slots(node) > 0:
+        if time.monotonic() >= deadline:
+            raise LlorchApiError(
+                f"node {node_id} still had {busy_slots(node)} busy slot(s) after {timeout_s} s of waiting "
+                f"for it to drain (status {node.get('status')}); it stays drained"
+            )
+        time.sleep(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0)))
+        node = client.get_node(node_id)
+        if node is None:
+            raise LlorchApiError(f"node {node_id} left the registry at {client.url} while draining")
+    return node
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            **LLORCH_ARGUMENT_SPEC,
+            "node_id": {"type": "str", "required": True},
+            "state": {"type": "str", "choices": ["present", "drained", "absent"], "default": "present"},
+            "wait": {"type": "bool", "default": False},
+            "wait_timeout": {"type": "int", "default": 300},
+        },
+        supports_check_mode=True,
+    )
+    client = LlorchClient.from_module(module)
+    node_id, wanted = module.params["node_id"], module.params["state"]
+    result = {"changed": False}
+    try:
+        node = client.get_node(node_id)
+        before = node_state(node)
+        result["state_before"] = before
+        if wanted != "absent" and node is None:
+            module.fail_json(
+                msg=f"node {node_id} is not registered with {client.url}; nodes join the registry "
+                "themselves when their pool-managerd starts",
+                **result,
+            )
+        result["changed"] = before != wanted
+        if result["changed"] and not module.check_mode:
+            if wanted == "absent":
+                client.delete_node(node_id)
+                node = None
+            else:
+                node = client.set_drain(node_id, wanted == "drained")
+        elif result["changed"]:
+            node = None if wanted == "absent" else expected_node(node, wanted)
+        if wanted == "drained" and module.params["wait"] and not module.check_mode:
+            node = wait_until_idle(client, node_id, node, module.params["wait_timeout"])
+    except LlorchApiError as exc:
+        module.fail_json(msg=str(exc), **result)
+
+    result["node"] = node or {}
+    if node is not None:
+        result["busy_slots"] = busy_slots(node)
+    if module._diff:
+        result["diff"] = {
+            "before": {"node_id": node_id, "state": before},
+            "after": {"node_id": node_id, "state": wanted},
+        }
+    module.exit_json(**result)
+
+
+def expected_node(node: dict, wanted: str) -> dict:
+    """The record the registry would return after a drain or undrain (what check mode reports)."""
+    drain = wanted == "drained"
+    expected = {**node, "drain": drain} if "drain" in node else dict(node)
+    if drain:
+        expected["status"] = "draining"
+    elif node.get("status") == "draining":
+        expected["status"] = "online"
+    return expected
+
+
+if __name__ == "__main__":
+    main()

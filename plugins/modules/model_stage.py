@@ -1,0 +1,848 @@
+#!/usr/bin/python
+"""Stage one model file into a node's models directory: verified, resumable, atomic."""
+# ruff: noqa: E402 - Ansible modules keep DOCUMENTATION, EXAMPLES and RETURN above the imports
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: model_stage
+short_description: Stage a model file into the node's models directory, verified and atomic
+description:
+  - Downloads a model file from an C(http://) or C(https://) URL, or copies a file that is already on
+    the node, into O(models_dir) and records it in C(<models_dir>/manifest.json), the file the node agent
+    (pool-managerd) reads to report the models it holds.
+  - A model whose manifest entry has the same sha256 and whose file still has the recorded size and
+    modification time is already staged; the module then reports C(changed=false) without reading the file.
+  - Otherwise it checks free space first (counting the bytes a partial file already holds), writes into
+    C(<dest>.partial) beside the target, resumes an interrupted download with an HTTP C(Range) request,
+    computes sha256 while streaming (reading, hashing and writing overlap in three threads), fsyncs, renames
+    atomically into place and updates the manifest atomically under a file lock, so parallel tasks keep each
+    other's entries.
+  - A checksum mismatch deletes the partial file. An HTTP error or a dropped connection keeps it for the
+    next run to resume. Partial files of other models older than O(partial_max_age_hours) are removed.
+  - With O(state=absent) the model's file, its partial file and its manifest entry are removed.
+version_added: "0.1.0"
+author: llorch-kit
+options:
+  id:
+    description: Model id, as the registry reports it. Letters, digits, C(.), C(_) and C(-).
+    type: str
+    required: true
+  state:
+    description: V(present) stages the model; V(absent) removes its file, partial file and manifest entry.
+    type: str
+    choices: [present, absent]
+    default: present
+  source:
+    description:
+      - An C(http://) or C(https://) URL, or an absolute path to a file already on the node.
+      - Credentials in the URL are used but never shown in messages; prefer O(headers) for tokens.
+      - Required with O(state=present).
+    type: str
+  sha256:
+    description: Expected sha256 of the file (64 hex digits). Required with O(state=present).
+    type: str
+  size_bytes:
+    description:
+      - Expected size in bytes. Used for the free-space check before anything is fetched, and checked
+        against the size the server announces. Without it the server's C(Content-Length) is used.
+    type: int
+  models_dir:
+    description: Directory that holds the model files and C(manifest.json). It must exist.
+    type: path
+    default: /var/lib/llorch/models
+  dest:
+    description:
+      - File name inside O(models_dir). Defaults to the last component of O(source).
+      - Must be a plain file name; two models cannot share one.
+    type: str
+  headers:
+    description: Extra HTTP request headers, for example C(Authorization) for a model hub.
+    type: dict
+    default: {}
+  validate_certs:
+    description: Verify the server's TLS certificate.
+    type: bool
+    default: true
+  timeout:
+    description: Seconds to wait for the server to connect or to send the next bytes.
+    type: int
+    default: 60
+  force:
+    description: Fetch and verify the file again even when it is already staged; discards a partial file.
+    type: bool
+    default: false
+  partial_max_age_hours:
+    description:
+      - Partial files of other models in O(models_dir) that were last written longer ago than this are
+        removed. V(0) turns the clean-up off. The partial file of this model is always kept for the resume.
+    type: float
+    default: 24
+notes:
+  - Supports check mode; it reports what would be fetched or removed and touches nothing.
+  - Staged files and the manifest are written with mode 0644, so the agent's user can read them when it owns
+    or can read O(models_dir).
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+"""
+
+EXAMPLES = r"""
+- name: Stage a model from a mirror
+  model_stage:
+    id: llama-3-8b-instruct
+    source: https://mirror.example.com/models/llama-3-8b-instruct.Q4_K_M.gguf
+    sha256: 0b6f1c5bb2bd0c5e25d2f8e2f3d1a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4
+    size_bytes: 4920734016
+    models_dir: /var/lib/llorch/models
+
+- name: Stage from a model hub with a token
+  model_stage:
+    id: mistral-7b
+    source: https://huggingface.co/org/repo/resolve/main/model.gguf
+    dest: mistral-7b.gguf
+    sha256: "{{ mistral_sha256 }}"
+    headers:
+      Authorization: "Bearer {{ hub_token }}"
+  no_log: false
+
+- name: Remove a model that left the list
+  model_stage:
+    id: old-model
+    state: absent
+"""
+
+RETURN = r"""
+path:
+  description: Final path of the model file.
+  returned: always
+  type: str
+  sample: /var/lib/llorch/models/tiny-llama.gguf
+sha256:
+  description: sha256 of the staged file.
+  returned: when state=present
+  type: str
+size_bytes:
+  description: Size of the staged file in bytes.
+  returned: when state=present
+  type: int
+bytes_downloaded:
+  description: Bytes fetched (or copied) by this run; 0 when the model was already staged.
+  returned: when state=present
+  type: int
+resumed_from:
+  description: Offset at which an interrupted download was resumed; 0 when it started from the beginning.
+  returned: when state=present
+  type: int
+seconds:
+  description: Wall-clock seconds spent fetching, hashing and writing.
+  returned: when state=present
+  type: float
+mb_per_s:
+  description: Transfer rate of this run in MB (10^6 bytes) per second.
+  returned: when state=present
+  type: float
+removed_partials:
+  description: Partial files removed because they were stale (or, with state=absent, belonged to the model).
+  returned: always
+  type: list
+  elements: str
+manifest:
+  description: Path of the manifest file.
+  returned: always
+  type: str
+"""
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import queue
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.urls import Request
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
+PARTIAL_SUFFIX = ".partial"
+CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
+PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
+WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of what it wrote
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
+CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class StageError(Exception):
+    """A failure the user can act on; its text becomes the task's msg."""
+
+
+def public_url(source: str) -> str:
+    """The URL without user:password and without a query string (signed URLs carry tokens there)."""
+    parts = urllib.parse.urlsplit(source)
+    if not parts.scheme:
+        return source
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = "?..." if parts.query else ""
+    return f"{parts.scheme}://{host}{parts.path}{query}"
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{count} B"
+        value /= 1024
+    return f"{count} B"
+
+
+def utc_now() -> str:
+    # timezone.utc rather than the 3.11+ alias: nodes may run an older Python than the controller.
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
+
+
+def fsync_dir(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- manifest -------------------------------------------------------------------------------------------
+
+
+def read_manifest(models_dir: str) -> dict:
+    path = os.path.join(models_dir, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise StageError(f"manifest {path} is not valid JSON ({exc}); fix or move it away") from exc
+    if not isinstance(data, dict):
+        raise StageError(f"manifest {path} must hold a JSON object of model ids, found {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def manifest_lock(models_dir: str):
+    """Exclusive lock for a read-modify-write of the manifest, shared by every task on the node."""
+    fd = os.open(os.path.join(models_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_manifest(models_dir: str, manifest: dict) -> None:
+    path = os.path.join(models_dir, MANIFEST_NAME)
+    tmp_path = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp_path, 0o644)
+    os.replace(tmp_path, path)
+    fsync_dir(models_dir)
+
+
+def update_manifest(models_dir: str, model_id: str, entry: dict | None) -> None:
+    """Set (or with entry=None remove) one model's entry, keeping every other task's entries."""
+    with manifest_lock(models_dir):
+        manifest = read_manifest(models_dir)
+        if entry is None:
+            manifest.pop(model_id, None)
+        else:
+            manifest[model_id] = entry
+        write_manifest(models_dir, manifest)
+
+
+def is_staged(entry: dict | None, path: str, sha256: str, size_bytes: int | None) -> bool:
+    """True when the manifest entry and the file's stat still agree; never reads the file."""
+    if not isinstance(entry, dict):
+        return False
+    if entry.get("path") != path or str(entry.get("sha256", "")).lower() != sha256:
+        return False
+    if size_bytes is not None and entry.get("size_bytes") != size_bytes:
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return stat.st_size == entry.get("size_bytes") and stat.st_mtime_ns == entry.get("mtime_ns")
+
+
+def manifest_entry(path: str, sha256: str, source: str) -> dict:
+    stat = os.stat(path)
+    return {
+        "path": path,
+        "sha256": sha256,
+        "size_bytes": stat.st_size,
+        "staged_at": utc_now(),
+        "mtime_ns": stat.st_mtime_ns,
+        "source": public_url(source),
+    }
+
+
+# --- streaming: read, hash and write overlap ------------------------------------------------------------
+
+
+def stream_into(read_into, fd: int, hasher) -> int:
+    """Copy everything `read_into(buffer) -> n` yields into `fd`, hashing it on the way.
+
+    The calling thread reads; one thread hashes and one writes, each on a different buffer, so a transfer
+    costs about its slowest stage rather than the sum of the three. Bytes already read are hashed and
+    written even when the read fails, so the partial file keeps them for a resume. Returns bytes written.
+    """
+    free_buffers: queue.Queue = queue.Queue()
+    for _ in range(PIPELINE_DEPTH):
+        free_buffers.put(bytearray(CHUNK_BYTES))
+    to_hash: queue.Queue = queue.Queue()
+    to_write: queue.Queue = queue.Queue()
+    failures: list[BaseException] = []
+    written = [0]
+
+    def hash_worker() -> None:
+        while (item := to_hash.get()) is not None:
+            buffer, length = item
+            if not failures:
+                hasher.update(memoryview(buffer)[:length])
+            to_write.put(item)
+        to_write.put(None)
+
+    def write_worker() -> None:
+        flushed_to = start = os.lseek(fd, 0, os.SEEK_CUR)
+        while (item := to_write.get()) is not None:
+            buffer, length = item
+            view = memoryview(buffer)[:length]
+            try:
+                while view and not failures:
+                    count = os.write(fd, view)
+                    view = view[count:]
+                    written[0] += count
+                if start + written[0] - flushed_to >= WRITEBACK_BYTES:
+                    # Start writeback of what is written so far (async, like sync_file_range), so the final
+                    # fsync waits for the last few MiB, not for the whole file.
+                    os.posix_fadvise(fd, flushed_to, start + written[0] - flushed_to, os.POSIX_FADV_DONTNEED)
+                    flushed_to = start + written[0]
+            except OSError as exc:
+                failures.append(exc)
+            free_buffers.put(buffer)
+
+    workers = [
+        threading.Thread(target=hash_worker, daemon=True),
+        threading.Thread(target=write_worker, daemon=True),
+    ]
+    for worker in workers:
+        worker.start()
+    read_error: BaseException | None = None
+    try:
+        while not failures:
+            buffer = free_buffers.get()
+            view = memoryview(buffer)
+            filled = 0
+            while filled < CHUNK_BYTES:
+                count = read_into(view[filled:])
+                if not count:
+                    break
+                filled += count
+            if filled:
+                to_hash.put((buffer, filled))
+            if filled < CHUNK_BYTES:
+                break
+    except BaseException as exc:  # keep what arrived; the caller reports the failure
+        read_error = exc
+    finally:
+        to_hash.put(None)
+        for worker in workers:
+            worker.join()
+    if failures:
+        raise failures[0]
+    if read_error is not None:
+        raise read_error
+    return written[0]
+
+
+def hash_existing(fd: int, length: int, hasher) -> None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    remaining = length
+    while remaining:
+        block = os.read(fd, min(CHUNK_BYTES, remaining))
+        if not block:
+            raise StageError(
+                f"partial file shrank while it was being read ({length - remaining} of {length})"
+            )
+        hasher.update(block)
+        remaining -= len(block)
+
+
+# --- the staging job ------------------------------------------------------------------------------------
+
+
+class Stager:
+    def __init__(self, module: AnsibleModule):
+        self.module = module
+        params = module.params
+        self.model_id: str = params["id"]
+        self.models_dir: str = os.path.abspath(params["models_dir"])
+        self.source: str | None = params["source"]
+        self.is_url = bool(self.source) and urllib.parse.urlsplit(self.source).scheme in ("http", "https")
+        self.sha256: str = (params["sha256"] or "").lower()
+        self.size_bytes: int | None = params["size_bytes"]
+        self.result: dict = {
+            "changed": False,
+            "manifest": os.path.join(self.models_dir, MANIFEST_NAME),
+            "removed_partials": [],
+        }
+
+    # -- validation
+
+    def validate(self) -> None:
+        params = self.module.params
+        if not ID_PATTERN.match(self.model_id) or self.model_id in (".", ".."):
+            raise StageError(f"id {self.model_id!r} may hold only letters, digits, '.', '_' and '-'")
+        # In check mode the directory may be one that an earlier task would have created.
+        self.dir_missing = not os.path.isdir(self.models_dir)
+        if self.dir_missing and not self.module.check_mode:
+            raise StageError(f"models_dir {self.models_dir} does not exist or is not a directory")
+        if params["state"] == "absent":
+            return
+        if not self.source:
+            raise StageError("source is required with state=present")
+        if not SHA256_PATTERN.match(self.sha256):
+            raise StageError(
+                f"sha256 for model {self.model_id} must be 64 hex digits, got {params['sha256']!r}"
+            )
+        if self.size_bytes is not None and self.size_bytes < 0:
+            raise StageError(f"size_bytes for model {self.model_id} must not be negative")
+        scheme = urllib.parse.urlsplit(self.source).scheme
+        if not self.is_url and (scheme or not os.path.isabs(self.source)):
+            raise StageError(
+                f"source {public_url(self.source)} for model {self.model_id} must be an http(s):// URL "
+                "or an absolute path on the node"
+            )
+        dest = params["dest"] or self.default_dest()
+        if dest in ("", ".", "..") or "/" in dest or dest.endswith(PARTIAL_SUFFIX) or dest.startswith("."):
+            raise StageError(
+                f"dest {dest!r} for model {self.model_id} must be a plain file name "
+                f"(not hidden, not ending in {PARTIAL_SUFFIX})"
+            )
+        if dest == MANIFEST_NAME:
+            raise StageError(f"dest {dest!r} is reserved for the manifest")
+        self.path = os.path.join(self.models_dir, dest)
+        self.partial_path = self.path + PARTIAL_SUFFIX
+        self.result["path"] = self.path
+
+    def default_dest(self) -> str:
+        if self.is_url:
+            name = urllib.parse.unquote(urllib.parse.urlsplit(self.source).path.rsplit("/", 1)[-1])
+        else:
+            name = os.path.basename(self.source)
+        if not name:
+            raise StageError(f"cannot take a file name from source {public_url(self.source)}; set dest")
+        return name
+
+    # -- state=absent
+
+    def remove(self) -> dict:
+        if self.dir_missing:
+            self.result.update(
+                path="", msg=f"model {self.model_id} is not staged ({self.models_dir} does not exist)"
+            )
+            return self.result
+        manifest = read_manifest(self.models_dir)
+        entry = manifest.get(self.model_id)
+        targets = []
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            path = entry["path"]
+            # Only ever delete inside models_dir, whatever a hand-edited manifest says.
+            if os.path.dirname(os.path.abspath(path)) == self.models_dir:
+                targets += [path, path + PARTIAL_SUFFIX]
+            self.result["path"] = path
+        if self.module.params["dest"]:
+            path = os.path.join(self.models_dir, self.module.params["dest"])
+            targets += [path, path + PARTIAL_SUFFIX]
+            self.result.setdefault("path", path)
+        self.result.setdefault("path", "")
+        existing = sorted({t for t in targets if os.path.lexists(t)})
+        if entry is None and not existing:
+            self.result["msg"] = f"model {self.model_id} is not staged"
+            return self.result
+        self.result["changed"] = True
+        self.result["removed_partials"] = [t for t in existing if t.endswith(PARTIAL_SUFFIX)]
+        if self.module.check_mode:
+            self.result["msg"] = (
+                f"would remove model {self.model_id}: {', '.join(existing) or 'manifest entry'}"
+            )
+            return self.result
+        update_manifest(self.models_dir, self.model_id, None)
+        for target in existing:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+        fsync_dir(self.models_dir)
+        self.result["msg"] = f"removed model {self.model_id}"
+        return self.result
+
+    # -- state=present
+
+    def stage(self) -> dict:
+        manifest = {} if self.dir_missing else read_manifest(self.models_dir)
+        self.result.update(
+            sha256=self.sha256,
+            size_bytes=self.size_bytes or 0,
+            bytes_downloaded=0,
+            resumed_from=0,
+            seconds=0.0,
+            mb_per_s=0.0,
+        )
+        for other_id, other in manifest.items():
+            if other_id != self.model_id and isinstance(other, dict) and other.get("path") == self.path:
+                raise StageError(
+                    f"{self.path} already holds model {other_id}; give model {self.model_id} its own dest"
+                )
+        force = self.module.params["force"]
+        if not force and is_staged(manifest.get(self.model_id), self.path, self.sha256, self.size_bytes):
+            self.result["size_bytes"] = manifest[self.model_id]["size_bytes"]
+            self.result["msg"] = f"model {self.model_id} is already staged at {self.path}"
+            return self.result
+        self.result["changed"] = True
+        if self.module.check_mode:
+            return self.plan()
+        if self.size_bytes is not None:
+            # Before any file is created; fetch() checks again once it knows what the partial file holds.
+            self.check_free_space(self.size_bytes - min(self.partial_size(), self.size_bytes))
+        self.remove_stale_partials()
+        with self.locked_partial() as fd:
+            # Another task may have finished this model while we waited for the partial file.
+            manifest = read_manifest(self.models_dir)
+            if not force and is_staged(manifest.get(self.model_id), self.path, self.sha256, self.size_bytes):
+                os.unlink(self.partial_path)
+                self.result["changed"] = False
+                self.result["size_bytes"] = manifest[self.model_id]["size_bytes"]
+                self.result["msg"] = f"model {self.model_id} was staged by another task at {self.path}"
+                return self.result
+            if not force and self.adopt_existing_file():
+                os.unlink(self.partial_path)
+                return self.result
+            if force:
+                os.ftruncate(fd, 0)
+            started = time.monotonic()
+            self.fetch(fd)
+            seconds = time.monotonic() - started
+            os.fsync(fd)
+            os.fchmod(fd, 0o644)
+            os.replace(self.partial_path, self.path)
+        fsync_dir(self.models_dir)
+        update_manifest(self.models_dir, self.model_id, manifest_entry(self.path, self.sha256, self.source))
+        downloaded = self.result["bytes_downloaded"]
+        self.result.update(
+            size_bytes=os.stat(self.path).st_size,
+            seconds=round(seconds, 3),
+            mb_per_s=round(downloaded / seconds / 1e6, 1) if seconds > 0 else 0.0,
+        )
+        verb = "downloaded" if self.is_url else "copied"
+        resumed = f", resumed at byte {self.result['resumed_from']}" if self.result["resumed_from"] else ""
+        self.result["msg"] = (
+            f"{verb} {human_bytes(downloaded)} for model {self.model_id} in {seconds:.1f} s "
+            f"({self.result['mb_per_s']} MB/s{resumed}); sha256 verified"
+        )
+        return self.result
+
+    def plan(self) -> dict:
+        """Check mode: what a real run would fetch; reads nothing but stat results."""
+        partial = self.partial_size()
+        if self.module.params["force"]:
+            partial = 0
+        if self.size_bytes is not None and not self.dir_missing:
+            self.check_free_space(self.size_bytes - min(partial, self.size_bytes))
+        resume = f", resuming at byte {partial}" if partial and self.is_url else ""
+        self.result["resumed_from"] = partial if self.is_url else 0
+        self.result["msg"] = (
+            f"would stage model {self.model_id} from {public_url(self.source)} to {self.path}{resume}"
+        )
+        return self.result
+
+    def partial_size(self) -> int:
+        try:
+            return os.stat(self.partial_path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def check_free_space(self, needed: int) -> None:
+        stat = os.statvfs(self.models_dir)
+        available = stat.f_bavail * stat.f_frsize
+        if needed > available:
+            raise StageError(
+                f"not enough free space in {self.models_dir} for model {self.model_id}: "
+                f"need {needed} bytes ({human_bytes(needed)}), "
+                f"{available} bytes ({human_bytes(available)}) available"
+            )
+
+    def remove_stale_partials(self) -> None:
+        max_age_hours = self.module.params["partial_max_age_hours"]
+        if not max_age_hours or max_age_hours <= 0:
+            return
+        cutoff = time.time() - max_age_hours * 3600
+        for name in sorted(os.listdir(self.models_dir)):
+            path = os.path.join(self.models_dir, name)
+            if not name.endswith(PARTIAL_SUFFIX) or path == self.partial_path:
+                continue
+            try:
+                if os.stat(path).st_mtime >= cutoff:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a running download holds its lock: skip it
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                os.unlink(path)
+                self.result["removed_partials"].append(path)
+            finally:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def locked_partial(self):
+        """Open (or create) this model's partial file holding an exclusive lock on it."""
+        for _ in range(5):
+            fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise StageError(
+                        f"another task is staging into {self.partial_path} right now; "
+                        "run again when it is done"
+                    ) from exc
+                raise
+            # The holder may have renamed the file between our open and our lock: then retry on the new one.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.partial_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise StageError(f"could not lock {self.partial_path}")
+        try:
+            yield fd
+        except BaseException:
+            # An empty partial file is no progress worth keeping for a resume.
+            if os.fstat(fd).st_size == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.partial_path)
+            raise
+        finally:
+            os.close(fd)
+
+    def adopt_existing_file(self) -> bool:
+        """A file already at the final name with the right content is recorded, not fetched again."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if self.size_bytes is not None and stat.st_size != self.size_bytes:
+            return False
+        hasher = hashlib.sha256()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            hash_existing(fd, stat.st_size, hasher)
+        finally:
+            os.close(fd)
+        if hasher.hexdigest() != self.sha256:
+            return False
+        update_manifest(self.models_dir, self.model_id, manifest_entry(self.path, self.sha256, self.source))
+        self.result["size_bytes"] = stat.st_size
+        self.result["msg"] = (
+            f"recorded the existing file {self.path} for model {self.model_id} (sha256 verified)"
+        )
+        return True
+
+    def fetch(self, fd: int) -> None:
+        """Fill the partial file and verify it; on return it holds exactly the expected bytes."""
+        existing = os.fstat(fd).st_size
+        if not self.is_url or (self.size_bytes is not None and existing > self.size_bytes):
+            # A local copy is fast, so it starts over rather than trusting a stale partial file.
+            os.ftruncate(fd, 0)
+            existing = 0
+        if self.size_bytes is not None:
+            self.check_free_space(self.size_bytes - existing)
+        self.hasher = hashlib.sha256()
+        if self.is_url:
+            hash_existing(fd, existing, self.hasher)
+            headers = {str(k): str(v) for k, v in (self.module.params["headers"] or {}).items()}
+            if existing and existing == self.size_bytes:
+                # A run that stopped after the last byte but before the rename: only the check is left.
+                written, resumed_from = 0, existing
+            else:
+                written, resumed_from = self.download(fd, existing, headers)
+        else:
+            written, resumed_from = self.copy_local(fd), 0
+        self.result["bytes_downloaded"] = written
+        self.result["resumed_from"] = resumed_from
+        digest = self.hasher.hexdigest()
+        if digest != self.sha256:
+            os.unlink(self.partial_path)
+            raise StageError(
+                f"sha256 mismatch for model {self.model_id} from {public_url(self.source)}: "
+                f"expected {self.sha256}, got {digest}; the partial file was deleted"
+            )
+
+    def copy_local(self, fd: int) -> int:
+        try:
+            source = open(self.source, "rb", buffering=0)  # noqa: SIM115 - closed below, after streaming
+        except OSError as exc:
+            raise StageError(
+                f"cannot read source {self.source} for model {self.model_id}: {exc.strerror}"
+            ) from exc
+        with source:
+            size = os.fstat(source.fileno()).st_size
+            if self.size_bytes is not None and size != self.size_bytes:
+                raise StageError(f"source {self.source} has {size} bytes, size_bytes says {self.size_bytes}")
+            self.check_free_space(size)
+            os.lseek(fd, 0, os.SEEK_SET)
+            return stream_into(source.readinto, fd, self.hasher)
+
+    def open_url(self, headers: dict):
+        """The response, or the HTTPError for an error status (it carries status and headers too)."""
+        params = self.module.params
+        try:
+            return Request().open(
+                "GET",
+                self.source,
+                headers=headers,
+                validate_certs=params["validate_certs"],
+                timeout=params["timeout"],
+                follow_redirects="all",
+                decompress=False,
+            )
+        except urllib.error.HTTPError as exc:
+            return exc
+        except Exception as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise StageError(
+                f"cannot fetch model {self.model_id} from {public_url(self.source)}: {reason}"
+            ) from exc
+
+    def download(self, fd: int, existing: int, headers: dict) -> tuple[int, int]:
+        """Fetch the rest of the file after `existing` bytes; returns (bytes fetched, resumed_from)."""
+        request_headers = dict(headers, Range=f"bytes={existing}-") if existing else headers
+        response = self.open_url(request_headers)
+        if isinstance(response, urllib.error.HTTPError):
+            response.close()
+            if response.code == 416 and existing:
+                # The server will not resume at this offset (the file changed?): start from the beginning.
+                os.ftruncate(fd, 0)
+                self.hasher = hashlib.sha256()
+                return self.download(fd, 0, headers)
+            keep = " (the partial file stays for the next run)" if existing else ""
+            raise StageError(
+                f"HTTP {response.code} {response.reason} fetching model {self.model_id} from "
+                f"{public_url(self.source)}{keep}"
+            )
+        with response:
+            status = response.status
+            total = self.announced_total(response, status, existing)
+            if status != 206 and existing:
+                # The server ignored Range and sends the whole file: drop what the partial file held.
+                os.ftruncate(fd, 0)
+                self.hasher = hashlib.sha256()
+                existing = 0
+            if self.size_bytes is not None and total is not None and total != self.size_bytes:
+                raise StageError(
+                    f"{public_url(self.source)} has {total} bytes, but size_bytes for model {self.model_id} "
+                    f"says {self.size_bytes}"
+                )
+            if self.size_bytes is None and total is not None:
+                self.check_free_space(total - existing)
+            os.lseek(fd, existing, os.SEEK_SET)
+            try:
+                written = stream_into(response.readinto, fd, self.hasher)
+            except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:
+                raise StageError(
+                    f"connection to {public_url(self.source)} failed while fetching model {self.model_id} "
+                    f"({exc!r}); the partial file keeps {os.fstat(fd).st_size} bytes "
+                    "for the next run to resume"
+                ) from exc
+            if total is not None and existing + written != total:
+                raise StageError(
+                    f"connection to {public_url(self.source)} dropped after {existing + written} of {total} "
+                    f"bytes of model {self.model_id}; the partial file stays for the next run to resume"
+                )
+        return written, existing
+
+    def announced_total(self, response, status: int, existing: int) -> int | None:
+        """The full file size the server announced, from Content-Range (206) or Content-Length (200)."""
+        if status == 206:
+            match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != existing:
+                raise StageError(
+                    f"{public_url(self.source)} answered a resume at byte {existing} with Content-Range "
+                    f"{response.headers.get('Content-Range')!r}; delete {self.partial_path} and run again"
+                )
+            return int(match.group(3)) if match.group(3) != "*" else None
+        length = response.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else None
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "id": {"type": "str", "required": True},
+            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+            "source": {"type": "str"},
+            "sha256": {"type": "str"},
+            "size_bytes": {"type": "int"},
+            "models_dir": {"type": "path", "default": "/var/lib/llorch/models"},
+            "dest": {"type": "str"},
+            "headers": {"type": "dict", "default": {}, "no_log": True},
+            "validate_certs": {"type": "bool", "default": True},
+            "timeout": {"type": "int", "default": 60},
+            "force": {"type": "bool", "default": False},
+            "partial_max_age_hours": {"type": "float", "default": 24},
+        },
+        required_if=[("state", "present", ("source", "sha256"))],
+        supports_check_mode=True,
+    )
+    url_password = urllib.parse.urlsplit(module.params["source"] or "").password
+    if url_password:
+        module.no_log_values.add(url_password)  # masked in every result, the echoed arguments included
+    stager = Stager(module)
+    try:
+        stager.validate()
+        result = stager.remove() if module.params["state"] == "absent" else stager.stage()
+    except StageError as exc:
+        module.fail_json(msg=str(exc), **stager.result)
+    except OSError as exc:
+        where = exc.filename or stager.models_dir
+        module.fail_json(
+            msg=f"staging model {stager.model_id} failed at {where}: {exc.strerror or exc}", **stager.result
+        )
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

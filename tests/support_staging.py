@@ -1,0 +1,163 @@
+"""A real HTTP file server on 127.0.0.1 for the model staging tests and benchmark.
+
+It serves files from a directory with `Range` support (zero-copy `sendfile`), and on request misbehaves the
+way real mirrors do: drops the connection mid-file, answers 404, or wants a bearer token (401).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from support import REPO_ROOT
+
+RANGE_HEADER = re.compile(r"^bytes=(\d+)-$")
+
+
+@dataclass
+class ServedRequest:
+    path: str
+    range: str | None
+    authorization: str | None
+
+
+@dataclass
+class ServerRules:
+    """How the server misbehaves; the tests change these between requests."""
+
+    drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the drop (once)
+    token: str | None = None  # when set, requests without `Bearer <token>` get 401
+    honour_range: bool = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FileServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        rules = self.server.rules
+        self.server.requests.append(
+            ServedRequest(self.path, self.headers.get("Range"), self.headers.get("Authorization"))
+        )
+        if rules.token and self.headers.get("Authorization") != f"Bearer {rules.token}":
+            return self._error(401, "Unauthorized")
+        file_path = self.server.root / self.path.lstrip("/").split("?", 1)[0]
+        if not file_path.is_file():
+            return self._error(404, "Not Found")
+        size = file_path.stat().st_size
+        start = 0
+        match = RANGE_HEADER.match(self.headers.get("Range", ""))
+        if match and rules.honour_range:
+            start = int(match.group(1))
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(size - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self.wfile.flush()
+        count = size - start
+        drop_after = rules.drop_after.pop(self.path, None)
+        if drop_after is not None:
+            count = max(min(count, drop_after - start), 0)
+            self.close_connection = True
+        with file_path.open("rb") as handle:
+            if count:
+                self.connection.sendfile(handle, offset=start, count=count)
+        if drop_after is not None:
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _error(self, status: int, reason: str) -> None:
+        body = reason.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class FileServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.rules = ServerRules()
+        self.requests: list[ServedRequest] = []
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-file (the module on a failed check, curl on exit) is expected here.
+        pass
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def start(self) -> FileServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def deterministic_bytes(size: int, seed: int = 7) -> bytes:
+    """The same pseudo-random bytes on every run, so digests in tests are stable."""
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | None = None):
+    """Run `ansible localhost -m model_stage` from the repo root; returns (result dict, completed process)."""
+    command = [
+        str(Path(sys.executable).parent / "ansible"),
+        "localhost",
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-m",
+        "model_stage",
+        "-a",
+        json.dumps(args),
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+    ]
+    if check:
+        command.append("--check")
+    run_env = dict(os.environ)
+    run_env.update(
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        ANSIBLE_NOCOLOR="1",
+    )
+    run_env.update(env or {})
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=120)
+    try:
+        output = json.loads(proc.stdout)
+        result = output["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise AssertionError(f"no JSON result from ansible:\n{proc.stdout}\n{proc.stderr}") from exc
+    return result, proc

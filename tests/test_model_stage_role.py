@@ -1,0 +1,173 @@
+"""The model_staging role through `ansible-playbook` on localhost: URL and controller-file sources, the free
+re-run, pruning and partial clean-up, against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from support import REPO_ROOT
+from support_staging import FileServer, deterministic_bytes
+
+URL_MODEL = deterministic_bytes(3 * 1024 * 1024, seed=1)
+FILE_MODEL = deterministic_bytes(1024 * 1024 + 5, seed=2)
+
+
+@pytest.fixture
+def served(tmp_path) -> FileServer:
+    root = tmp_path / "mirror"
+    root.mkdir()
+    (root / "url-model.bin").write_bytes(URL_MODEL)
+    server = FileServer(root).start()
+    yield server
+    server.stop()
+
+
+def run_role(
+    tmp_path: Path, role_vars: dict, check: bool = False
+) -> tuple[dict, subprocess.CompletedProcess]:
+    """Apply the role to localhost; returns the recap stats for localhost and the process."""
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Stage models with the role",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "roles": [{"role": "model_staging", "vars": role_vars}],
+                }
+            ]
+        )
+    )
+    command = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+        str(playbook),
+    ]
+    if check:
+        command.append("--check")
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+    )
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        stats = json.loads(proc.stdout)["stats"]["localhost"]
+    except (ValueError, KeyError) as exc:
+        raise AssertionError(f"no JSON recap from ansible-playbook:\n{proc.stdout}\n{proc.stderr}") from exc
+    return stats, proc
+
+
+def test_role_stages_url_and_controller_files_then_reruns_without_changes(tmp_path, served):
+    controller_file = tmp_path / "controller" / "file-model.bin"
+    controller_file.parent.mkdir()
+    controller_file.write_bytes(FILE_MODEL)
+    models_dir = tmp_path / "node" / "models"
+    role_vars = {
+        "model_staging_dir": str(models_dir),
+        "model_staging_owner": getpass.getuser(),
+        "model_staging_models": [
+            {
+                "id": "url-model",
+                "source": f"{served.url}/url-model.bin",
+                "sha256": hashlib.sha256(URL_MODEL).hexdigest(),
+                "size_bytes": len(URL_MODEL),
+            },
+            {
+                "id": "file-model",
+                "source": str(controller_file),
+                "sha256": hashlib.sha256(FILE_MODEL).hexdigest(),
+            },
+        ],
+    }
+
+    planned, proc = run_role(tmp_path, role_vars, check=True)
+    assert planned["failures"] == 0, proc.stdout[-3000:]
+    assert not models_dir.exists()
+
+    first, proc = run_role(tmp_path, role_vars)
+    assert first["failures"] == 0 and first["changed"] > 0, proc.stdout[-3000:]
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    assert sorted(manifest) == ["file-model", "url-model"]
+    assert (models_dir / "url-model.bin").read_bytes() == URL_MODEL
+    assert (models_dir / "file-model.bin").read_bytes() == FILE_MODEL
+    assert sorted(p.name for p in models_dir.iterdir()) == [
+        ".manifest.lock",
+        "file-model.bin",
+        "manifest.json",
+        "url-model.bin",
+    ]  # the controller copy was cleaned away
+    requests_after_first = len(served.requests)
+
+    second, proc = run_role(tmp_path, role_vars)
+    assert second["failures"] == 0 and second["changed"] == 0, proc.stdout[-3000:]
+    assert len(served.requests) == requests_after_first
+
+
+def test_role_prunes_models_that_left_the_list_and_their_partial_files(tmp_path, served):
+    models_dir = tmp_path / "models"
+    listed = {
+        "id": "url-model",
+        "source": f"{served.url}/url-model.bin",
+        "sha256": hashlib.sha256(URL_MODEL).hexdigest(),
+    }
+    (served.root / "old.bin").write_bytes(b"old model")
+    old = {"id": "old", "source": f"{served.url}/old.bin", "sha256": hashlib.sha256(b"old model").hexdigest()}
+    base = {"model_staging_dir": str(models_dir), "model_staging_owner": getpass.getuser()}
+    stats, proc = run_role(tmp_path, dict(base, model_staging_models=[listed, old]))
+    assert stats["failures"] == 0, proc.stdout[-3000:]
+    (models_dir / "abandoned.bin.partial").write_bytes(b"half a model")
+
+    kept, proc = run_role(tmp_path, dict(base, model_staging_models=[listed]))
+    assert kept["failures"] == 0, proc.stdout[-3000:]
+    assert (models_dir / "old.bin").exists()  # prune is off by default
+    assert not (models_dir / "abandoned.bin.partial").exists()
+
+    pruned, proc = run_role(tmp_path, dict(base, model_staging_models=[listed], model_staging_prune=True))
+    assert pruned["failures"] == 0 and pruned["changed"] > 0, proc.stdout[-3000:]
+    assert not (models_dir / "old.bin").exists()
+    assert sorted(json.loads((models_dir / "manifest.json").read_text())) == ["url-model"]
+
+
+def test_role_rejects_a_model_without_sha256_before_touching_the_node(tmp_path, served):
+    models_dir = tmp_path / "models"
+    role_vars = {
+        "model_staging_dir": str(models_dir),
+        "model_staging_owner": getpass.getuser(),
+        "model_staging_models": [{"id": "x", "source": f"{served.url}/url-model.bin"}],
+    }
+
+    stats, proc = run_role(tmp_path, role_vars)
+
+    assert stats["failures"] == 1
+    assert "sha256" in proc.stdout
+    assert not models_dir.exists()
+
+
+def test_role_names_a_missing_owner(tmp_path, served):
+    role_vars = {
+        "model_staging_dir": str(tmp_path / "models"),
+        "model_staging_owner": "no-such-user-llorch",
+        "model_staging_models": [],
+    }
+
+    stats, proc = run_role(tmp_path, role_vars)
+
+    assert stats["failures"] == 1
+    assert "no-such-user-llorch" in proc.stdout and "model_staging_owner" in proc.stdout
