@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from support import REPO_ROOT, Daemon, package_env
+from support import REPO_ROOT, TEST_TOKEN, Daemon, package_env
 
 STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
 FIXTURES = REPO_ROOT / "files" / "testing" / "nvsmi"
@@ -113,12 +113,16 @@ class AgentProcess:
 
 
 def make_agent(
-    workdir: Path, daemon: Daemon | None, fixture: str = "lab-2x-l4", **overrides: Any
+    workdir: Path,
+    daemon: Daemon | None,
+    fixture: str = "lab-2x-l4",
+    token: str | None = None,
+    **overrides: Any,
 ) -> AgentProcess:
     """An agent (not started) pointed at `daemon`, with fast test timings and its own models dir."""
     token_file = workdir / "api-token"
     workdir.mkdir(parents=True, exist_ok=True)
-    token_file.write_text((daemon.token if daemon else "no-daemon-token-" + "y" * 32) + "\n")
+    token_file.write_text((token or (daemon.token if daemon else TEST_TOKEN)) + "\n")
     token_file.chmod(0o600)
     models_dir = workdir / "models"
     models_dir.mkdir(exist_ok=True)

@@ -6,10 +6,15 @@ operator runs it; the daemon is the real orchestratord from support.make_daemon.
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +137,83 @@ def send_heartbeat(
 def node_record(daemon: Daemon, node_id: str) -> dict[str, Any] | None:
     answer = daemon.api("GET", f"/v2/nodes/{node_id}")
     return answer.body if answer.status == 200 else None
+
+
+def write_self_signed_certificate(cert_path: Path, key_path: Path) -> None:
+    """A throwaway certificate for 127.0.0.1, valid for a day (cryptography comes with ansible-core)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+
+
+class TlsProxy:
+    """A TLS front for a daemon on 127.0.0.1, with a self-signed certificate made for the test.
+
+    orchestratord speaks plain HTTP today; this stands where a TLS-terminating proxy would, so the
+    client's certificate checks (validate_certs, ca_path) meet a real handshake.
+    """
+
+    def __init__(self, daemon: Daemon, workdir: Path):
+        self.cert = workdir / "registry-cert.pem"
+        key = workdir / "registry-key.pem"
+        write_self_signed_certificate(self.cert, key)
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(self.cert, key)
+        self._upstream_port = daemon.config["listen_port"]
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self._context)
+        )
+        self.url = f"https://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        except OSError:
+            client_writer.close()
+            return
+
+        async def pipe(reader, writer) -> None:
+            try:
+                while chunk := await reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
+
+    def close(self) -> None:
+        self._server.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

@@ -56,7 +56,7 @@ def test_nodes_become_hosts_in_status_and_model_groups_with_lean_vars(slow_daemo
         "llorch_address": "http://gpu-a.lab:8080",
         "llorch_models": ["meta-llama/Llama-3.1-8B", "qwen2.5:7b"],
         "llorch_pools": ["pool-0", "pool-1"],
-        "llorch_gpus": ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"],
+        "llorch_gpus": 2,
         "llorch_last_heartbeat_at": node_record(slow_daemon, "gpu-a")["last_heartbeat_at"],
     }
     assert listing["_meta"]["hostvars"]["gpu-c"]["llorch_last_heartbeat_at"] is None
@@ -104,7 +104,7 @@ def test_constructable_compose_groups_and_keyed_groups(slow_daemon, tmp_path):
     env = ansible_env(slow_daemon, tmp_path)
     source = inventory_file(
         tmp_path,
-        compose={"gpu_count": "llorch_gpus | length", "ansible_port": "2222"},
+        compose={"gpu_count": "llorch_gpus * 10", "ansible_port": "2222"},
         groups={"multi_model": "llorch_models | length > 1"},
         keyed_groups=[
             {"key": "llorch_status", "prefix": "state"},
@@ -114,11 +114,11 @@ def test_constructable_compose_groups_and_keyed_groups(slow_daemon, tmp_path):
 
     listing = inventory_list(env, source)
 
-    assert listing["_meta"]["hostvars"]["gpu-a"]["gpu_count"] == 2
+    assert listing["_meta"]["hostvars"]["gpu-a"]["gpu_count"] == 20
     assert listing["_meta"]["hostvars"]["gpu-a"]["ansible_port"] == 2222
     assert group_hosts(listing, "multi_model") == ["gpu-a"]
     assert group_hosts(listing, "state_online") == ["gpu-a", "gpu-b"]
-    assert group_hosts(listing, "gpus_2") == ["gpu-a", "gpu-b"]
+    assert group_hosts(listing, "gpus_20") == ["gpu-a", "gpu-b"]
 
     # strict: a compose expression that cannot be evaluated fails the source instead of being skipped.
     lenient = inventory_file(tmp_path, "lenient", compose={"broken": "no_such_variable.field"})
@@ -128,16 +128,18 @@ def test_constructable_compose_groups_and_keyed_groups(slow_daemon, tmp_path):
     assert "Could not set broken for host gpu-a" in done.stderr
 
 
-def test_detailed_vars_carry_whole_pool_records(slow_daemon, tmp_path):
+def test_detailed_vars_add_whole_pool_and_gpu_records(slow_daemon, tmp_path):
     add_node(slow_daemon, "gpu-a", ["m1"], slots_free=1)
     listing = inventory_list(ansible_env(slow_daemon, tmp_path), inventory_file(tmp_path, detailed_vars=True))
 
-    pools = listing["_meta"]["hostvars"]["gpu-a"]["llorch_pools"]
+    hostvars = listing["_meta"]["hostvars"]["gpu-a"]
+    assert hostvars["llorch_pools"] == ["pool-0", "pool-1"] and hostvars["llorch_gpus"] == 2
+    pools = hostvars["llorch_pools_detail"]
     assert [(pool["pool_id"], pool["slots_free"], pool["models_available"]) for pool in pools] == [
         ("pool-0", 1, ["m1"]),
         ("pool-1", 1, ["m1"]),
     ]
-    assert listing["_meta"]["hostvars"]["gpu-a"]["llorch_gpus"][0]["vram_total_bytes"] == 80 * 1024**3
+    assert hostvars["llorch_gpus_detail"][0]["vram_total_bytes"] == 80 * 1024**3
 
 
 def test_cache_hit_avoids_a_request_and_flush_asks_again(slow_daemon, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,14 @@ def test_csv_unknown_values_become_none_and_bad_numbers_are_named() -> None:
         nvidia_smi.parse_query_csv("0, Tesla T4, lots, 1, 470.1, 7.5, [N/A]\n", fields=fields)
 
 
+def test_warning_lines_mixed_into_the_csv_are_kept_apart() -> None:
+    fields = ["index", "name", "memory.total", "memory.free", "driver_version"]
+    text = "WARNING: infoROM is corrupted at gpu 0000:04:00.0\n0, Tesla T4, 15109, 15000, 470.1\n"
+    result = nvidia_smi.parse_query_csv(text, fields=fields)
+    assert [gpu.name for gpu in result.gpus] == ["Tesla T4"]
+    assert result.warnings == ["WARNING: infoROM is corrupted at gpu 0000:04:00.0"]
+
+
 def test_cuda_version_from_every_header_style() -> None:
     assert (
         nvidia_smi.parse_cuda_version(
@@ -324,3 +333,12 @@ def test_standin_finds_its_fixture_from_the_file_beside_it(tmp_path: Path) -> No
     env.pop("NVIDIA_SMI_STANDIN_FIXTURE")
     answer = subprocess.run([str(copy)], env=env, capture_output=True, text=True, timeout=20)
     assert "Driver Version: 470.182.03" in answer.stdout
+
+
+def test_parser_is_stdlib_only_and_python39_syntax() -> None:
+    # It runs on target hosts inside Ansible modules, where only the standard library is sure to exist.
+    source = (REPO_ROOT / "plugins" / "module_utils" / "nvidia_smi.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {name.split(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {"__future__"}

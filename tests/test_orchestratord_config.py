@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from support import TEST_TOKEN, free_port, make_daemon
 from support_daemon import run_daemon_once, write_yaml
@@ -144,3 +146,26 @@ def test_token_from_environment_and_only_its_fingerprint_logged(tmp_path, monkey
     log = daemon.log()
     assert "token sha256:" in log
     assert TEST_TOKEN not in log
+
+
+def test_unusable_database_path_is_one_clear_line(tmp_path, base_config):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    base_config["db_path"] = str(blocker / "registry.db")
+    config = write_yaml(tmp_path / "c.yml", base_config)
+    result = run_daemon_once(config)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"cannot open the database at db_path {blocker / 'registry.db'}" in result.stderr
+
+
+def test_port_in_use_is_one_clear_line(tmp_path, base_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base_config["listen_port"] = taken.getsockname()[1]
+        config = write_yaml(tmp_path / "c.yml", base_config)
+        result = run_daemon_once(config)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"cannot serve on 127.0.0.1:{base_config['listen_port']}" in result.stderr

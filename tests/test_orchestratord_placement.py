@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 from support import sample_registration
@@ -156,3 +157,51 @@ def test_deleted_node_gets_no_work(daemon):
     online_node(daemon, "gpu-1", ["llama"])
     daemon.api("DELETE", "/v2/nodes/gpu-1")
     assert place(daemon, model_id="llama").body["code"] == "MODEL_NOT_AVAILABLE"
+
+
+def expected_least_loaded(readings: dict[str, list[dict]], model: str | None, vram: int):
+    """The contract's rule, computed by brute force over every pool."""
+    candidates = [
+        (-pool["slots_free"], -pool["vram_free_bytes"], node_id, pool["pool_id"])
+        for node_id, pools in readings.items()
+        for pool in pools
+        if pool["ready"]
+        and not pool["draining"]
+        and pool["slots_free"] > 0
+        and pool["vram_free_bytes"] >= vram
+        and (model is None or model in pool["models_available"])
+    ]
+    return min(candidates)[2:] if candidates else None
+
+
+def test_least_loaded_matches_brute_force_as_loads_change(daemon):
+    """Many heartbeats that move loads, models and readiness; every answer equals the brute-force pick."""
+    rng = random.Random(7)
+    models = ["llama", "qwen", "mistral"]
+    node_ids = [f"gpu-{n}" for n in range(5)]
+    for node_id in node_ids:
+        daemon.api("POST", "/v2/nodes/register", sample_registration(node_id, pools=2))
+    readings: dict[str, list[dict]] = {}
+    for _ in range(25):
+        for node_id in rng.sample(node_ids, 3):
+            readings[node_id] = [
+                pool_reading(
+                    f"pool-{p}",
+                    rng.sample(models, rng.randint(0, 2)),
+                    slots_free=rng.randint(0, 2),
+                    slots_total=2,
+                    vram_free_bytes=rng.choice([10, 20, 30]) * GiB,
+                    ready=rng.random() > 0.2,
+                )
+                for p in range(2)
+            ]
+            beat_pools(daemon, node_id, readings[node_id])
+        for model in [None, *models]:
+            vram = rng.choice([0, 15 * GiB, 25 * GiB])
+            request = {"vram_bytes": vram} if model is None else {"model_id": model, "vram_bytes": vram}
+            answer = place(daemon, **request)
+            expected = expected_least_loaded(readings, model, vram)
+            if expected is None:
+                assert answer.status == 503, answer.text
+            else:
+                assert (answer.body["node_id"], answer.body["pool_id"]) == expected, (model, vram)

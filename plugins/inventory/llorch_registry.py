@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -20,9 +21,10 @@ description:
     C(llorch_registering) (always defined, possibly empty), and one group per model held by an online node,
     C(llorch_model_<model id>) with every character outside C([A-Za-z0-9_]) made C(_).
   - Host variables C(ansible_host) (the host part of the node's address), C(llorch_node_id), C(llorch_status),
-    C(llorch_address), C(llorch_models), C(llorch_pools), C(llorch_gpus), C(llorch_last_heartbeat_at).
-  - Host variables are kept lean by default (pool ids and GPU names), because Ansible's time per host grows
-    with the size of its variables; set O(detailed_vars) for whole pool and GPU records.
+    C(llorch_address), C(llorch_models) (model ids), C(llorch_pools) (pool ids), C(llorch_gpus) (how many
+    GPUs), C(llorch_last_heartbeat_at) (UTC, null before the first heartbeat).
+  - Host variables are kept lean (ids and a count), because Ansible's time per host grows with the size of its
+    variables; set O(detailed_vars) to add whole pool and GPU records.
   - Uses a YAML configuration file whose name ends with C(.llorch_registry.yml) or C(.llorch_registry.yaml).
 extends_documentation_fragment:
   - constructed
@@ -43,17 +45,17 @@ options:
     default: [registering, online, draining, offline]
   detailed_vars:
     description:
-      - When false, C(llorch_pools) is the list of pool ids and C(llorch_gpus) the list of GPU names.
-      - When true, C(llorch_pools) holds each pool's last reported status (slots, VRAM, models, ready,
-        draining) and C(llorch_gpus) each GPU's capabilities record.
-      - Whole records cost Ansible noticeably more time on large inventories.
+      - Also set C(llorch_pools_detail), each pool's last reported status (slots, VRAM, models, ready,
+        draining), and C(llorch_gpus_detail), each GPU's capabilities record (name, VRAM, compute capability,
+        driver).
+      - Whole records cost Ansible noticeably more time on large inventories (see the README's figures).
     type: bool
     default: false
 """
 
 EXAMPLES = r"""
-# inventories/registry.llorch_registry.yml — url and token from LLORCH_URL and LLORCH_API_TOKEN
-plugin: llorch_registry
+# The smallest file takes url and token from LLORCH_URL and LLORCH_API_TOKEN:
+#   plugin: llorch_registry
 
 # A production file: token from a 0600 file, only nodes that are up, groups by GPU model
 plugin: llorch_registry
@@ -62,12 +64,12 @@ token_file: ~/.config/llorch/api-token
 ca_path: /etc/llorch/ca.pem
 statuses: [online, draining]
 keyed_groups:
-  - key: llorch_gpus | first | default('none')
-    prefix: gpu
+  - key: llorch_gpus | string
+    prefix: gpus
 compose:
-  llorch_gpu_count: llorch_gpus | length
+  ansible_user: "'ops'"
 groups:
-  big_nodes: llorch_gpus | length >= 8
+  big_nodes: llorch_gpus >= 8
 cache: true
 cache_plugin: jsonfile
 cache_connection: ~/.cache/llorch-inventory
@@ -96,6 +98,7 @@ def _load_llorch_api():
 llorch_api = _load_llorch_api()
 
 BASE_GROUP = "llorch_nodes"
+CACHE_FORMAT = 1
 STATUS_GROUPS = {status: f"llorch_{status}" for status in llorch_api.NODE_STATUSES}
 _UNSAFE_IN_GROUP = re.compile(r"[^A-Za-z0-9_]")
 
@@ -106,7 +109,7 @@ def model_group(model_id: str) -> str:
 
 
 def address_host(address: str) -> str | None:
-    """The host part of a node's address: http://10.0.0.5:8080 -> 10.0.0.5."""
+    """The host part of a node's address: http://10.0.0.5:8080 -> 10.0.0.5, http://[fd00::5]:80 -> fd00::5."""
     if not address:
         return None
     try:
@@ -124,13 +127,16 @@ def host_record(node: dict, detailed: bool) -> dict:
         "llorch_status": node.get("status"),
         "llorch_address": node.get("address"),
         "llorch_models": list(node.get("models") or []),
-        "llorch_pools": pools if detailed else [pool.get("pool_id") for pool in pools],
-        "llorch_gpus": gpus if detailed else [gpu.get("name") for gpu in gpus],
+        "llorch_pools": [pool.get("pool_id") for pool in pools],
+        "llorch_gpus": len(gpus),
         "llorch_last_heartbeat_at": node.get("last_heartbeat_at"),
     }
     host = address_host(node.get("address") or "")
     if host:
         record["ansible_host"] = host
+    if detailed:
+        record["llorch_pools_detail"] = pools
+        record["llorch_gpus_detail"] = gpus
     return record
 
 
@@ -163,9 +169,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 cached = self._cache[cache_key]
             except KeyError:
                 cached = None  # expired or never written
-            # A cache written with the other variable shape is a miss, not stale data.
-            if isinstance(cached, dict) and cached.get("detailed_vars") == detailed:
-                return cached["hosts"]
+            # A cache written by another version or with the other variable shape is a miss, not stale data.
+            wanted = {"format": CACHE_FORMAT, "detailed_vars": detailed}
+            if isinstance(cached, dict) and all(cached.get(key) == value for key, value in wanted.items()):
+                return json.loads(cached["hosts_json"])
         try:
             client = llorch_api.LlorchClient.from_options(self._option)
             nodes = client.list_nodes()
@@ -173,7 +180,13 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             raise AnsibleParserError(str(exc)) from None
         records = [host_record(node, detailed) for node in nodes if node.get("node_id")]
         if cache_on:
-            self._cache[cache_key] = {"detailed_vars": detailed, "hosts": records}
+            # The records go in as one JSON string: Ansible's cache layer deep-copies and walks every value
+            # it is given, which costs more than the registry request itself at 10,000 nodes.
+            self._cache[cache_key] = {
+                "format": CACHE_FORMAT,
+                "detailed_vars": detailed,
+                "hosts_json": json.dumps(records, separators=(",", ":")),
+            }
         return records
 
     def _populate(self, records):

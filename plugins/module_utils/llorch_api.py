@@ -22,7 +22,6 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 
 from ansible.module_utils.basic import env_fallback
-from ansible.module_utils.urls import open_url
 
 # The options every llorch module takes; documented once in plugins/doc_fragments/llorch.py.
 LLORCH_ARGUMENT_SPEC = {
@@ -151,6 +150,10 @@ class LlorchClient:
             data = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         where = f"{method} {path}"
+        # Imported here: an inventory read from the cache never makes a request, and this import is a
+        # visible part of a cached read's time.
+        from ansible.module_utils.urls import open_url
+
         try:
             # No redirects: following one would carry the token to another address, and a registry
             # behind a redirect is better fixed by setting url to the final address.

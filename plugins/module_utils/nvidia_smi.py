@@ -7,11 +7,12 @@ Standard library only, no Ansible imports, Python 3.9+: this file is shipped ins
 
 API
 ---
-``probe(nvidia_smi="nvidia-smi", timeout=10.0) -> ProbeResult``
+``probe(nvidia_smi="nvidia-smi", timeout=10.0, with_cuda=True) -> ProbeResult``
     Runs ``--query-gpu=<QUERY_FIELDS> --format=csv,noheader,nounits`` (dropping optional fields an old
     driver rejects, such as ``compute_cap`` before ~510) and the plain ``nvidia-smi`` header (``-q`` as a
     fallback) for the CUDA version. Raises ``NvidiaSmiError`` on any failure.
-``ProbeResult``: ``driver_version``, ``cuda_version``, ``gpus`` (list of ``GpuInfo``), ``as_dict()``.
+``ProbeResult``: ``driver_version``, ``cuda_version``, ``gpus`` (list of ``GpuInfo``), ``warnings`` (the
+    ``WARNING: ...`` lines nvidia-smi mixed into its output, e.g. a corrupt infoROM), ``as_dict()``.
 ``GpuInfo``: ``index``, ``uuid``, ``name``, ``vram_total_bytes``, ``vram_free_bytes``,
     ``compute_capability``, ``mig_mode`` ("Enabled"/"Disabled"/None), ``persistence_mode``
     ("Enabled"/"Disabled"/None), ``ecc_uncorrected`` (int or None), ``mig_devices`` (list of dicts).
@@ -98,6 +99,7 @@ _CUDA_VERSION = re.compile(r"CUDA (?:UMD )?Version\s*:\s*([0-9]+\.[0-9]+)", re.I
 _DRIVER_VERSION = re.compile(r"(?:Driver|KMD) Version\s*:\s*([0-9]+(?:\.[0-9]+)+)", re.IGNORECASE)
 _GPU_BLOCK = re.compile(r"^GPU [0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-9A-Fa-f]\s*$")
 _CAPTURE_BANNER = re.compile(r"^#{20,}\s*$")
+_WARNING_LINE = re.compile(r"^\s*WARNING:", re.IGNORECASE)
 
 
 class NvidiaSmiError(Exception):
@@ -129,6 +131,8 @@ class ProbeResult:
     driver_version: str | None
     cuda_version: str | None
     gpus: list = field(default_factory=list)
+    # Lines such as "WARNING: infoROM is corrupted at gpu 0000:04:00.0" that nvidia-smi mixes into its output.
+    warnings: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -288,7 +292,8 @@ def parse_query_csv(text: str, fields: list | None = None) -> ProbeResult:
     if failure is not None:
         raise failure
     lines = [line for line in (text or "").splitlines() if line.strip()]
-    rows = list(csv.reader(lines, skipinitialspace=True))
+    warnings = [line.strip() for line in lines if _WARNING_LINE.match(line)]
+    rows = list(csv.reader([line for line in lines if not _WARNING_LINE.match(line)], skipinitialspace=True))
     if rows and _looks_like_header(rows[0]):
         fields = [_field_name(cell) for cell in rows[0]]
         rows = rows[1:]
@@ -338,7 +343,7 @@ def parse_query_csv(text: str, fields: list | None = None) -> ProbeResult:
         )
         drivers.append(_value(record.get("driver_version")))
     driver = _need(drivers[0], "driver version", "for GPU 0")
-    return ProbeResult(driver_version=driver, cuda_version=None, gpus=gpus)
+    return ProbeResult(driver_version=driver, cuda_version=None, gpus=gpus, warnings=warnings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -682,8 +687,13 @@ def probe(
     timeout: float = 10.0,
     fields: tuple = QUERY_FIELDS,
     runner: Callable[..., str] | None = None,
+    with_cuda: bool = True,
 ) -> ProbeResult:
-    """Ask nvidia-smi about every GPU and the CUDA version; raise NvidiaSmiError on any failure."""
+    """Ask nvidia-smi about every GPU and (unless with_cuda is False) the CUDA version.
+
+    Raises NvidiaSmiError on any failure. `runner(args, nvidia_smi, timeout) -> stdout` replaces
+    run_nvidia_smi, e.g. to run it through another transport.
+    """
     run = runner or run_nvidia_smi
     asked = list(fields)
     while True:
@@ -698,6 +708,8 @@ def probe(
                 raise
             asked.remove(rejected)  # an older driver: ask again without the optional field
     result = parse_query_csv(output, fields=asked)
+    if not with_cuda:
+        return result
     try:
         result.cuda_version = parse_cuda_version(run([], nvidia_smi, timeout))
         if result.cuda_version is None:

@@ -178,7 +178,8 @@ MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
-PIPELINE_DEPTH = 6  # buffers in flight between the reader, hasher and writer threads
+PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
+WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of what it wrote
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -210,7 +211,8 @@ def human_bytes(count: int) -> str:
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # timezone.utc rather than the 3.11+ alias: nodes may run an older Python than the controller.
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
 
 
 def fsync_dir(path: str) -> None:
@@ -327,6 +329,7 @@ def stream_into(read_into, fd: int, hasher) -> int:
         to_write.put(None)
 
     def write_worker() -> None:
+        flushed_to = start = os.lseek(fd, 0, os.SEEK_CUR)
         while (item := to_write.get()) is not None:
             buffer, length = item
             view = memoryview(buffer)[:length]
@@ -335,6 +338,11 @@ def stream_into(read_into, fd: int, hasher) -> int:
                     count = os.write(fd, view)
                     view = view[count:]
                     written[0] += count
+                if start + written[0] - flushed_to >= WRITEBACK_BYTES:
+                    # Start writeback of what is written so far (async, like sync_file_range), so the final
+                    # fsync waits for the last few MiB, not for the whole file.
+                    os.posix_fadvise(fd, flushed_to, start + written[0] - flushed_to, os.POSIX_FADV_DONTNEED)
+                    flushed_to = start + written[0]
             except OSError as exc:
                 failures.append(exc)
             free_buffers.put(buffer)
@@ -411,7 +419,9 @@ class Stager:
         params = self.module.params
         if not ID_PATTERN.match(self.model_id) or self.model_id in (".", ".."):
             raise StageError(f"id {self.model_id!r} may hold only letters, digits, '.', '_' and '-'")
-        if not os.path.isdir(self.models_dir):
+        # In check mode the directory may be one that an earlier task would have created.
+        self.dir_missing = not os.path.isdir(self.models_dir)
+        if self.dir_missing and not self.module.check_mode:
             raise StageError(f"models_dir {self.models_dir} does not exist or is not a directory")
         if params["state"] == "absent":
             return
@@ -453,6 +463,11 @@ class Stager:
     # -- state=absent
 
     def remove(self) -> dict:
+        if self.dir_missing:
+            self.result.update(
+                path="", msg=f"model {self.model_id} is not staged ({self.models_dir} does not exist)"
+            )
+            return self.result
         manifest = read_manifest(self.models_dir)
         entry = manifest.get(self.model_id)
         targets = []
@@ -489,7 +504,7 @@ class Stager:
     # -- state=present
 
     def stage(self) -> dict:
-        manifest = read_manifest(self.models_dir)
+        manifest = {} if self.dir_missing else read_manifest(self.models_dir)
         self.result.update(
             sha256=self.sha256,
             size_bytes=self.size_bytes or 0,
@@ -556,7 +571,7 @@ class Stager:
         partial = self.partial_size()
         if self.module.params["force"]:
             partial = 0
-        if self.size_bytes is not None:
+        if self.size_bytes is not None and not self.dir_missing:
             self.check_free_space(self.size_bytes - min(partial, self.size_bytes))
         resume = f", resuming at byte {partial}" if partial and self.is_url else ""
         self.result["resumed_from"] = partial if self.is_url else 0
@@ -679,7 +694,11 @@ class Stager:
         if self.is_url:
             hash_existing(fd, existing, self.hasher)
             headers = {str(k): str(v) for k, v in (self.module.params["headers"] or {}).items()}
-            written, resumed_from = self.download(fd, existing, headers)
+            if existing and existing == self.size_bytes:
+                # A run that stopped after the last byte but before the rename: only the check is left.
+                written, resumed_from = 0, existing
+            else:
+                written, resumed_from = self.download(fd, existing, headers)
         else:
             written, resumed_from = self.copy_local(fd), 0
         self.result["bytes_downloaded"] = written

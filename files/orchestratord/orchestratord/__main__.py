@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import ConfigError, load_settings, load_token, token_fingerprint
+from .store import StoreError
 
 log = logging.getLogger("orchestratord")
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             print=None,
             handle_signals=True,
         )
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
     except OSError as exc:
         log.error(
             "cannot serve on %s:%d: %s", settings.listen_host, settings.listen_port, exc.strerror or exc

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from heapq import heapify, heappop, heappush
 
 import msgspec
 from sortedcontainers import SortedList
@@ -30,8 +31,12 @@ PoolKey = tuple[str, str]  # (node_id, pool_id): the tie-break order everywhere
 LoadKey = tuple[int, int, str, str]  # (-slots_free, -vram_free, node_id, pool_id): least loaded first
 
 
+def rfc3339(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339(time.time())
 
 
 class NodeNotFound(KeyError):
@@ -52,7 +57,7 @@ class NodeState:
     registered_at: str
     drain: bool = False
     pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
-    last_heartbeat_at: str | None = None
+    last_heartbeat_epoch: float | None = None  # wall clock, for display and the database only
     last_contact: float = 0.0  # daemon monotonic time of the registration or the last heartbeat
     heard: bool = False  # a heartbeat arrived since the registration
     models: list[str] = field(default_factory=list)
@@ -60,29 +65,53 @@ class NodeState:
 
 
 class PlacementIndex:
-    """Pools that can take work now (ignoring liveness, which is checked at decision time)."""
+    """Pools that can take work now (liveness aside, which is checked at decision time), by model.
+
+    by_load: per model a heap in least-loaded order. A load change pushes the new key and leaves the old
+    one behind (skipped as stale when met, swept out when the heap grows past twice its members), so a
+    heartbeat costs a few C-level pushes instead of sorted-list removals.
+    by_id: per model the exact members in (node_id, pool_id) order, for round-robin and random; it
+    changes only when a pool starts or stops taking work, not when its load moves.
+    """
 
     def __init__(self) -> None:
-        self.by_load: dict[str, SortedList] = {}
+        self.by_load: dict[str, list[LoadKey]] = {}
         self.by_id: dict[str, SortedList] = {}
-        self.entries: dict[PoolKey, tuple[LoadKey, tuple[str, ...]]] = {}
+        self.entries: dict[PoolKey, tuple[LoadKey, frozenset[str]]] = {}
         self.by_node: dict[str, set[PoolKey]] = {}
 
-    def set_pool(self, key: PoolKey, load: LoadKey | None, models: tuple[str, ...]) -> None:
+    def set_pool(self, key: PoolKey, load: LoadKey | None, models: frozenset[str]) -> None:
         old = self.entries.get(key)
-        if old is not None and load is not None and old == (load, models):
-            return
         if old is not None:
-            self._remove(key, old)
-        if load is not None:
-            self.entries[key] = (load, models)
-            self.by_node.setdefault(key[0], set()).add(key)
-            for model in (ANY_MODEL, *models):
-                self.by_load.setdefault(model, SortedList()).add(load)
-                self.by_id.setdefault(model, SortedList()).add(key)
+            if load is not None and old[1] == models:
+                if old[0] == load:
+                    return
+                self.entries[key] = (load, models)  # only the load moved: membership stays
+                self._push(load, models)
+                return
+            self._remove(key, old[1])
+        if load is None:
+            return
+        self.entries[key] = (load, models)
+        self.by_node.setdefault(key[0], set()).add(key)
+        for model in (ANY_MODEL, *models):
+            self.by_id.setdefault(model, SortedList()).add(key)
+            self.by_load.setdefault(model, [])
+        self._push(load, models)
 
-    def _remove(self, key: PoolKey, entry: tuple[LoadKey, tuple[str, ...]]) -> None:
-        load, models = entry
+    def _push(self, load: LoadKey, models: frozenset[str]) -> None:
+        for model in (ANY_MODEL, *models):
+            heap = self.by_load[model]
+            heappush(heap, load)
+            if len(heap) > 2 * len(self.by_id[model]) + 64:
+                self.by_load[model] = heap = [self.entries[key][0] for key in self.by_id[model]]
+                heapify(heap)
+
+    def is_current(self, model: str, load: LoadKey) -> bool:
+        entry = self.entries.get((load[2], load[3]))
+        return entry is not None and entry[0] == load and (model == ANY_MODEL or model in entry[1])
+
+    def _remove(self, key: PoolKey, models: frozenset[str]) -> None:
         del self.entries[key]
         node_keys = self.by_node.get(key[0])
         if node_keys is not None:
@@ -90,14 +119,14 @@ class PlacementIndex:
             if not node_keys:
                 del self.by_node[key[0]]
         for model in (ANY_MODEL, *models):
-            self.by_load[model].remove(load)
-            self.by_id[model].remove(key)
-            if not self.by_id[model]:
+            members = self.by_id[model]
+            members.remove(key)
+            if not members:
                 del self.by_load[model], self.by_id[model]
 
     def drop_node(self, node_id: str) -> None:
         for key in list(self.by_node.get(node_id, ())):
-            self._remove(key, self.entries[key])
+            self._remove(key, self.entries[key][1])
 
 
 class Registry:
@@ -117,6 +146,10 @@ class Registry:
         self.index = PlacementIndex()
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
+        # Nodes whose new readings the index and the model lists have not taken in yet. Heartbeats only
+        # record readings; every read settles first, so several heartbeats of one node between two
+        # decisions cost one index update.
+        self.unsettled: set[str] = set()
         self.round_robin_after: dict[str, PoolKey] = {}
         self.random = random.Random()
         self._pool_decoder = msgspec.json.Decoder(list[schemas.PoolStatus])
@@ -157,16 +190,16 @@ class Registry:
         self.nodes[node.node_id] = node
         if row.pools is not None and row.last_heartbeat_at is not None:
             node.heard = True
-            node.last_heartbeat_at = row.last_heartbeat_at
+            node.last_heartbeat_epoch = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
             self._apply_pools(node, self._pool_decoder.decode(row.pools))
         node.reported_status = self.status_of(node, now)
 
     def take_dirty(self) -> list[HeartbeatRow]:
         dirty, self.dirty = self.dirty, {}
         return [
-            HeartbeatRow(node.node_id, node.last_heartbeat_at, msgspec.json.encode(node.pools))
+            HeartbeatRow(node.node_id, rfc3339(node.last_heartbeat_epoch), msgspec.json.encode(node.pools))
             for node in dirty.values()
-            if node.last_heartbeat_at is not None and self.nodes.get(node.node_id) is node
+            if node.last_heartbeat_epoch is not None and self.nodes.get(node.node_id) is node
         ]
 
     # --- writes
@@ -187,8 +220,9 @@ class Registry:
             node.registered_at = registered_at
             log.info("node %s registered again from %s", body.node_id, body.address)
         self.dirty.pop(body.node_id, None)
+        self.unsettled.discard(body.node_id)
         node.heard = False
-        node.last_heartbeat_at = None
+        node.last_heartbeat_epoch = None
         node.last_contact = now
         self._apply_pools(node, None)
         node.reported_status = self.status_of(node, now)
@@ -209,14 +243,16 @@ class Registry:
         if came_back and node.heard:
             log.info("node %s heard from again after %d ms", node_id, (now - node.last_contact) * 1000)
         node.last_contact = now
-        node.last_heartbeat_at = utc_now()
+        node.last_heartbeat_epoch = time.time()
         if came_back or not node.heard or body.pools != node.pools:
             node.heard = True
-            self._apply_pools(node, body.pools)
+            node.pools = body.pools
+            self.unsettled.add(node_id)
         self.dirty[node_id] = node
         return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
 
     async def set_drain(self, node_id: str, drain: bool) -> schemas.Node:
+        self.settle()
         node = self.get(node_id)
         if node.drain != drain:
             await self.store.update_drain(node_id, drain)
@@ -232,9 +268,20 @@ class Registry:
         if node is not None:
             self._apply_pools(node, None)
             self.dirty.pop(node_id, None)
+            self.unsettled.discard(node_id)
             log.info("node %s deregistered", node_id)
 
     # --- the index
+
+    def settle(self) -> None:
+        """Bring the index and the model lists up to the latest readings of every node."""
+        if not self.unsettled:
+            return
+        pending, self.unsettled = self.unsettled, set()
+        for node_id in pending:
+            node = self.nodes.get(node_id)
+            if node is not None:
+                self._apply_pools(node, node.pools)
 
     def _apply_pools(self, node: NodeState, pools: list[schemas.PoolStatus] | None) -> None:
         old_models = set(node.models)
@@ -256,17 +303,18 @@ class Registry:
         reported = {pool.pool_id for pool in node.pools or ()}
         for key in list(self.index.by_node.get(node.node_id, ())):
             if key[1] not in reported:
-                self.index.set_pool(key, None, ())
+                self.index.set_pool(key, None, frozenset())
         for pool in node.pools or ():
             takes_work = not node.drain and pool.ready and not pool.draining and pool.slots_free > 0
             load = (
                 (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
             )
-            self.index.set_pool((node.node_id, pool.pool_id), load, tuple(sorted(set(pool.models_available))))
+            self.index.set_pool((node.node_id, pool.pool_id), load, frozenset(pool.models_available))
 
     # --- reads
 
     def get(self, node_id: str) -> NodeState:
+        self.settle()
         node = self.nodes.get(node_id)
         if node is None:
             raise NodeNotFound(node_id)
@@ -289,7 +337,9 @@ class Registry:
             status=self.status_of(node, now),
             drain=node.drain,
             registered_at=node.registered_at,
-            last_heartbeat_at=node.last_heartbeat_at,
+            last_heartbeat_at=None
+            if node.last_heartbeat_epoch is None
+            else rfc3339(node.last_heartbeat_epoch),
             capabilities=reg.capabilities,
             pools=pools,
             models=node.models,
@@ -315,6 +365,7 @@ class Registry:
         )
 
     def list_nodes(self, status: str | None = None) -> schemas.NodeList:
+        self.settle()
         now = self.clock()
         views = [self.view(self.nodes[node_id], now) for node_id in sorted(self.nodes)]
         if status is not None:
@@ -329,6 +380,7 @@ class Registry:
         return counts
 
     def pools_ready(self) -> int:
+        self.settle()
         now = self.clock()
         return sum(
             1
@@ -337,6 +389,7 @@ class Registry:
         )
 
     def availability(self) -> schemas.Availability:
+        self.settle()
         now = self.clock()
         nodes: dict[str, schemas.AvailabilityNode] = {}
         holders: dict[str, int] = {}
@@ -370,6 +423,7 @@ class Registry:
         )
 
     def catalog_models(self) -> schemas.CatalogModels:
+        self.settle()
         now = self.clock()
         by_model: dict[str, schemas.CatalogModel] = {}
         for node_id in sorted(self.nodes):
@@ -392,6 +446,7 @@ class Registry:
     # --- placement
 
     def place(self, request: schemas.PlacementRequest) -> schemas.Placement:
+        self.settle()
         now = self.clock()
         model = request.model_id or ANY_MODEL
         vram_needed = request.vram_bytes or 0
@@ -422,14 +477,27 @@ class Registry:
             self.index.drop_node(node_id)
 
     def _least_loaded(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
-        stale: list[str] = []
+        heap = self.index.by_load.get(model)
+        if not heap:
+            return None
+        too_small: list[LoadKey] = []  # fitting candidates come after these; they go back afterwards
         pick = None
-        for load in self.index.by_load.get(model, ()):
-            key = (load[2], load[3])
-            if self._fits(key, vram_needed, now, stale):
-                pick = key
+        while heap:
+            load = heap[0]
+            if not self.index.is_current(model, load):
+                heappop(heap)
+                continue
+            node = self.nodes[load[2]]
+            if not self.is_live(node, now):
+                # Offline nodes leave the index when a decision meets them; a heartbeat brings them back.
+                self.index.drop_node(node.node_id)
+                continue
+            if -load[1] >= vram_needed:
+                pick = (load[2], load[3])
                 break
-        self._evict(stale)
+            too_small.append(heappop(heap))
+        for load in too_small:
+            heappush(heap, load)
         return pick
 
     def _round_robin(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
@@ -482,6 +550,7 @@ class Registry:
 
     def sweep(self) -> None:
         """Log status changes that happen by time passing (offline) and drop offline nodes from the index."""
+        self.settle()
         now = self.clock()
         for node in self.nodes.values():
             status = self.status_of(node, now)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from . import __version__, schemas
+from .metrics import CONTENT_TYPE
 from .registry import NodeNotFound, NoPlacement, Registry
 
 log = logging.getLogger(__name__)
@@ -19,7 +22,7 @@ ID_RE = re.compile(schemas.ID_PATTERN)
 STATUSES = ("registering", "online", "draining", "offline")
 
 REGISTRY = web.AppKey("registry", Registry)
-METRICS = web.AppKey("metrics", object)
+METRICS = web.AppKey("metrics", object)  # a metrics.Metrics, or None when turned off
 OPENAPI = web.AppKey("openapi", bytes)
 
 _decoders = {
@@ -31,17 +34,28 @@ _decoders = {
 
 
 class ApiError(Exception):
-    """An answer in the error envelope; the error middleware turns it into a response."""
+    """An answer in the error envelope; the wrapper around every route turns it into a response."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 def json_response(value: Any, status: int = 200) -> web.Response:
     return web.Response(body=schemas.encode(value), status=status, content_type=JSON)
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    return value
 
 
 async def decode_body(request: web.Request, schema: type) -> Any:
@@ -49,9 +63,16 @@ async def decode_body(request: web.Request, schema: type) -> Any:
     try:
         return _decoders[schema].decode(body)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
+        if "got `float`" not in str(exc):
+            raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "INVALID_PARAMS", f"malformed JSON body: {exc}") from None
+    # JSON Schema counts 4.0 as an integer, so the published document promises to accept it; the fast
+    # strict decoder does not, so such bodies take this slower path. Strings are still no numbers.
+    try:
+        return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), schema, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
 
 
 def check(rule, body):
@@ -72,15 +93,32 @@ def not_found(node_id: str) -> ApiError:
     return ApiError(404, "NODE_NOT_FOUND", f"no node {node_id!r} is registered")
 
 
-routes = web.RouteTableDef()
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # the route template, also the metrics label
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    auth: bool  # needs the bearer token
+    query: tuple[str, ...]  # accepted query parameters; any other is refused
 
 
-@routes.get("/health")
+ENDPOINTS: list[Endpoint] = []  # the one route table
+
+
+def endpoint(method: str, path: str, *, auth: bool = True, query: tuple[str, ...] = ()):
+    def register(handler):
+        ENDPOINTS.append(Endpoint(method, path, handler, auth, query))
+        return handler
+
+    return register
+
+
+@endpoint("GET", "/health", auth=False)
 async def health(request: web.Request) -> web.Response:
     return json_response(schemas.Health(status="ok", version=__version__))
 
 
-@routes.get("/ready")
+@endpoint("GET", "/ready", auth=False)
 async def ready(request: web.Request) -> web.Response:
     try:
         if await request.app[REGISTRY].store.ping():
@@ -90,31 +128,29 @@ async def ready(request: web.Request) -> web.Response:
     raise ApiError(503, "DATABASE_UNAVAILABLE", "the database does not answer")
 
 
-@routes.get("/openapi.json")
+@endpoint("GET", "/openapi.json", auth=False)
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type=JSON)
 
 
-@routes.get("/metrics")
+@endpoint("GET", "/metrics", auth=False)
 async def metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     if metrics is None:
         raise ApiError(404, "NOT_FOUND", "metrics are turned off (metrics_enabled: false)")
-    return web.Response(
-        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-    )
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-@routes.post("/v2/nodes/register")
+@endpoint("POST", "/v2/nodes/register")
 async def register(request: web.Request) -> web.Response:
     body = check(schemas.check_registration, await decode_body(request, schemas.Registration))
     answer = await request.app[REGISTRY].register(body)
     if request.app[METRICS] is not None:
-        request.app[METRICS].registrations.inc()
+        request.app[METRICS].registrations += 1
     return json_response(answer)
 
 
-@routes.post("/v2/nodes/{node_id}/heartbeat")
+@endpoint("POST", "/v2/nodes/{node_id}/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     metrics = request.app[METRICS]
@@ -123,18 +159,18 @@ async def heartbeat(request: web.Request) -> web.Response:
         answer = request.app[REGISTRY].heartbeat(node_id, body)
     except ApiError:
         if metrics is not None:
-            metrics.heartbeats.labels("invalid").inc()
+            metrics.heartbeats["invalid"] += 1
         raise
     except NodeNotFound:
         if metrics is not None:
-            metrics.heartbeats.labels("unknown_node").inc()
+            metrics.heartbeats["unknown_node"] += 1
         raise not_found(node_id) from None
     if metrics is not None:
-        metrics.heartbeats.labels("ok").inc()
+        metrics.heartbeats["ok"] += 1
     return json_response(answer)
 
 
-@routes.get("/v2/nodes")
+@endpoint("GET", "/v2/nodes", query=("status",))
 async def list_nodes(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
@@ -142,7 +178,7 @@ async def list_nodes(request: web.Request) -> web.Response:
     return json_response(request.app[REGISTRY].list_nodes(status))
 
 
-@routes.get("/v2/nodes/{node_id}")
+@endpoint("GET", "/v2/nodes/{node_id}")
 async def get_node(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     registry = request.app[REGISTRY]
@@ -153,7 +189,7 @@ async def get_node(request: web.Request) -> web.Response:
     return json_response(registry.view(node, registry.clock()))
 
 
-@routes.post("/v2/nodes/{node_id}/drain")
+@endpoint("POST", "/v2/nodes/{node_id}/drain")
 async def drain(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     body = await decode_body(request, schemas.DrainRequest)
@@ -163,7 +199,7 @@ async def drain(request: web.Request) -> web.Response:
         raise not_found(node_id) from None
 
 
-@routes.delete("/v2/nodes/{node_id}")
+@endpoint("DELETE", "/v2/nodes/{node_id}")
 async def delete_node(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     try:
@@ -173,26 +209,31 @@ async def delete_node(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-@routes.get("/v2/catalog/availability")
+@endpoint("GET", "/v2/catalog/availability")
 async def availability(request: web.Request) -> web.Response:
     return json_response(request.app[REGISTRY].availability())
 
 
-@routes.get("/v2/catalog/models")
+@endpoint("GET", "/v2/catalog/models")
 async def catalog_models(request: web.Request) -> web.Response:
     return json_response(request.app[REGISTRY].catalog_models())
 
 
-@routes.post("/v2/placement")
+@endpoint("POST", "/v2/placement")
 async def placement(request: web.Request) -> web.Response:
-    body = await decode_body(request, schemas.PlacementRequest)
     metrics = request.app[METRICS]
+    try:
+        body = await decode_body(request, schemas.PlacementRequest)
+    except ApiError:
+        if metrics is not None:
+            metrics.placements["invalid"] += 1
+        raise
     try:
         answer = request.app[REGISTRY].place(body)
     except NoPlacement as exc:
         if metrics is not None:
-            metrics.placements.labels(exc.code.lower()).inc()
+            metrics.placements[exc.code.lower()] += 1
         raise ApiError(503, exc.code, exc.message) from None
     if metrics is not None:
-        metrics.placements.labels("placed").inc()
+        metrics.placements["placed"] += 1
     return json_response(answer)

@@ -6,7 +6,6 @@ daemon can still register; every declared field is checked for type and range.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,8 +22,22 @@ Count = Annotated[int, Meta(ge=0, le=1_000_000)]
 GpuIndex = Annotated[int, Meta(ge=0, le=1024)]
 ShortText = Annotated[str, Meta(max_length=256)]
 Address = Annotated[str, Meta(min_length=1, max_length=512)]
+Timestamp = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9]{4}-[01][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-5][0-9]:[0-6][0-9](\.[0-9]{1,9})?"
+        r"([Zz]|[+-][0-2][0-9]:[0-5][0-9])$",
+        description="RFC 3339 time of the agent's clock (informational)",
+    ),
+]
 Strategy = Literal["least-loaded", "round-robin", "random"]
 NodeStatus = Literal["registering", "online", "draining", "offline"]
+
+
+class Wire(Struct, gc=False):
+    """Base of every wire struct. They hold only strings, numbers and lists of such or of other structs,
+    so they can never form a cycle: keeping them out of the garbage collector's sight makes its passes
+    over thousands of node records cheap."""
 
 
 class ValidationProblem(ValueError):
@@ -38,7 +51,7 @@ class ValidationProblem(ValueError):
 # --- requests -------------------------------------------------------------------------------------
 
 
-class GpuInfo(Struct):
+class GpuInfo(Wire):
     index: GpuIndex
     name: ShortText
     vram_total_bytes: Bytes
@@ -47,20 +60,20 @@ class GpuInfo(Struct):
     uuid: ShortText | None = None
 
 
-class Capabilities(Struct):
+class Capabilities(Wire):
     gpus: Annotated[list[GpuInfo], Meta(max_length=1024)]
     cpu_cores: Count
     ram_total_bytes: Bytes
     cuda_version: ShortText | None = None
 
 
-class PoolSpec(Struct):
+class PoolSpec(Wire):
     pool_id: Id
     gpus: Annotated[list[GpuIndex], Meta(max_length=1024)]
     slots_total: Count
 
 
-class Registration(Struct):
+class Registration(Wire):
     node_id: Id
     address: Address
     pools: Annotated[list[PoolSpec], Meta(max_length=256)]
@@ -69,7 +82,7 @@ class Registration(Struct):
     version: ShortText | None = None
 
 
-class PoolStatus(Struct):
+class PoolStatus(Wire):
     pool_id: Id
     ready: bool
     draining: bool
@@ -81,17 +94,18 @@ class PoolStatus(Struct):
     models_available: Annotated[list[ModelId], Meta(max_length=4096)] = []
 
 
-class Heartbeat(Struct):
+class Heartbeat(Wire):
     # The agent's clock is reported but never trusted for liveness: the daemon's own clock decides.
-    timestamp: datetime
+    # Checked by shape only (a pattern the published schema states too), as nothing computes with it.
+    timestamp: Timestamp
     pools: Annotated[list[PoolStatus], Meta(max_length=256)]
 
 
-class DrainRequest(Struct):
+class DrainRequest(Wire):
     drain: bool
 
 
-class PlacementRequest(Struct):
+class PlacementRequest(Wire):
     model_id: ModelId | None = None
     vram_bytes: Bytes | None = None
     strategy: Strategy = "least-loaded"
@@ -123,33 +137,33 @@ def check_heartbeat(body: Heartbeat) -> Heartbeat:
 # --- answers --------------------------------------------------------------------------------------
 
 
-class Error(Struct):
+class Error(Wire):
     code: str
     message: str
 
 
-class Health(Struct):
+class Health(Wire):
     status: str
     version: str
 
 
-class Ready(Struct):
+class Ready(Wire):
     status: str
 
 
-class RegisterAnswer(Struct):
+class RegisterAnswer(Wire):
     node_id: str
     status: NodeStatus
     heartbeat_interval_ms: int
     node_timeout_ms: int
 
 
-class HeartbeatAnswer(Struct):
+class HeartbeatAnswer(Wire):
     next_heartbeat_ms: int
     drain: bool
 
 
-class PoolView(Struct):
+class PoolView(Wire):
     pool_id: str
     gpus: list[int]
     ready: bool
@@ -162,7 +176,7 @@ class PoolView(Struct):
     models_available: list[str]
 
 
-class Node(Struct):
+class Node(Wire):
     node_id: str
     machine_id: str | None
     address: str
@@ -176,18 +190,18 @@ class Node(Struct):
     models: list[str]
 
 
-class NodeList(Struct):
+class NodeList(Wire):
     nodes: list[Node]
     count: int
 
 
-class AvailabilityPool(Struct):
+class AvailabilityPool(Wire):
     pool_id: str
     ready: bool
     models: list[str]
 
 
-class AvailabilityNode(Struct):
+class AvailabilityNode(Wire):
     node_id: str
     address: str
     online: bool
@@ -195,14 +209,14 @@ class AvailabilityNode(Struct):
     pools: list[AvailabilityPool]
 
 
-class Availability(Struct):
+class Availability(Wire):
     nodes: dict[str, AvailabilityNode]
     total_models: int
     replicated_models: list[str]
     single_node_models: list[str]
 
 
-class CatalogModel(Struct):
+class CatalogModel(Wire):
     model_id: str
     nodes: list[str]
     replicas: int
@@ -210,11 +224,11 @@ class CatalogModel(Struct):
     slots_free: int
 
 
-class CatalogModels(Struct):
+class CatalogModels(Wire):
     models: list[CatalogModel]
 
 
-class Placement(Struct):
+class Placement(Wire):
     node_id: str
     pool_id: str
     address: str

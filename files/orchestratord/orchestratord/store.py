@@ -27,6 +27,10 @@ CREATE TABLE IF NOT EXISTS nodes (
 """
 
 
+class StoreError(Exception):
+    """The database cannot be opened; the message names the path."""
+
+
 @dataclass
 class StoredNode:
     node_id: str
@@ -61,13 +65,16 @@ class SqliteStore:
         await self._run(self._open)
 
     def _open(self) -> None:
-        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a 2xx for a registration or a drain means the record is on disk.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute(SCHEMA)
+        try:
+            Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a 2xx for a registration or a drain means the record is on disk.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the database at db_path {self.db_path}: {exc}") from None
 
     async def close(self) -> None:
         await self._run(self._close)

@@ -101,12 +101,18 @@ class Agent:
             return
         self._last_probe = time.monotonic()
         try:
-            self.gpus = await asyncio.to_thread(probe_gpus, self.settings)
+            # Only the GPU query: the CUDA version does not change under a running driver.
+            fresh = await asyncio.to_thread(probe_gpus, self.settings, False)
+            problem = None if fresh is not None else "no GPU found any more"
         except NvidiaSmiError as error:
+            fresh, problem = None, str(error)
+        if fresh is None:
             if self.gpus_healthy:
-                log.error("GPU probe failed: %s; GPU pools report not ready", error)
+                log.error("GPU probe failed: %s; GPU pools report not ready", problem)
             self.gpus_healthy = False
-            return
+            return  # keep the last GPU list: the pools stay registered, only not ready
+        fresh.cuda_version = self.gpus.cuda_version
+        self.gpus = fresh
         if not self.gpus_healthy:
             log.info("GPU probe works again; GPU pools report ready")
         self.gpus_healthy = True
@@ -191,6 +197,8 @@ class Agent:
             self.settings.control_url,
             len(self.pools),
         )
+        for warning in self.gpus.warnings if self.gpus else []:
+            log.warning("nvidia-smi: %s", warning)
         async with ControlPlane(
             self.settings.control_url, self._token, self.settings.request_timeout_s, self.settings.ca_file
         ) as control:

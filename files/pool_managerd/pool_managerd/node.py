@@ -14,12 +14,14 @@ from .nvidia_smi import NvidiaSmiError, ProbeResult, probe
 NO_GPU_KINDS = ("not-found", "no-devices")
 # The daemon requires a compute capability; drivers before ~510 cannot tell it.
 UNKNOWN_COMPUTE_CAPABILITY = "unknown"
+# nvidia-smi on a large node with persistence mode off can take seconds; past this it is hung.
+NVIDIA_SMI_TIMEOUT_S = 30.0
 
 
-def probe_gpus(settings: Settings) -> ProbeResult | None:
+def probe_gpus(settings: Settings, with_cuda: bool = True) -> ProbeResult | None:
     """The node's GPUs, or None for a host without GPUs when CPU pools are allowed."""
     try:
-        return probe(settings.nvidia_smi, timeout=settings.request_timeout_s + 5)
+        return probe(settings.nvidia_smi, timeout=NVIDIA_SMI_TIMEOUT_S, with_cuda=with_cuda)
     except NvidiaSmiError as error:
         if settings.allow_cpu_pools and error.kind in NO_GPU_KINDS:
             return None
@@ -82,7 +84,12 @@ def pool_statuses(
     draining: bool,
     models: list[str],
 ) -> list[dict]:
-    """One heartbeat entry per pool. No engine runs yet, so every slot is free unless the node drains."""
+    """One heartbeat entry per pool.
+
+    slots_free counts slots with no request in flight. No engine runs yet, so every slot is free, draining
+    or not: a drain stops new placements (the `draining` flag), and free == total is how the rolling
+    upgrade sees that a draining node has gone idle.
+    """
     by_index = {gpu.index: gpu for gpu in gpus.gpus} if gpus else {}
     statuses = []
     for pool in pools:
@@ -94,7 +101,7 @@ def pool_statuses(
                 "ready": ready,
                 "draining": draining,
                 "slots_total": pool.slots_total,
-                "slots_free": 0 if draining else pool.slots_total,
+                "slots_free": pool.slots_total,
                 "vram_total_bytes": sum(gpu.vram_total_bytes for gpu in members),
                 "vram_free_bytes": sum(gpu.vram_free_bytes or 0 for gpu in members),
                 "models_available": list(models),

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Print what the wheelhouse would be built from, as JSON: a digest and each package's name and version.
 
-The digest covers every source file (not caches), the constraints file and the building Python's
-version and platform, so the wheelhouse is rebuilt exactly when one of them changed. `current` says
-whether the stamp in the wheelhouse already holds this digest. `sources` maps each package name to
-its folder.
+The digest covers every source file (not caches), the constraints file, the build steps and the
+building Python's version and platform, so the wheelhouse is rebuilt exactly when one of them
+changed. `current` says whether the stamp in the wheelhouse already holds this digest. `sources`
+maps each package name to its folder.
 """
 
 from __future__ import annotations
@@ -48,12 +48,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--constraints", type=Path, required=True)
     parser.add_argument("--stamp", type=Path, required=True)
+    parser.add_argument("--recipe", type=Path, action="append", default=[], help="build steps (file)")
     parser.add_argument("sources", type=Path, nargs="+")
     args = parser.parse_args()
 
     digest = hashlib.sha256()
     digest.update(f"{sys.version_info[:2]} {platform.machine()} {sys.platform}\n".encode())
     digest.update(args.constraints.read_bytes())
+    for recipe in args.recipe:
+        digest.update(recipe.read_bytes())
     packages, sources = {}, {}
     for root in args.sources:
         name, version = project_identity(root)

@@ -1,0 +1,311 @@
+"""Start the daemon and the bare app pinned to one core, seed nodes over HTTP, drive them with wrk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DAEMON_SOURCE = REPO_ROOT / "files" / "orchestratord"
+BARE_APP = Path(__file__).resolve().parent / "bare_app.py"
+SERVER_CPU, LOAD_CPU = "0", "1"
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    server_cpu_us_per_request: float  # CPU time the server process spent per answered request
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require_tools() -> None:
+    if os.cpu_count() is None or os.cpu_count() < 2:
+        sys.exit("the benchmark pins the server and the load generator to separate cores: it needs 2 CPUs")
+    if shutil.which("taskset") is None:
+        sys.exit("taskset (util-linux) is missing")
+    if shutil.which("wrk") is None:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            print("wrk is missing: installing it with apt-get", flush=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, stdout=subprocess.DEVNULL)
+        else:
+            sys.exit("wrk is missing: install it (apt-get install wrk) and run again")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit(f"server did not answer {url}/health within {timeout}s")
+
+
+class Daemon:
+    """orchestratord as shipped (metrics on, SQLite WAL with synchronous=FULL), pinned to SERVER_CPU."""
+
+    def __init__(self, workdir: Path, db_dir: Path, **settings) -> None:
+        self.token = secrets.token_urlsafe(32)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        token_file = workdir / "api-token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        config = {
+            "listen_host": "127.0.0.1",
+            "listen_port": self.port,
+            "token_file": str(token_file),
+            "db_path": str(db_dir / "registry.db"),
+            "log_level": "warning",
+            **settings,
+        }
+        config_path = workdir / "orchestratord.yml"
+        config_path.write_text(json.dumps(config))
+        env = dict(os.environ, PYTHONPATH=str(DAEMON_SOURCE))
+        env.pop("LLORCH_API_TOKEN", None)
+        self.log = (workdir / "orchestratord.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                SERVER_CPU,
+                sys.executable,
+                "-m",
+                "orchestratord",
+                "--config",
+                str(config_path),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_healthy(self.url, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+class BareApp:
+    def __init__(self, mode: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                SERVER_CPU,
+                sys.executable,
+                str(BARE_APP),
+                "--mode",
+                mode,
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_healthy(self.url, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def registration(node_id: str, pools: int) -> dict:
+    return {
+        "node_id": node_id,
+        "machine_id": f"machine-{node_id}",
+        "address": f"http://{node_id}.bench:8080",
+        "version": "bench",
+        "pools": [{"pool_id": f"pool-{p}", "gpus": [p], "slots_total": 8} for p in range(pools)],
+        "capabilities": {
+            "gpus": [
+                {
+                    "index": p,
+                    "uuid": f"GPU-{node_id}-{p}",
+                    "name": "NVIDIA H100 80GB HBM3",
+                    "vram_total_bytes": 80 * 1024**3,
+                    "compute_capability": "9.0",
+                    "driver_version": "550.90.07",
+                }
+                for p in range(pools)
+            ],
+            "cuda_version": "12.4",
+            "cpu_cores": 64,
+            "ram_total_bytes": 512 * 1024**3,
+        },
+    }
+
+
+def pool_status(pool_id: str, slots_free: int, vram_free_gib: int, models: list[str]) -> dict:
+    return {
+        "pool_id": pool_id,
+        "ready": True,
+        "draining": False,
+        "slots_total": 8,
+        "slots_free": slots_free,
+        "vram_total_bytes": 80 * 1024**3,
+        "vram_free_bytes": vram_free_gib * 1024**3,
+        "engine": "vllm",
+        "models_available": models,
+    }
+
+
+def heartbeat_body(pools: list[dict]) -> dict:
+    return {"timestamp": "2026-01-01T00:00:00Z", "pools": pools}
+
+
+async def _seed(url: str, token: str, nodes: list[tuple[dict, dict]], concurrency: int) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(session: aiohttp.ClientSession, reg: dict, beat: dict) -> None:
+        async with limit:
+            async with session.post(url + "/v2/nodes/register", json=reg, headers=headers) as answer:
+                if answer.status != 200:
+                    raise RuntimeError(f"register {reg['node_id']}: {answer.status} {await answer.text()}")
+            hb_url = f"{url}/v2/nodes/{reg['node_id']}/heartbeat"
+            async with session.post(hb_url, json=beat, headers=headers) as answer:
+                if answer.status != 200:
+                    raise RuntimeError(f"heartbeat {reg['node_id']}: {answer.status} {await answer.text()}")
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session, reg, beat) for reg, beat in nodes))
+
+
+def seed_nodes(url: str, token: str, nodes: list[tuple[dict, dict]], concurrency: int = 32) -> float:
+    """Register each node and send its first heartbeat over HTTP; returns the seconds it took."""
+    started = time.perf_counter()
+    asyncio.run(_seed(url, token, nodes, concurrency))
+    return time.perf_counter() - started
+
+
+def online_count(url: str, token: str) -> int:
+    request = urllib.request.Request(
+        url + "/v2/nodes?status=online", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.load(answer)["count"]
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def run_wrk(url: str, script: Path, duration_s: int, connections: int, server_pid: int) -> WrkResult:
+    cpu_before = process_cpu_s(server_pid)
+    output = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration_s + 60,
+    ).stdout
+    cpu_s = process_cpu_s(server_pid) - cpu_before
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    return WrkResult(
+        requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+        p50_ms=_ms(percentiles["50"]),
+        p99_ms=_ms(percentiles["99"]),
+        requests=requests,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+        server_cpu_us_per_request=cpu_s / max(requests, 1) * 1e6,
+    )
+
+
+def lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid Lua string literal for ASCII text
+
+
+def median_result(results: list[WrkResult]) -> WrkResult:
+    return WrkResult(
+        requests_per_s=statistics.median(r.requests_per_s for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        requests=sum(r.requests for r in results),
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+        server_cpu_us_per_request=statistics.median(r.server_cpu_us_per_request for r in results),
+    )
+
+
+def describe(name: str, result: WrkResult) -> str:
+    return (
+        f"{name:<28} {result.requests_per_s:>9.0f} req/s   p50 {result.p50_ms:6.2f} ms   "
+        f"p99 {result.p99_ms:6.2f} ms   server CPU {result.server_cpu_us_per_request:5.0f} us/req   "
+        f"non-2xx {result.non_2xx}   socket errors {result.socket_errors}"
+    )
+
+
+def scratch_dir(prefix: str, memory: bool = False) -> tempfile.TemporaryDirectory:
+    """A temp dir on disk, or in /dev/shm when `memory` (for seeding many nodes quickly)."""
+    base = "/dev/shm" if memory and Path("/dev/shm").is_dir() else None
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=base)
+
+
+def machine_note() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start"
+
+
+def rng(seed: int = 42) -> random.Random:
+    return random.Random(seed)

@@ -1,0 +1,232 @@
+"""How much time the llorch_registry inventory plugin adds on top of Ansible's own cost.
+
+For each size (1,000 and 10,000 nodes by default) it registers that many nodes with a real orchestratord
+on 127.0.0.1 (two pools, two of 40 models each), then times `ansible-inventory --graph`:
+
+- cold:   the plugin asks the registry (`--flush-cache`), builds the hosts, writes the cache;
+- cached: the plugin reads the jsonfile cache written by the cold run, no request;
+- floor:  a throwaway plugin re-adds the exact groups, hosts and variables the real plugin produced (its
+          `--list` output, read from a JSON file) and nothing else: Ansible's own cost for that inventory.
+
+It prints the best of --repeat runs of each and the ratios against the floor (goal at 10,000 nodes: cold
+within 1.3x, cached within 1.1x), plus one cold run with detailed_vars (whole pool and GPU records) to show
+what lean host variables save.
+
+    .venv/bin/python bench/inventory.py [--nodes 1000,10000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from support import make_daemon, sample_heartbeat, sample_registration  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+MODELS = [f"org-{i % 8}/model-{i}-8b-instruct" for i in range(40)]
+CONCURRENCY = 16
+
+# The floor: adds what it is given, the same calls the real plugin makes, no HTTP, no cache, no checks.
+FLOOR_PLUGIN = '''
+from __future__ import annotations
+
+import json
+
+from ansible.plugins.inventory import BaseInventoryPlugin
+
+DOCUMENTATION = r"""
+name: llorch_floor
+short_description: benchmark floor, re-adds a saved inventory
+options:
+  plugin:
+    required: true
+    choices: [llorch_floor]
+  data_file:
+    required: true
+    type: path
+"""
+
+
+class InventoryModule(BaseInventoryPlugin):
+    NAME = "llorch_floor"
+
+    def verify_file(self, path):
+        return path.endswith(".llorch_floor.yml")
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache)
+        self._read_config_data(path)
+        with open(self.get_option("data_file"), encoding="utf-8") as handle:
+            saved = json.load(handle)
+        for group in saved["groups"]:
+            inventory.add_group(group)
+        for host, variables in saved["hostvars"].items():
+            first, *others = saved["memberships"][host]
+            inventory.add_host(host, group=first)
+            for name, value in variables.items():
+                inventory.set_variable(host, name, value)
+            for group in others:
+                inventory.add_child(group, host)
+'''
+
+
+def plain(value):
+    """`--list` output without the `{"__ansible_unsafe": ...}` wrappers Ansible 2.19 prints."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+async def register_nodes(url: str, token: str, count: int) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    limit = asyncio.Semaphore(CONCURRENCY)
+    async with aiohttp.ClientSession(headers=headers) as session:
+
+        async def one(index: int) -> None:
+            registration = sample_registration(f"gpu-{index:05d}", pools=2)
+            models = [MODELS[index % len(MODELS)], MODELS[(index * 7 + 3) % len(MODELS)]]
+            async with limit:
+                async with session.post(f"{url}/v2/nodes/register", json=registration) as answer:
+                    answer.raise_for_status()
+                heartbeat = sample_heartbeat(registration, models)
+                async with session.post(
+                    f"{url}/v2/nodes/{registration['node_id']}/heartbeat", json=heartbeat
+                ) as answer:
+                    answer.raise_for_status()
+
+        await asyncio.gather(*(one(index) for index in range(count)))
+
+
+def ansible_inventory(env: dict[str, str], *args: str) -> tuple[float, float, subprocess.CompletedProcess]:
+    """One run: wall seconds, CPU seconds of ansible-inventory itself (user + system), its output."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(VENV_BIN / "ansible-inventory"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    if done.returncode != 0 or "Unable to parse" in done.stderr:
+        raise SystemExit(f"ansible-inventory {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return wall, cpu, done
+
+
+def best_of(
+    repeat: int, env: dict[str, str], variants: dict[str, list[str]]
+) -> dict[str, tuple[float, float]]:
+    """Best wall and best CPU seconds of each variant; the variants take turns, so a burst of load from
+    elsewhere on the machine hits them alike."""
+    best = {name: (float("inf"), float("inf")) for name in variants}
+    for _ in range(repeat):
+        for name, args in variants.items():
+            wall, cpu, _ = ansible_inventory(env, *args)
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
+def save_floor_data(listing: dict, path: Path) -> int:
+    """The groups, host variables and memberships of a `--list` output, for the floor plugin."""
+    listing = plain(listing)
+    hostvars = listing.pop("_meta")["hostvars"]
+    groups = [name for name in listing if name not in ("all", "ungrouped")]
+    memberships: dict[str, list[str]] = {host: [] for host in hostvars}
+    for name in groups:
+        for host in listing[name].get("hosts", []):
+            memberships[host].append(name)
+    path.write_text(json.dumps({"groups": groups, "hostvars": hostvars, "memberships": memberships}))
+    return len(groups)
+
+
+def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
+    daemon = make_daemon(workdir / "orchestratord", node_timeout_ms=3_600_000, log_level="warning")
+    daemon.start()
+    try:
+        started = time.perf_counter()
+        asyncio.run(register_nodes(daemon.url, daemon.token, count))
+        registered_s = time.perf_counter() - started
+
+        env = {
+            name: value for name, value in os.environ.items() if not name.startswith(("ANSIBLE_", "LLORCH_"))
+        }
+        env.update(
+            ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+            ANSIBLE_INVENTORY_PLUGINS=f"{workdir}{os.pathsep}{REPO_ROOT / 'plugins' / 'inventory'}",
+            ANSIBLE_INVENTORY_ENABLED="llorch_registry,llorch_floor",
+            LLORCH_URL=daemon.url,
+            LLORCH_API_TOKEN=daemon.token,
+        )
+        cache = {"cache": True, "cache_plugin": "jsonfile", "cache_connection": str(workdir / "cache")}
+        source = workdir / "bench.llorch_registry.yml"
+        source.write_text(yaml.safe_dump({"plugin": "llorch_registry", **cache}))
+        detailed = workdir / "detailed.llorch_registry.yml"
+        detailed.write_text(yaml.safe_dump({"plugin": "llorch_registry", "detailed_vars": True}))
+        (workdir / "llorch_floor.py").write_text(FLOOR_PLUGIN)
+        floor_source = workdir / "bench.llorch_floor.yml"
+        floor_source.write_text(
+            yaml.safe_dump({"plugin": "llorch_floor", "data_file": str(workdir / "floor.json")})
+        )
+
+        _, _, listed = ansible_inventory(env, "-i", str(source), "--list", "--flush-cache")
+        groups = save_floor_data(json.loads(listed.stdout), workdir / "floor.json")
+        timings = best_of(
+            repeat,
+            env,
+            {
+                "floor": ["-i", str(floor_source), "--graph"],
+                "cold": ["-i", str(source), "--graph", "--flush-cache"],
+                "cached": ["-i", str(source), "--graph"],
+            },
+        )
+        timings.update(best_of(1, env, {"detailed": ["-i", str(detailed), "--graph"]}))
+        return {"nodes": count, "groups": groups, "register_s": registered_s, **timings}
+    finally:
+        daemon.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", default="1000,10000", help="comma-separated node counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best counts")
+    args = parser.parse_args()
+
+    print(f"ansible-inventory --graph, best of {args.repeat} runs each: wall s (CPU s of the process)")
+    print(
+        f"{'nodes':>6} {'groups':>6} {'floor':>12} {'cold':>12} {'cached':>12} {'cold/floor':>13}"
+        f" {'cached/floor':>13} {'detailed cold':>14} {'register s':>10}"
+    )
+    for count in (int(part) for part in args.nodes.split(",")):
+        with tempfile.TemporaryDirectory(prefix="llorch-bench-inventory-") as workdir:
+            f = measure(count, args.repeat, Path(workdir))
+        (floor_wall, floor_cpu), (cold_wall, cold_cpu) = f["floor"], f["cold"]
+        cached_wall, cached_cpu = f["cached"]
+        print(
+            f"{count:>6} {f['groups']:>6}"
+            f" {floor_wall:>5.2f} ({floor_cpu:>4.2f}) {cold_wall:>5.2f} ({cold_cpu:>4.2f})"
+            f" {cached_wall:>5.2f} ({cached_cpu:>4.2f})"
+            f" {cold_wall / floor_wall:>5.2f}x ({cold_cpu / floor_cpu:.2f}x)"
+            f" {cached_wall / floor_wall:>5.2f}x ({cached_cpu / floor_cpu:.2f}x)"
+            f" {f['detailed'][0]:>6.2f} ({f['detailed'][1]:>4.2f}) {f['register_s']:>10.1f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

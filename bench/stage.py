@@ -1,0 +1,268 @@
+"""Benchmark model staging against what a person does by hand, on one machine, in one run.
+
+A 1 GiB file is served from 127.0.0.1 (sendfile, Range-capable). Timed, interleaved over a few rounds
+(medians printed): `curl -o` alone; one sha256 pass over the file (hashlib and sha256sum); `curl -o` then
+`sha256sum`; and `model_stage` through `ansible localhost -m model_stage` minus a no-op re-run of the same
+command (Ansible's own start-up). Goal: model_stage within 1.25x of the larger of curl and the sha256 pass.
+Then 10 staged models (100 MiB each) are staged again with the role: the goal is under 1 s per model.
+
+Bounded: about 3.2 GiB of disk under $BENCH_TMPDIR (default: the system temp dir), removed at the end;
+every child process has a time limit. Usage: python bench/stage.py [--size-mib N] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from support_staging import FileServer  # noqa: E402 - the tests' server, reused so both measure one thing
+
+BIN = Path(sys.executable).parent
+CHILD_TIMEOUT_S = 300
+RERUN_MODELS = 10
+RERUN_MODEL_MIB = 100
+
+
+def ansible_env() -> dict[str, str]:
+    return dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+    )
+
+
+def timed(command: list[str], **kwargs) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, **kwargs)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"bench: {' '.join(command[:3])}... failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return elapsed, proc
+
+
+def write_source(path: Path, size: int) -> str:
+    """Pseudo-random bytes (64 MiB blocks, each different); returns the sha256."""
+    rng = random.Random(42)
+    digest = hashlib.sha256()
+    block_size = 64 * 1024 * 1024
+    with path.open("wb") as handle:
+        remaining = size
+        while remaining:
+            block = rng.randbytes(min(block_size, remaining))
+            digest.update(block)
+            handle.write(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+def model_stage_command(args: dict) -> list[str]:
+    return [
+        str(BIN / "ansible"),
+        "localhost",
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+        "-m",
+        "model_stage",
+        "-a",
+        json.dumps(args),
+    ]
+
+
+def module_result(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+
+
+def bench_one_file(
+    work: Path, server: FileServer, size: int, sha256: str, rounds: int
+) -> dict[str, list[float]]:
+    url = f"{server.url}/model.bin"
+    out = work / "curl.out"
+    times: dict[str, list[float]] = {
+        k: [] for k in ("curl", "hashlib", "sha256sum", "curl+sha256sum", "stage")
+    }
+    times.update(stage_noop=[], stage_inner=[])
+    for _ in range(rounds):
+        seconds, _ = timed(["curl", "-sS", "--fail", "-o", str(out), url])
+        times["curl"].append(seconds)
+        out.unlink()
+
+        started = time.perf_counter()
+        digest = hashlib.sha256()
+        with (work / "serve" / "model.bin").open("rb", buffering=0) as handle:
+            while block := handle.read(8 * 1024 * 1024):
+                digest.update(block)
+        times["hashlib"].append(time.perf_counter() - started)
+        assert digest.hexdigest() == sha256
+
+        seconds, _ = timed(["sha256sum", str(work / "serve" / "model.bin")])
+        times["sha256sum"].append(seconds)
+
+        seconds, proc = timed(
+            ["sh", "-c", 'curl -sS --fail -o "$1" "$2" && sha256sum "$1"', "sh", str(out), url]
+        )
+        assert proc.stdout.split()[0] == sha256
+        times["curl+sha256sum"].append(seconds)
+        out.unlink()
+
+        models_dir = work / "models"
+        models_dir.mkdir()
+        args = {
+            "id": "bench",
+            "source": url,
+            "sha256": sha256,
+            "size_bytes": size,
+            "models_dir": str(models_dir),
+        }
+        seconds, proc = timed(model_stage_command(args), env=ansible_env(), cwd=REPO_ROOT)
+        result = module_result(proc)
+        assert result.get("changed") and result["bytes_downloaded"] == size, result
+        times["stage"].append(seconds)
+        times["stage_inner"].append(result["seconds"])
+        seconds, proc = timed(model_stage_command(args), env=ansible_env(), cwd=REPO_ROOT)
+        assert module_result(proc).get("changed") is False
+        times["stage_noop"].append(seconds)
+        shutil.rmtree(models_dir)
+    return times
+
+
+def bench_rerun(work: Path, server: FileServer) -> tuple[float, float, float]:
+    """Stage 10 models with the role, then time the run that finds them all staged."""
+    source = work / "serve" / "small.bin"
+    sha256 = write_source(source, RERUN_MODEL_MIB * 1024 * 1024)
+    models = []
+    for index in range(RERUN_MODELS):
+        (work / "serve" / f"small-{index}.bin").symlink_to(source)
+        models.append({"id": f"small-{index}", "source": f"{server.url}/small-{index}.bin", "sha256": sha256})
+    playbook = work / "rerun.yml"
+    role_vars = {
+        "model_staging_dir": str(work / "rerun-models"),
+        "model_staging_owner": getpass.getuser(),
+        "model_staging_models": models,
+    }
+    playbook.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "bench",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "roles": [{"role": "model_staging", "vars": role_vars}],
+                }
+            ]
+        )
+    )
+    command = [
+        str(BIN / "ansible-playbook"),
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+        str(playbook),
+    ]
+    first, _ = timed(command, env=ansible_env(), cwd=REPO_ROOT)
+    again, proc = timed(command, env=ansible_env(), cwd=REPO_ROOT)
+    stats = json.loads(proc.stdout)["stats"]["localhost"]
+    assert stats["changed"] == 0 and stats["failures"] == 0, stats
+    # The same models with no tasks at all: Ansible's own start and the role's fixed tasks.
+    role_vars["model_staging_models"] = []
+    empty, _ = timed(command, env=ansible_env(), cwd=REPO_ROOT)
+    return first, again, empty
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    size = options.size_mib * 1024 * 1024
+    for tool in ("curl", "sha256sum"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is missing (scripts/system-deps.sh installs it)")
+    base = os.environ.get("BENCH_TMPDIR") or tempfile.gettempdir()
+    needed = (
+        2 * size
+        + RERUN_MODELS * 0
+        + 2 * RERUN_MODEL_MIB * 1024 * 1024
+        + RERUN_MODELS * RERUN_MODEL_MIB * 1024**2
+    )
+    free = shutil.disk_usage(base).free
+    if free < needed * 1.2:
+        raise SystemExit(
+            f"bench: needs about {needed / 2**30:.1f} GiB free in {base}, has {free / 2**30:.1f} GiB"
+        )
+    work = Path(tempfile.mkdtemp(prefix="llorch-bench-stage-", dir=base))
+    server = None
+    try:
+        (work / "serve").mkdir()
+        print(f"writing a {options.size_mib} MiB source file in {work} ...", flush=True)
+        sha256 = write_source(work / "serve" / "model.bin", size)
+        server = FileServer(work / "serve").start()
+        times = bench_one_file(work, server, size, sha256, options.rounds)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        stage_net = median["stage"] - median["stage_noop"]
+        # Two sha256 passes: sha256sum (what a person runs) and hashlib (OpenSSL, what the module uses).
+        floor_sha256sum = max(median["curl"], median["sha256sum"])
+        floor_hashlib = max(median["curl"], median["hashlib"])
+        mib = options.size_mib
+        print(f"\nstaging {mib} MiB from 127.0.0.1, {os.cpu_count()} CPUs, median of {options.rounds} rounds")
+        for name, label in (
+            ("curl", "curl -o"),
+            ("hashlib", "one sha256 pass (hashlib)"),
+            ("sha256sum", "one sha256 pass (sha256sum)"),
+            ("curl+sha256sum", "curl -o, then sha256sum"),
+            ("stage", "ansible -m model_stage (whole command)"),
+            ("stage_noop", "ansible -m model_stage, no-op re-run"),
+        ):
+            print(f"  {label:44s} {median[name]:7.2f} s  {mib / median[name]:8.0f} MiB/s")
+        print(
+            f"  {'model_stage minus the no-op re-run':44s} {stage_net:7.2f} s  {mib / stage_net:8.0f} MiB/s"
+        )
+        print(f"  {'model_stage, its own seconds (fetch+hash)':44s} {median['stage_inner']:7.2f} s")
+        goal = "(goal <= 1.25)"
+        print(
+            f"ratio model_stage / max(curl -o, sha256sum)        {stage_net / floor_sha256sum:5.2f}  {goal}"
+        )
+        print(f"ratio model_stage / max(curl -o, hashlib pass)     {stage_net / floor_hashlib:5.2f}  {goal}")
+        print(
+            f"ratio (curl -o, then sha256sum) / model_stage      {median['curl+sha256sum'] / stage_net:5.2f}"
+        )
+        print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+        first, again, empty = bench_rerun(work, server)
+        per_model = again / RERUN_MODELS
+        print(f"\nrole over {RERUN_MODELS} models of {RERUN_MODEL_MIB} MiB each")
+        print(f"  first run (stages them)                        {first:.2f} s")
+        print(f"  re-run, all staged                             {again:.2f} s")
+        print(f"  re-run per model (whole playbook / {RERUN_MODELS})       {per_model:.2f} s  (goal < 1 s)")
+        print(f"  re-run per model, minus a run with no models   {(again - empty) / RERUN_MODELS:.2f} s")
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

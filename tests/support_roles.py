@@ -1,0 +1,63 @@
+"""Run the kit's roles through `ansible-playbook` on localhost, for the roles' tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from support import REPO_ROOT
+
+ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
+
+
+def run_playbook(
+    tmp_path: Path, plays: list[dict[str, Any]], inventory: dict[str, Any], env: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Write the plays and the inventory into tmp_path, run them (JSON callback), return (rc, output)."""
+    playbook = tmp_path / "playbook.yml"
+    playbook.write_text(yaml.safe_dump(plays))
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(yaml.safe_dump(inventory))
+    child_env = dict(os.environ)
+    child_env.update(
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
+        ANSIBLE_STDOUT_CALLBACK="json",
+        ANSIBLE_LOCALHOST_WARNING="0",
+        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+        **(env or {}),
+    )
+    proc = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", str(hosts), str(playbook)],
+        cwd=REPO_ROOT,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def failures(output: dict[str, Any]) -> dict[str, str]:
+    """host -> message of the task that failed it."""
+    found = {}
+    for play in output["plays"]:
+        for task in play["tasks"]:
+            for host, result in task["hosts"].items():
+                if result.get("failed") and not result.get("ignore_errors"):
+                    # A failed loop holds its messages in the items that failed.
+                    items = [item.get("msg", "") for item in result.get("results", []) if item.get("failed")]
+                    found[host] = " ".join(items) or result.get("msg", "")
+    return found
+
+
+def local_host(**host_vars: Any) -> dict[str, Any]:
+    """Inventory vars for a host that is this machine, run with the test's own Python."""
+    return {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, **host_vars}

@@ -1,0 +1,194 @@
+"""Bad input: every body is checked by its schema; each mistake is a 4xx envelope naming the field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from support import make_daemon, sample_heartbeat, sample_registration
+
+REGISTRATION = sample_registration("gpu-1", pools=2)
+HEARTBEAT = sample_heartbeat(REGISTRATION, ["llama"])
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    daemon = make_daemon(tmp_path_factory.mktemp("validation")).start()
+    assert daemon.api("POST", "/v2/nodes/register", REGISTRATION).status == 200
+    yield daemon
+    daemon.stop()
+
+
+def changed(body: dict, path: str, value) -> dict:
+    """A deep copy of `body` with the dotted `path` set to `value` (or removed when value is ...)."""
+    body = copy.deepcopy(body)
+    *parents, last = path.split(".")
+    target = body
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    if value is ...:
+        del target[last]
+    elif last.isdigit():
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return body
+
+
+def assert_invalid(answer, field: str) -> None:
+    assert answer.status == 400, answer.text
+    assert set(answer.body) == {"code", "message"}
+    assert answer.body["code"] == "INVALID_PARAMS"
+    assert field in answer.body["message"], answer.body["message"]
+    assert "Traceback" not in answer.text
+
+
+BAD_REGISTRATIONS = {
+    "node id with a space": (changed(REGISTRATION, "node_id", "gpu 1"), "$.node_id"),
+    "node id too long": (changed(REGISTRATION, "node_id", "n" * 129), "$.node_id"),
+    "empty node id": (changed(REGISTRATION, "node_id", ""), "$.node_id"),
+    "node id missing": (changed(REGISTRATION, "node_id", ...), "node_id"),
+    "node id a number": (changed(REGISTRATION, "node_id", 7), "$.node_id"),
+    "pool id with a slash": (changed(REGISTRATION, "pools.0.pool_id", "a/b"), "$.pools[0].pool_id"),
+    "slots_total a string": (changed(REGISTRATION, "pools.1.slots_total", "4"), "$.pools[1].slots_total"),
+    "negative slots_total": (changed(REGISTRATION, "pools.0.slots_total", -1), "$.pools[0].slots_total"),
+    "negative vram": (
+        changed(REGISTRATION, "capabilities.gpus.0.vram_total_bytes", -1),
+        "$.capabilities.gpus[0].vram_total_bytes",
+    ),
+    "negative ram": (
+        changed(REGISTRATION, "capabilities.ram_total_bytes", -5),
+        "$.capabilities.ram_total_bytes",
+    ),
+    "pools not a list": (changed(REGISTRATION, "pools", {"pool_id": "x"}), "$.pools"),
+    "duplicate pool": (
+        changed(REGISTRATION, "pools.1.pool_id", REGISTRATION["pools"][0]["pool_id"]),
+        "$.pools[1].pool_id",
+    ),
+    "capabilities missing": (changed(REGISTRATION, "capabilities", ...), "capabilities"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REGISTRATIONS)
+def test_bad_registration_is_400_naming_the_field(shared_daemon, case):
+    body, field = BAD_REGISTRATIONS[case]
+    assert_invalid(shared_daemon.api("POST", "/v2/nodes/register", body), field)
+
+
+BAD_HEARTBEATS = {
+    "slots_free above slots_total": (changed(HEARTBEAT, "pools.1.slots_free", 5), "$.pools[1].slots_free"),
+    "negative vram free": (changed(HEARTBEAT, "pools.0.vram_free_bytes", -1), "$.pools[0].vram_free_bytes"),
+    "ready not a bool": (changed(HEARTBEAT, "pools.0.ready", "yes"), "$.pools[0].ready"),
+    "timestamp not a time": (changed(HEARTBEAT, "timestamp", "yesterday"), "$.timestamp"),
+    "model id with a space": (
+        changed(HEARTBEAT, "pools.0.models_available", ["bad model"]),
+        "$.pools[0].models_available[0]",
+    ),
+    "pools missing": (changed(HEARTBEAT, "pools", ...), "pools"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEARTBEATS)
+def test_bad_heartbeat_is_400_naming_the_field(shared_daemon, case):
+    body, field = BAD_HEARTBEATS[case]
+    assert_invalid(shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", body), field)
+
+
+BAD_PLACEMENTS = {
+    "unknown strategy": ({"strategy": "cheapest"}, "$.strategy"),
+    "negative vram": ({"vram_bytes": -1}, "$.vram_bytes"),
+    "vram a string": ({"vram_bytes": "lots"}, "$.vram_bytes"),
+    "model id too odd": ({"model_id": "a b"}, "$.model_id"),
+    "body a list": ([], "PlacementRequest"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PLACEMENTS)
+def test_bad_placement_is_400_naming_the_field(shared_daemon, case):
+    body, field = BAD_PLACEMENTS[case]
+    assert_invalid(shared_daemon.api("POST", "/v2/placement", body), field)
+
+
+def test_drain_not_a_bool_is_400(shared_daemon):
+    assert_invalid(shared_daemon.api("POST", "/v2/nodes/gpu-1/drain", {"drain": "yes"}), "$.drain")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/nodes/register", "/v2/nodes/gpu-1/heartbeat", "/v2/nodes/gpu-1/drain", "/v2/placement"]
+)
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b'{"a": 1'])
+def test_malformed_json_is_400(shared_daemon, path, raw):
+    answer = shared_daemon.api("POST", path, raw=raw)
+    assert answer.status == 400
+    assert answer.body["code"] == "INVALID_PARAMS"
+    assert "JSON" in answer.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v2/nodes/bad%20id"), ("DELETE", "/v2/nodes/bad%20id"), ("GET", "/v2/nodes/" + "n" * 129)],
+)
+def test_bad_node_id_in_the_path_is_400(shared_daemon, method, path):
+    assert_invalid(shared_daemon.api(method, path), "node_id")
+
+
+def test_bad_node_id_in_a_heartbeat_path_is_400(shared_daemon):
+    assert_invalid(shared_daemon.api("POST", "/v2/nodes/bad%21id/heartbeat", HEARTBEAT), "node_id")
+
+
+def test_unknown_status_filter_is_400(shared_daemon):
+    assert_invalid(shared_daemon.api("GET", "/v2/nodes?status=sleeping"), "status")
+
+
+def test_body_over_the_limit_is_413(shared_daemon):
+    oversized = b'{"node_id": "' + b"x" * (1024 * 1024 + 1) + b'"}'
+    answer = shared_daemon.api("POST", "/v2/nodes/register", raw=oversized)
+    assert answer.status == 413
+    assert answer.body["code"] == "PAYLOAD_TOO_LARGE"
+    assert "1048576" in answer.body["message"]
+
+
+def test_configured_body_limit_applies(daemon_factory):
+    daemon = daemon_factory(max_body_bytes=2048)
+    answer = daemon.api("POST", "/v2/placement", raw=b'{"model_id": "' + b"m" * 3000 + b'"}')
+    assert answer.status == 413
+    assert answer.body["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_unknown_path_is_404_envelope(shared_daemon):
+    answer = shared_daemon.api("GET", "/v2/nowhere")
+    assert answer.status == 404
+    assert answer.body["code"] == "NOT_FOUND"
+    answer = shared_daemon.api("GET", "/nowhere", token=None)
+    assert answer.status == 404
+    assert answer.body["code"] == "NOT_FOUND"
+
+
+def test_wrong_method_is_405_envelope(shared_daemon):
+    answer = shared_daemon.api("PUT", "/v2/placement", {})
+    assert answer.status == 405
+    assert answer.body["code"] == "METHOD_NOT_ALLOWED"
+    assert "POST" in answer.headers["Allow"]
+
+
+def test_bad_input_changed_nothing(shared_daemon):
+    node = shared_daemon.api("GET", "/v2/nodes/gpu-1").body
+    assert node["pools"][0]["pool_id"] == "pool-0"
+    assert shared_daemon.api("GET", "/v2/nodes").body["count"] == 1
+    assert "Traceback" not in shared_daemon.log()
+
+
+def test_unknown_query_parameter_is_400(shared_daemon):
+    assert_invalid(shared_daemon.api("GET", "/v2/nodes?stauts=offline"), "stauts")
+    assert_invalid(shared_daemon.api("GET", "/v2/catalog/models?model=x"), "model")
+
+
+def test_whole_number_written_as_a_float_is_an_integer(shared_daemon):
+    # JSON Schema, and so the published document, counts 4.0 as an integer.
+    body = changed(HEARTBEAT, "pools.0.slots_free", 2.0)
+    assert shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", body).status == 200
+    assert shared_daemon.api("GET", "/v2/nodes/gpu-1").body["pools"][0]["slots_free"] == 2
+    assert_invalid(
+        shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", changed(HEARTBEAT, "pools.0.slots_free", 2.5)),
+        "$.pools[0].slots_free",
+    )

@@ -1,0 +1,81 @@
+"""The validate_inventory role: a wrong inventory fails in seconds, naming the variable."""
+
+from __future__ import annotations
+
+from support import TEST_TOKEN
+from support_roles import failures, local_host, run_playbook
+
+PLAY = [
+    {
+        "name": "Validate",
+        "hosts": "all",
+        "gather_facts": False,
+        "run_once": True,
+        "roles": ["validate_inventory"],
+    }
+]
+
+
+def inventory(control=("ctl",), gpu_pools=None, **shared):
+    shared_vars = {"llorch_api_token": TEST_TOKEN, "llorch_control_url": "http://ctl:9200", **shared}
+    gpu_hosts = {
+        name: local_host(**({"pool_managerd_pools": pools} if pools is not None else {}))
+        for name, pools in (gpu_pools or {"gpu-1": None}).items()
+    }
+    return {
+        "all": {
+            "vars": shared_vars,
+            "children": {
+                "control": {"hosts": {name: local_host() for name in control}},
+                "gpu_nodes": {"hosts": gpu_hosts},
+            },
+        }
+    }
+
+
+def validate(tmp_path, inv):
+    rc, output = run_playbook(tmp_path, PLAY, inv)
+    return rc, " ".join(failures(output).values())
+
+
+def test_a_good_inventory_passes(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0], "slots_total": 2}, {"pool_id": "b", "gpus": [1], "slots_total": 2}]
+    rc, message = validate(tmp_path, inventory(gpu_pools={"gpu-1": pools, "gpu-2": None}))
+    assert rc == 0, message
+
+
+def test_two_control_hosts_are_refused(tmp_path):
+    rc, message = validate(tmp_path, inventory(control=("ctl-a", "ctl-b")))
+    assert rc != 0
+    assert "'control' holds 2 host(s)" in message
+
+
+def test_short_token_is_refused_without_showing_it(tmp_path):
+    rc, message = validate(tmp_path, inventory(llorch_api_token="short-token-123"))
+    assert rc != 0
+    assert "short-token-123" not in message  # no_log hides the whole result, token included
+
+
+def test_url_without_scheme_is_refused(tmp_path):
+    rc, message = validate(tmp_path, inventory(llorch_control_url="ctl:9200"))
+    assert rc != 0
+    assert "llorch_control_url is 'ctl:9200'" in message
+
+
+def test_gpu_in_two_pools_is_refused_naming_the_host(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0, 1]}, {"pool_id": "b", "gpus": [1]}]
+    rc, message = validate(tmp_path, inventory(gpu_pools={"gpu-7": pools}))
+    assert rc != 0
+    assert "pool_managerd_pools of gpu-7" in message
+
+
+def test_bad_pool_id_is_refused(tmp_path):
+    rc, message = validate(tmp_path, inventory(gpu_pools={"gpu-1": [{"pool_id": "has space", "gpus": [0]}]}))
+    assert rc != 0
+    assert "pool_managerd_pools of gpu-1" in message
+
+
+def test_bad_rolling_batch_is_refused(tmp_path):
+    rc, message = validate(tmp_path, inventory(llorch_node_serial="lots"))
+    assert rc != 0
+    assert "llorch_node_serial is 'lots'" in message
