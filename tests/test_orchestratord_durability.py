@@ -74,4 +74,3 @@ def test_clean_stop_writes_the_last_heartbeats(daemon_factory):
     online_node(daemon, "gpu-1", ["llama"])
     daemon.stop()  # SIGTERM: the pending batch is written before exit
     assert stored_heartbeats(daemon.config["db_path"])["gpu-1"] is not None
-
