@@ -39,6 +39,13 @@ def utc_now() -> str:
     return rfc3339(time.time())
 
 
+def _same_models(pools: list[schemas.PoolStatus], before: list[schemas.PoolStatus]) -> bool:
+    return len(pools) == len(before) and all(
+        new.pool_id == old.pool_id and new.models_available == old.models_available
+        for new, old in zip(pools, before, strict=True)
+    )
+
+
 class NodeNotFound(KeyError):
     pass
 
@@ -57,6 +64,7 @@ class NodeState:
     registered_at: str
     drain: bool = False
     pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
+    applied_pools: list[schemas.PoolStatus] | None = None  # the readings the index holds
     last_heartbeat_epoch: float | None = None  # wall clock, for display and the database only
     last_contact: float = 0.0  # daemon monotonic time of the registration or the last heartbeat
     heard: bool = False  # a heartbeat arrived since the registration
@@ -151,6 +159,7 @@ class Registry:
         # decisions cost one index update.
         self.unsettled: set[str] = set()
         self.round_robin_after: dict[str, PoolKey] = {}
+        self._model_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self.random = random.Random()
         self._pool_decoder = msgspec.json.Decoder(list[schemas.PoolStatus])
         self._registration_decoder = msgspec.json.Decoder(schemas.Registration)
@@ -284,8 +293,12 @@ class Registry:
                 self._apply_pools(node, node.pools)
 
     def _apply_pools(self, node: NodeState, pools: list[schemas.PoolStatus] | None) -> None:
-        old_models = set(node.models)
+        applied, node.applied_pools = node.applied_pools, pools
         node.pools = pools
+        if pools and applied and _same_models(pools, applied):
+            self._reindex(node)  # the usual heartbeat: loads moved, the models stayed
+            return
+        old_models = set(node.models)
         models = sorted({model for pool in pools or () for model in pool.models_available})
         node.models = models
         new_models = set(models)
@@ -299,6 +312,16 @@ class Registry:
             self.model_nodes.setdefault(model, set()).add(node.node_id)
         self._reindex(node)
 
+    def _model_set(self, models: list[str]) -> frozenset[str]:
+        # Interned: most pools report one of a few model lists, and equal sets compare fastest when identical.
+        key = tuple(models)
+        found = self._model_sets.get(key)
+        if found is None:
+            if len(self._model_sets) > 4096:
+                self._model_sets.clear()
+            found = self._model_sets[key] = frozenset(models)
+        return found
+
     def _reindex(self, node: NodeState) -> None:
         reported = {pool.pool_id for pool in node.pools or ()}
         for key in list(self.index.by_node.get(node.node_id, ())):
@@ -309,7 +332,7 @@ class Registry:
             load = (
                 (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
             )
-            self.index.set_pool((node.node_id, pool.pool_id), load, frozenset(pool.models_available))
+            self.index.set_pool((node.node_id, pool.pool_id), load, self._model_set(pool.models_available))
 
     # --- reads
 
