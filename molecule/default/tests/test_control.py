@@ -4,7 +4,7 @@ import os
 
 import pytest
 import testinfra.utils.ansible_runner
-from conftest import main_process, registry_get, unit_properties
+from service_checks import main_process, registry_get, unit_properties
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]

@@ -3,7 +3,7 @@
 import os
 
 import testinfra.utils.ansible_runner
-from conftest import main_process, unit_properties
+from service_checks import main_process, unit_properties
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]

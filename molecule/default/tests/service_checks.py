@@ -1,4 +1,4 @@
-"""Shared checks for the molecule verify step: a systemd service's process and hardening, seen on the host."""
+"""Checks shared by the verify tests: a service's process and hardening, the registry, seen on the host."""
 
 from __future__ import annotations
 
