@@ -573,7 +573,6 @@ class Registry:
 
     def sweep(self) -> None:
         """Log status changes that happen by time passing (offline) and drop offline nodes from the index."""
-        self.settle()
         now = self.clock()
         for node in self.nodes.values():
             status = self.status_of(node, now)
