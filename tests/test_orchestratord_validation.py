@@ -46,6 +46,11 @@ def assert_invalid(answer, field: str) -> None:
 BAD_REGISTRATIONS = {
     "node id with a space": (changed(REGISTRATION, "node_id", "gpu 1"), "$.node_id"),
     "node id with a trailing newline": (changed(REGISTRATION, "node_id", "gpu-1\n"), "$.node_id"),
+    "address with a newline": (changed(REGISTRATION, "address", "http://a\nforged log line"), "$.address"),
+    "gpu name with a control character": (
+        changed(REGISTRATION, "capabilities.gpus.0.name", "H100\x1b[2J"),
+        "$.capabilities.gpus[0].name",
+    ),
     "node id too long": (changed(REGISTRATION, "node_id", "n" * 129), "$.node_id"),
     "empty node id": (changed(REGISTRATION, "node_id", ""), "$.node_id"),
     "node id missing": (changed(REGISTRATION, "node_id", ...), "node_id"),

@@ -22,8 +22,13 @@ ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN, description="[A-Za-z0-9.
 Bytes = Annotated[int, Meta(ge=0, le=2**62, description="a byte count")]
 Count = Annotated[int, Meta(ge=0, le=1_000_000)]
 GpuIndex = Annotated[int, Meta(ge=0, le=1024)]
-ShortText = Annotated[str, Meta(max_length=256)]
-Address = Annotated[str, Meta(min_length=1, max_length=512)]
+# Free text never carries control characters: it ends up in logs and in tables people read.
+ShortText = Annotated[
+    str, Meta(pattern=r"^[^\x00-\x1f\x7f]{0,256}(?!\n)$", description="printable, up to 256")
+]
+Address = Annotated[
+    str, Meta(pattern=r"^[^\x00-\x1f\x7f]{1,512}(?!\n)$", description="where the node's agent listens")
+]
 Timestamp = Annotated[
     str,
     Meta(
