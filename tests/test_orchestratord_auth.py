@@ -49,6 +49,9 @@ def test_v2_route_without_the_right_token_is_401(shared_daemon, how, method, pat
 
 def test_right_token_is_accepted(shared_daemon):
     assert shared_daemon.api("GET", "/v2/nodes").status == 200
+    # The scheme name is case-insensitive.
+    lower = {"Authorization": f"bearer {TEST_TOKEN}"}
+    assert shared_daemon.api("GET", "/v2/nodes", token=None, headers=lower).status == 200
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/openapi.json"])

@@ -45,6 +45,12 @@ def assert_invalid(answer, field: str) -> None:
 
 BAD_REGISTRATIONS = {
     "node id with a space": (changed(REGISTRATION, "node_id", "gpu 1"), "$.node_id"),
+    "node id with a trailing newline": (changed(REGISTRATION, "node_id", "gpu-1\n"), "$.node_id"),
+    "address with a newline": (changed(REGISTRATION, "address", "http://a\nforged log line"), "$.address"),
+    "gpu name with a control character": (
+        changed(REGISTRATION, "capabilities.gpus.0.name", "H100\x1b[2J"),
+        "$.capabilities.gpus[0].name",
+    ),
     "node id too long": (changed(REGISTRATION, "node_id", "n" * 129), "$.node_id"),
     "empty node id": (changed(REGISTRATION, "node_id", ""), "$.node_id"),
     "node id missing": (changed(REGISTRATION, "node_id", ...), "node_id"),
@@ -80,6 +86,14 @@ BAD_HEARTBEATS = {
     "negative vram free": (changed(HEARTBEAT, "pools.0.vram_free_bytes", -1), "$.pools[0].vram_free_bytes"),
     "ready not a bool": (changed(HEARTBEAT, "pools.0.ready", "yes"), "$.pools[0].ready"),
     "timestamp not a time": (changed(HEARTBEAT, "timestamp", "yesterday"), "$.timestamp"),
+    "model id with a trailing newline": (
+        changed(HEARTBEAT, "pools.0.models_available", ["llama\n"]),
+        "$.pools[0].models_available[0]",
+    ),
+    "timestamp with a trailing newline": (
+        changed(HEARTBEAT, "timestamp", HEARTBEAT["timestamp"] + "\n"),
+        "$.timestamp",
+    ),
     "model id with a space": (
         changed(HEARTBEAT, "pools.0.models_available", ["bad model"]),
         "$.pools[0].models_available[0]",
@@ -126,7 +140,12 @@ def test_malformed_json_is_400(shared_daemon, path, raw):
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v2/nodes/bad%20id"), ("DELETE", "/v2/nodes/bad%20id"), ("GET", "/v2/nodes/" + "n" * 129)],
+    [
+        ("GET", "/v2/nodes/bad%20id"),
+        ("DELETE", "/v2/nodes/bad%20id"),
+        ("GET", "/v2/nodes/" + "n" * 129),
+        ("GET", "/v2/nodes/gpu-1%0A"),
+    ],
 )
 def test_bad_node_id_in_the_path_is_400(shared_daemon, method, path):
     assert_invalid(shared_daemon.api(method, path), "node_id")

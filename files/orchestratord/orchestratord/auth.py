@@ -11,7 +11,10 @@ class BearerAuth:
         self._digest = hashlib.sha256(token.encode()).digest()
 
     def allows(self, authorization: str | None) -> bool:
-        if not authorization or not authorization.startswith("Bearer "):
+        if not authorization:
             return False
-        offered = hashlib.sha256(authorization[7:].strip().encode("utf-8", "replace")).digest()
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110)
+            return False
+        offered = hashlib.sha256(credentials.strip().encode("utf-8", "replace")).digest()
         return hmac.compare_digest(offered, self._digest)

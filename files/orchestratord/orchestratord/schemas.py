@@ -11,22 +11,29 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+# (?!\n) because Python's `$` also matches before a final newline ("gpu-1\n" would pass and break the
+# one-line-per-event log); JSON Schema's ECMA regexes read it the same way.
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}(?!\n)$"
 # Model ids may carry a publisher prefix as on model hubs ("org/name"); they never appear in a URL path.
-MODEL_ID_PATTERN = r"^[A-Za-z0-9._:/-]{1,256}$"
+MODEL_ID_PATTERN = r"^[A-Za-z0-9._:/-]{1,256}(?!\n)$"
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
 ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN, description="[A-Za-z0-9._:/-]{1,256}")]
 Bytes = Annotated[int, Meta(ge=0, le=2**62, description="a byte count")]
 Count = Annotated[int, Meta(ge=0, le=1_000_000)]
 GpuIndex = Annotated[int, Meta(ge=0, le=1024)]
-ShortText = Annotated[str, Meta(max_length=256)]
-Address = Annotated[str, Meta(min_length=1, max_length=512)]
+# Free text never carries control characters: it ends up in logs and in tables people read.
+ShortText = Annotated[
+    str, Meta(pattern=r"^[^\x00-\x1f\x7f]{0,256}(?!\n)$", description="printable, up to 256")
+]
+Address = Annotated[
+    str, Meta(pattern=r"^[^\x00-\x1f\x7f]{1,512}(?!\n)$", description="where the node's agent listens")
+]
 Timestamp = Annotated[
     str,
     Meta(
         pattern=r"^[0-9]{4}-[01][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-5][0-9]:[0-6][0-9](\.[0-9]{1,9})?"
-        r"([Zz]|[+-][0-2][0-9]:[0-5][0-9])$",
+        r"([Zz]|[+-][0-2][0-9]:[0-5][0-9])(?!\n)$",
         description="RFC 3339 time of the agent's clock (informational)",
     ),
 ]
