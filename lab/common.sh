@@ -101,10 +101,14 @@ run_playbook() {
   read -r hosts runs changed failed skipped <<<"$counts"
   wall=$(awk -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", b - a }')
   floor=$(awk -v r="$runs" 'BEGIN { printf "%.1f", r * 0.22 * 1.3 }')
+  # Remembered for the floor comparison (LAB_MEASURE=1).
+  last_wall=$wall
+  last_runs=$runs
   local line
   line=$(printf '%-40s %6s s  lab hosts %d  task runs %3d (skipped %d)  changed %d  failed %d  goal <= %s s' \
     "$*" "$wall" "$hosts" "$runs" "$skipped" "$changed" "$failed" "$floor")
   summary+=("$line")
+  lab_changed_total=$((${lab_changed_total:-0} + changed))
   echo "$line"
   if ((rc != 0)); then
     echo "lab: $* failed (exit $rc); log in ${log#"$repo"/}" >&2

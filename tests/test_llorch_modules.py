@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from support import free_port
@@ -174,30 +175,36 @@ def test_errors_name_the_registry_and_never_show_the_token(daemon, tmp_path):
     token_file.write_text(daemon.token + "\n")
     token_file.chmod(0o600)
     env = ansible_env(daemon, tmp_path, LLORCH_WRONG_TOKEN=wrong_token)
-    # The token reaches the module as a task argument here (the way a vaulted variable does), so the
-    # test covers Ansible's censoring of the no_log option, not only the environment fallback.
-    results = run_tasks(
-        env,
-        tmp_path,
-        [
-            {
-                "llorch_nodes_info": {"token": "{{ lookup('env', 'LLORCH_WRONG_TOKEN') }}"},
-                "ignore_errors": True,
-            },
-            {"llorch_nodes_info": {"url": dead_url}, "ignore_errors": True},
-            {
-                "llorch_nodes_info": {"url": "", "token": "{{ lookup('env', 'LLORCH_API_TOKEN') }}"},
-                "ignore_errors": True,
-            },
-            {"llorch_nodes_info": {"token": "", "token_file": str(token_file)}},
-            {"llorch_nodes_info": {"token_file": str(tmp_path / "missing")}, "ignore_errors": True},
-        ],
-    )
-    rejected, unreachable, no_url, from_file, missing_file = results
+    # A socket that takes connections (the kernel's backlog) but never answers: a hung registry.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=8)
+    silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent:
+        # The token reaches the module as a task argument here (the way a vaulted variable does), so the
+        # test covers Ansible's censoring of the no_log option, not only the environment fallback.
+        results = run_tasks(
+            env,
+            tmp_path,
+            [
+                {
+                    "llorch_nodes_info": {"token": "{{ lookup('env', 'LLORCH_WRONG_TOKEN') }}"},
+                    "ignore_errors": True,
+                },
+                {"llorch_nodes_info": {"url": dead_url}, "ignore_errors": True},
+                {
+                    "llorch_nodes_info": {"url": "", "token": "{{ lookup('env', 'LLORCH_API_TOKEN') }}"},
+                    "ignore_errors": True,
+                },
+                {"llorch_nodes_info": {"token": "", "token_file": str(token_file)}},
+                {"llorch_nodes_info": {"token_file": str(tmp_path / "missing")}, "ignore_errors": True},
+                {"llorch_nodes_info": {"url": silent_url, "timeout": 1}, "ignore_errors": True},
+            ],
+        )
+    rejected, unreachable, no_url, from_file, missing_file, hung = results
     assert rejected["msg"] == f"token rejected by {daemon.url} (401)"
     assert unreachable["msg"] == f"cannot reach the registry at {dead_url}: connection refused"
     assert no_url["msg"].startswith("no registry URL")
     assert not from_file.get("failed") and from_file["count"] == 0
+    assert hung["msg"] == f"cannot reach the registry at {silent_url}: timed out"
     assert missing_file["msg"].startswith(f"cannot read token_file {tmp_path / 'missing'}")
 
     verbose = run(

@@ -77,3 +77,30 @@ def test_agent_clock_hours_off_does_not_matter(daemon_factory):
         timeout=5,
         what="both nodes offline",
     )
+
+
+def test_every_silent_node_is_logged_offline_each_time_it_goes_silent(daemon_factory):
+    daemon = daemon_factory(node_timeout_ms=TIMEOUT_MS)
+    flaky = online_node(daemon, "flaky")
+    steady = online_node(daemon, "steady")
+    online_node(daemon, "silent")
+
+    def offline_lines(node_id: str) -> int:
+        return daemon.log().count(f"node {node_id} offline")
+
+    def steady_beat_then(predicate):
+        def check():
+            beat(daemon, steady)
+            return predicate()
+
+        return check
+
+    wait_until(
+        steady_beat_then(lambda: offline_lines("flaky") == 1 and offline_lines("silent") == 1), timeout=5
+    )
+    beat(daemon, flaky)  # back online, and back in the sweep's view
+    assert status_of(daemon, "flaky") == "online"
+    wait_until(steady_beat_then(lambda: offline_lines("flaky") == 2), timeout=5, what="flaky offline again")
+    assert offline_lines("steady") == 0
+    assert status_of(daemon, "steady") == "online"
+    assert offline_lines("silent") == 1

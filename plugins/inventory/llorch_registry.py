@@ -172,7 +172,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             # A cache written by another version or with the other variable shape is a miss, not stale data.
             wanted = {"format": CACHE_FORMAT, "detailed_vars": detailed}
             if isinstance(cached, dict) and all(cached.get(key) == value for key, value in wanted.items()):
-                return json.loads(cached["hosts_json"])
+                try:
+                    return json.loads(cached["hosts_json"])
+                except (KeyError, TypeError, ValueError):
+                    pass  # a damaged entry: ask the registry and write it again
         try:
             client = llorch_api.LlorchClient.from_options(self._option)
             nodes = client.list_nodes()

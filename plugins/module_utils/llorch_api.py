@@ -79,7 +79,7 @@ def _reason(exc: BaseException) -> str:
         return f"TLS error ({exc.reason or exc})"
     if isinstance(exc, socket.gaierror):
         return f"name not resolved ({exc.strerror})"
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, (TimeoutError, socket.timeout)):
         return "timed out"
     if isinstance(exc, OSError) and exc.errno in _ERRNO_PHRASES:
         return _ERRNO_PHRASES[exc.errno]

@@ -24,6 +24,7 @@ from .store import SqliteStore
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0  # heartbeats reach the disk about once a second, in one transaction
+SETTLE_INTERVAL_S = 5.0  # the placement index takes in readings at least this often without reads
 
 HTTP_CODES = {
     400: "INVALID_PARAMS",
@@ -147,9 +148,15 @@ async def _write_back(registry: Registry) -> None:
 async def _sweep(registry: Registry) -> None:
     # Often enough that an offline node is logged and leaves the index soon after its timeout.
     interval_s = min(1.0, registry.node_timeout_s / 4)
+    settled_at = time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
         registry.sweep()
+        # Every read settles pending readings anyway; this only bounds what the first decision after a
+        # quiet spell has to catch up on, while letting each node's heartbeats coalesce in between.
+        if time.monotonic() - settled_at >= SETTLE_INTERVAL_S:
+            registry.settle()
+            settled_at = time.monotonic()
 
 
 def create_app(settings: Settings, token: str) -> web.Application:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +40,13 @@ def utc_now() -> str:
     return rfc3339(time.time())
 
 
+def _same_models(pools: list[schemas.PoolStatus], before: list[schemas.PoolStatus]) -> bool:
+    return len(pools) == len(before) and all(
+        new.pool_id == old.pool_id and new.models_available == old.models_available
+        for new, old in zip(pools, before, strict=True)
+    )
+
+
 class NodeNotFound(KeyError):
     pass
 
@@ -57,11 +65,12 @@ class NodeState:
     registered_at: str
     drain: bool = False
     pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
+    applied_pools: list[schemas.PoolStatus] | None = None  # the readings the index holds
     last_heartbeat_epoch: float | None = None  # wall clock, for display and the database only
     last_contact: float = 0.0  # daemon monotonic time of the registration or the last heartbeat
     heard: bool = False  # a heartbeat arrived since the registration
     models: list[str] = field(default_factory=list)
-    reported_status: str = "registering"  # what the sweeper last logged
+    reported_status: str = "registering"  # the status last logged
 
 
 class PlacementIndex:
@@ -143,6 +152,8 @@ class Registry:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.clock = clock
         self.nodes: dict[str, NodeState] = {}
+        # Nodes not yet known to be offline, oldest contact first: the sweep reads only the front.
+        self.by_contact: OrderedDict[str, NodeState] = OrderedDict()
         self.index = PlacementIndex()
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
@@ -151,6 +162,7 @@ class Registry:
         # decisions cost one index update.
         self.unsettled: set[str] = set()
         self.round_robin_after: dict[str, PoolKey] = {}
+        self._model_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self.random = random.Random()
         self._pool_decoder = msgspec.json.Decoder(list[schemas.PoolStatus])
         self._registration_decoder = msgspec.json.Decoder(schemas.Registration)
@@ -193,6 +205,7 @@ class Registry:
             node.last_heartbeat_epoch = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
             self._apply_pools(node, self._pool_decoder.decode(row.pools))
         node.reported_status = self.status_of(node, now)
+        self.by_contact[node.node_id] = node
 
     def take_dirty(self) -> list[HeartbeatRow]:
         dirty, self.dirty = self.dirty, {}
@@ -224,6 +237,8 @@ class Registry:
         node.heard = False
         node.last_heartbeat_epoch = None
         node.last_contact = now
+        self.by_contact[node.node_id] = node
+        self.by_contact.move_to_end(node.node_id)
         self._apply_pools(node, None)
         node.reported_status = self.status_of(node, now)
         return schemas.RegisterAnswer(
@@ -244,10 +259,13 @@ class Registry:
             log.info("node %s heard from again after %d ms", node_id, (now - node.last_contact) * 1000)
         node.last_contact = now
         node.last_heartbeat_epoch = time.time()
+        self.by_contact[node_id] = node  # back in, if the sweep took it out when it went offline
+        self.by_contact.move_to_end(node_id)
         if came_back or not node.heard or body.pools != node.pools:
             node.heard = True
             node.pools = body.pools
             self.unsettled.add(node_id)
+            self._note_status(node, now)  # only new readings can change the status
         self.dirty[node_id] = node
         return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
 
@@ -259,12 +277,14 @@ class Registry:
             node.drain = drain
             self._reindex(node)
             log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
+            node.reported_status = self.status_of(node, self.clock())
         return self.view(node, self.clock())
 
     async def delete(self, node_id: str) -> None:
         self.get(node_id)
         await self.store.delete_node(node_id)
         node = self.nodes.pop(node_id, None)
+        self.by_contact.pop(node_id, None)
         if node is not None:
             self._apply_pools(node, None)
             self.dirty.pop(node_id, None)
@@ -284,8 +304,12 @@ class Registry:
                 self._apply_pools(node, node.pools)
 
     def _apply_pools(self, node: NodeState, pools: list[schemas.PoolStatus] | None) -> None:
-        old_models = set(node.models)
+        applied, node.applied_pools = node.applied_pools, pools
         node.pools = pools
+        if pools and applied and _same_models(pools, applied):
+            self._reindex(node)  # the usual heartbeat: loads moved, the models stayed
+            return
+        old_models = set(node.models)
         models = sorted({model for pool in pools or () for model in pool.models_available})
         node.models = models
         new_models = set(models)
@@ -299,6 +323,16 @@ class Registry:
             self.model_nodes.setdefault(model, set()).add(node.node_id)
         self._reindex(node)
 
+    def _model_set(self, models: list[str]) -> frozenset[str]:
+        # Interned: most pools report one of a few model lists, and equal sets compare fastest when identical.
+        key = tuple(models)
+        found = self._model_sets.get(key)
+        if found is None:
+            if len(self._model_sets) > 4096:
+                self._model_sets.clear()
+            found = self._model_sets[key] = frozenset(models)
+        return found
+
     def _reindex(self, node: NodeState) -> None:
         reported = {pool.pool_id for pool in node.pools or ()}
         for key in list(self.index.by_node.get(node.node_id, ())):
@@ -309,7 +343,7 @@ class Registry:
             load = (
                 (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
             )
-            self.index.set_pool((node.node_id, pool.pool_id), load, frozenset(pool.models_available))
+            self.index.set_pool((node.node_id, pool.pool_id), load, self._model_set(pool.models_available))
 
     # --- reads
 
@@ -548,16 +582,24 @@ class Registry:
 
     # --- housekeeping
 
+    def _note_status(self, node: NodeState, now: float) -> None:
+        status = self.status_of(node, now)
+        if status != node.reported_status:
+            log.info("node %s %s", node.node_id, status)
+            node.reported_status = status
+
     def sweep(self) -> None:
-        """Log status changes that happen by time passing (offline) and drop offline nodes from the index."""
-        self.settle()
+        """Mark nodes whose silence passed node_timeout_ms: log them and drop them from the index.
+
+        Looks only at the front of the contact order, so a sweep costs the nodes that just went
+        offline, not the size of the cluster.
+        """
         now = self.clock()
-        for node in self.nodes.values():
-            status = self.status_of(node, now)
-            if status != node.reported_status:
-                if status == "offline":
-                    log.warning("node %s offline: no heartbeat for %d ms", node.node_id, self.node_timeout_ms)
-                    self.index.drop_node(node.node_id)
-                else:
-                    log.info("node %s %s", node.node_id, status)
-                node.reported_status = status
+        while self.by_contact:
+            node = next(iter(self.by_contact.values()))
+            if self.is_live(node, now):
+                break
+            del self.by_contact[node.node_id]
+            log.warning("node %s offline: no heartbeat for %d ms", node.node_id, self.node_timeout_ms)
+            self.index.drop_node(node.node_id)
+            node.reported_status = "offline"

@@ -92,7 +92,9 @@ class SqliteStore:
 
     def _ping(self) -> bool:
         assert self._db is not None
-        return self._db.execute("SELECT 1").fetchone() == (1,)
+        # Reads the table, not just the connection, so a damaged or vanished file shows.
+        self._db.execute("SELECT count(*) FROM nodes").fetchone()
+        return True
 
     async def load_all(self) -> list[StoredNode]:
         return await self._run(self._load_all)
