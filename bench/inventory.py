@@ -34,6 +34,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from support import make_daemon, sample_heartbeat, sample_registration  # noqa: E402
+from support_registry import plain  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MODELS = [f"org-{i % 8}/model-{i}-8b-instruct" for i in range(40)]
@@ -81,17 +82,6 @@ class InventoryModule(BaseInventoryPlugin):
             for group in others:
                 inventory.add_child(group, host)
 '''
-
-
-def plain(value):
-    """`--list` output without the `{"__ansible_unsafe": ...}` wrappers Ansible 2.19 prints."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [plain(item) for item in value]
-    return value
 
 
 async def register_nodes(url: str, token: str, count: int) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from support import first_task_result, on_localhost  # noqa: E402 - the tests' helpers, so both run Ansible alike
 from support_staging import FileServer  # noqa: E402 - the tests' server, reused so both measure one thing
 
-BIN = Path(sys.executable).parent
 CHILD_TIMEOUT_S = 300
 RERUN_MODELS = 10
 RERUN_MODEL_MIB = 100
@@ -73,24 +73,11 @@ def write_source(path: Path, size: int) -> str:
 
 
 def model_stage_command(args: dict) -> list[str]:
-    return [
-        str(BIN / "ansible"),
-        "localhost",
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        "-m",
-        "model_stage",
-        "-a",
-        json.dumps(args),
-    ]
+    return on_localhost("ansible", "localhost", "-m", "model_stage", "-a", json.dumps(args))
 
 
 def module_result(proc: subprocess.CompletedProcess) -> dict:
-    return json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return first_task_result(json.loads(proc.stdout))
 
 
 def bench_one_file(
@@ -172,16 +159,7 @@ def bench_rerun(work: Path, server: FileServer) -> tuple[float, float, float]:
         play["roles"] = [{"role": "model_staging", "vars": role_vars}]
         playbook.write_text(json.dumps([play]))
 
-    command = [
-        str(BIN / "ansible-playbook"),
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        str(playbook),
-    ]
+    command = on_localhost("ansible-playbook", str(playbook))
     write_playbook(models)
     first, _ = timed(command, env=ansible_env(), cwd=REPO_ROOT)
     again, proc = timed(command, env=ansible_env(), cwd=REPO_ROOT)

@@ -29,6 +29,23 @@ NVSMI_REAL = REPO_ROOT.parent / "shared" / "nvsmi-real"
 TEST_TOKEN = "test-token-" + "x" * 40  # 51 characters, above the 32 minimum
 
 
+def on_localhost(tool: str, *args: str) -> list[str]:
+    """argv for this venv's `ansible` or `ansible-playbook` on localhost over the local connection, with
+    this interpreter on the "remote" side too (interpreter discovery could pick a Python without the kit's
+    dependencies)."""
+    return [
+        str(Path(sys.executable).with_name(tool)),
+        *("-i", "localhost,", "-c", "local"),
+        *("-e", f"ansible_python_interpreter={sys.executable}"),
+        *args,
+    ]
+
+
+def first_task_result(callback_output: dict[str, Any]) -> dict[str, Any]:
+    """localhost's result of the first task, from the json stdout callback's output."""
+    return callback_output["plays"][0]["tasks"][0]["hosts"]["localhost"]
+
+
 def package_env(**extra: str) -> dict[str, str]:
     """The environment a child process needs to import the kit's packages from the checkout."""
     env = dict(os.environ)

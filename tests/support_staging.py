@@ -11,14 +11,13 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from support import REPO_ROOT
+from support import REPO_ROOT, first_task_result, on_localhost
 
 RANGE_HEADER = re.compile(r"^bytes=(\d+)-$")
 
@@ -130,20 +129,7 @@ def deterministic_bytes(size: int, seed: int = 7) -> bytes:
 
 def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | None = None):
     """Run `ansible localhost -m model_stage` from the repo root; returns (result dict, completed process)."""
-    command = [
-        str(Path(sys.executable).parent / "ansible"),
-        "localhost",
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-m",
-        "model_stage",
-        "-a",
-        json.dumps(args),
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-    ]
+    command = on_localhost("ansible", "localhost", "-m", "model_stage", "-a", json.dumps(args))
     if check:
         command.append("--check")
     run_env = dict(os.environ)
@@ -157,7 +143,7 @@ def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | 
     proc = subprocess.run(command, cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=120)
     try:
         output = json.loads(proc.stdout)
-        result = output["plays"][0]["tasks"][0]["hosts"]["localhost"]
+        result = first_task_result(output)
     except (ValueError, KeyError, IndexError) as exc:
         raise AssertionError(f"no JSON result from ansible:\n{proc.stdout}\n{proc.stderr}") from exc
     return result, proc

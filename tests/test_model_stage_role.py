@@ -8,12 +8,11 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT
+from support import REPO_ROOT, on_localhost
 from support_staging import FileServer, deterministic_bytes
 
 URL_MODEL = deterministic_bytes(3 * 1024 * 1024, seed=1)
@@ -47,16 +46,7 @@ def run_role(
             ]
         )
     )
-    command = [
-        str(Path(sys.executable).parent / "ansible-playbook"),
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        str(playbook),
-    ]
+    command = on_localhost("ansible-playbook", str(playbook))
     if check:
         command.append("--check")
     env = dict(

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support import REPO_ROOT
+from support import REPO_ROOT, first_task_result, on_localhost
 
 STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
-ANSIBLE = Path(sys.executable).with_name("ansible")
 
 
 def gpu_facts(fixture: str, *args: str, tmp_path: Path, check: bool = False) -> tuple[int, dict]:
@@ -31,22 +29,9 @@ def gpu_facts(fixture: str, *args: str, tmp_path: Path, check: bool = False) -> 
         NVIDIA_SMI_STANDIN_FIXTURE=fixture,
     )
     module_args = " ".join([f"nvidia_smi={STANDIN}", *args])
+    mode = ["--check"] if check else []
     proc = subprocess.run(
-        [
-            str(ANSIBLE),
-            "localhost",
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-m",
-            "nvidia_gpu_facts",
-            "-a",
-            module_args,
-            *(["--check"] if check else []),
-        ],
+        on_localhost("ansible", "localhost", "-m", "nvidia_gpu_facts", "-a", module_args, *mode),
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -55,7 +40,7 @@ def gpu_facts(fixture: str, *args: str, tmp_path: Path, check: bool = False) -> 
     )
     assert proc.stdout, proc.stderr
     output = json.loads(proc.stdout)
-    return proc.returncode, output["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return proc.returncode, first_task_result(output)
 
 
 def test_lab_machine_reports_two_l4_gpus_with_driver_and_cuda(tmp_path):
