@@ -24,6 +24,7 @@ help:
 venv: $(VENV)/.stamp
 
 $(VENV)/.stamp: requirements.txt
+	bash scripts/system-deps.sh  # python3-venv first: a fresh Debian 12 lacks it
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
@@ -47,7 +48,8 @@ molecule: venv
 	  $(BIN)/molecule test -s $$scenario; \
 	done
 
-test: lint unit molecule
+# system-deps first, so `make test` alone sets up a fresh Debian 12 machine (podman, debootstrap, ...).
+test: system-deps lint unit molecule
 
 lab: venv
 	bash lab/up.sh
