@@ -74,3 +74,25 @@ def test_clean_stop_writes_the_last_heartbeats(daemon_factory):
     online_node(daemon, "gpu-1", ["llama"])
     daemon.stop()  # SIGTERM: the pending batch is written before exit
     assert stored_heartbeats(daemon.config["db_path"])["gpu-1"] is not None
+
+
+def test_a_failed_write_back_is_retried_by_the_next_one(daemon):
+    db_path = daemon.config["db_path"]
+    registration = sample_registration("gpu-1")
+    assert daemon.api("POST", "/v2/nodes/register", registration).status == 200  # on disk at once
+    database = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        # Another process takes the table away: the batch write fails, as on a full or damaged disk.
+        database.execute("ALTER TABLE nodes RENAME TO nodes_aside")
+        beat(daemon, registration, ["llama"])  # one heartbeat, then the node stays silent
+        wait_until(
+            lambda: "writing heartbeats to the database failed" in daemon.log(),
+            what="the failed write-back in the log",
+        )
+        database.execute("ALTER TABLE nodes_aside RENAME TO nodes")
+    finally:
+        database.close()
+    # The node sends nothing more, so only a retry of the failed batch can bring its reading to the disk.
+    wait_until(
+        lambda: stored_heartbeats(db_path).get("gpu-1"), what="the heartbeat written after the failure"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from support import sample_heartbeat, sample_registration
 from support_daemon import beat, beat_pools, online_node, pool_reading, status_of
 
@@ -130,3 +132,20 @@ def test_ready_when_the_database_answers(daemon):
     answer = daemon.api("GET", "/ready", token=None)
     assert answer.status == 200
     assert answer.body == {"status": "ready"}
+
+
+def test_not_ready_while_the_database_cannot_be_read_and_ready_again_after(daemon):
+    # Another process renames the table under the running daemon: its readiness read fails as it would on a
+    # damaged file. (With WAL every open connection holds a shared lock, so no lock can shut the daemon out.)
+    database = sqlite3.connect(daemon.config["db_path"], isolation_level=None)
+    try:
+        database.execute("ALTER TABLE nodes RENAME TO nodes_aside")
+        answer = daemon.api("GET", "/ready", token=None)
+        assert answer.status == 503
+        assert answer.body == {"code": "DATABASE_UNAVAILABLE", "message": "the database does not answer"}
+        assert daemon.api("GET", "/health", token=None).status == 200  # alive, only not ready
+        database.execute("ALTER TABLE nodes_aside RENAME TO nodes")
+        assert daemon.api("GET", "/ready", token=None).status == 200
+    finally:
+        database.close()
+    assert "readiness check failed" in daemon.log()

@@ -133,7 +133,11 @@ def add_endpoints(app: web.Application, auth: BearerAuth, metrics: Metrics | Non
 async def _flush_heartbeats(registry: Registry) -> None:
     rows = registry.take_dirty()
     if rows:
-        await registry.store.write_heartbeats(rows)
+        try:
+            await registry.store.write_heartbeats(rows)
+        except Exception:
+            registry.keep_dirty(rows)  # a node that falls silent now must still reach the disk
+            raise
 
 
 async def _write_back(registry: Registry) -> None:

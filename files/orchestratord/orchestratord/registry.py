@@ -215,6 +215,13 @@ class Registry:
             if node.last_heartbeat_epoch is not None and self.nodes.get(node.node_id) is node
         ]
 
+    def keep_dirty(self, rows: list[HeartbeatRow]) -> None:
+        """A write-back failed: these nodes' readings go out with the next one (their latest by then)."""
+        for row in rows:
+            node = self.nodes.get(row.node_id)
+            if node is not None:
+                self.dirty.setdefault(row.node_id, node)
+
     # --- writes
 
     async def register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
