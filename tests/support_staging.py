@@ -1,7 +1,9 @@
 """A real HTTP file server on 127.0.0.1 for the model staging tests and benchmark.
 
 It serves files from a directory with `Range` support (zero-copy `sendfile`), and on request misbehaves the
-way real mirrors do: drops the connection mid-file, answers 404, or wants a bearer token (401).
+way real mirrors do: drops the connection mid-file, answers 404, wants a bearer token (401), or redirects
+(a model hub sends its downloads on to a CDN). It listens on any loopback address (127.0.0.2 is a second
+origin on Linux), over TLS when given a certificate.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ class ServedRequest:
     path: str
     range: str | None
     authorization: str | None
+    headers: dict[str, str] = field(default_factory=dict)  # every request header as received
 
 
 @dataclass
@@ -36,6 +40,8 @@ class ServerRules:
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the drop (once)
     token: str | None = None  # when set, requests without `Bearer <token>` get 401
     honour_range: bool = True
+    redirects: dict[str, str] = field(default_factory=dict)  # path (without query) -> Location to send
+    redirect_status: int = 302
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -48,10 +54,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         rules = self.server.rules
         self.server.requests.append(
-            ServedRequest(self.path, self.headers.get("Range"), self.headers.get("Authorization"))
+            ServedRequest(
+                self.path, self.headers.get("Range"), self.headers.get("Authorization"), dict(self.headers)
+            )
         )
         if rules.token and self.headers.get("Authorization") != f"Bearer {rules.token}":
             return self._error(401, "Unauthorized")
+        location = rules.redirects.get(self.path.split("?", 1)[0])
+        if location is not None:
+            self.send_response(rules.redirect_status)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         file_path = self.server.root / self.path.lstrip("/").split("?", 1)[0]
         if not file_path.is_file():
             return self._error(404, "Not Found")
@@ -96,8 +111,15 @@ class _Handler(BaseHTTPRequestHandler):
 class FileServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, root: Path, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None):
+        """Serve `root` on `host` (any free port); `tls` = (certificate, key) serves https."""
+        super().__init__((host, 0), _Handler)
+        self.scheme = "http"
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
         self.root = root
         self.rules = ServerRules()
         self.requests: list[ServedRequest] = []
@@ -109,7 +131,8 @@ class FileServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        host, port = self.server_address[:2]
+        return f"{self.scheme}://{host}:{port}"
 
     def start(self) -> FileServer:
         self._thread.start()

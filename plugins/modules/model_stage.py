@@ -19,6 +19,10 @@ description:
     computes sha256 while streaming (reading, hashing and writing overlap in three threads), fsyncs, renames
     atomically into place and updates the manifest atomically under a file lock, so parallel tasks keep each
     other's entries.
+  - Redirects are followed, at most 10 in a row (relative C(Location)s resolved, a resume's C(Range) sent
+    again). O(headers) and credentials in the URL go only to the origin (scheme, host and port) of
+    O(source). Once a redirect leaves it, as a model hub's download URL does for a CDN with a signed URL,
+    no later request carries them. A redirect from C(https://) to C(http://) is refused.
   - A checksum mismatch deletes the partial file. An HTTP error or a dropped connection keeps it for the
     next run to resume. Partial files of other models older than O(partial_max_age_hours) are removed.
   - With O(state=absent) the model's file, its partial file and its manifest entry are removed.
@@ -38,6 +42,8 @@ options:
     description:
       - An C(http://) or C(https://) URL, or an absolute path to a file already on the node.
       - Credentials in the URL are used but never shown in messages; prefer O(headers) for tokens.
+      - Credentials in the URL are sent only to this URL's scheme, host and port, not to a host a redirect
+        names.
       - Required with O(state=present).
     type: str
   sha256:
@@ -58,7 +64,10 @@ options:
       - Must be a plain file name; two models cannot share one.
     type: str
   headers:
-    description: Extra HTTP request headers, for example C(Authorization) for a model hub.
+    description:
+      - Extra HTTP request headers, for example C(Authorization) for a model hub. Never logged.
+      - Sent only to the scheme, host and port of O(source); a redirect to another origin gets none of them
+        (every one may carry a secret), so a hub's redirect to a CDN with a signed URL works without them.
     type: dict
     default: {}
   validate_certs:
@@ -183,6 +192,9 @@ WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of w
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+MAX_REDIRECTS = 10
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class StageError(Exception):
@@ -199,6 +211,26 @@ def public_url(source: str) -> str:
         host = f"{host}:{parts.port}"
     query = "?..." if parts.query else ""
     return f"{parts.scheme}://{host}{parts.path}{query}"
+
+
+def url_origin(url: str) -> tuple:
+    """(scheme, host, port) of a URL, the default port filled in; ValueError for a malformed port."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme)
+
+
+def userinfo(url: str) -> str:
+    """The `user:password` part of a URL as written (still percent-encoded), or ''."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    return netloc.rpartition("@")[0]
+
+
+def with_userinfo(url: str, info: str) -> str:
+    """The URL with its userinfo replaced by `info` ('' removes it)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{info}@{host}" if info else host))
 
 
 def human_bytes(count: int) -> str:
@@ -434,6 +466,13 @@ class Stager:
         if self.size_bytes is not None and self.size_bytes < 0:
             raise StageError(f"size_bytes for model {self.model_id} must not be negative")
         scheme = urllib.parse.urlsplit(self.source).scheme
+        if self.is_url:
+            try:
+                url_origin(self.source)
+            except ValueError as exc:
+                raise StageError(
+                    f"source {public_url(self.source)} for model {self.model_id} is not a valid URL ({exc})"
+                ) from exc
         if not self.is_url and (scheme or not os.path.isabs(self.source)):
             raise StageError(
                 f"source {public_url(self.source)} for model {self.model_id} must be an http(s):// URL "
@@ -726,17 +765,20 @@ class Stager:
             os.lseek(fd, 0, os.SEEK_SET)
             return stream_into(source.readinto, fd, self.hasher)
 
-    def open_url(self, headers: dict):
-        """The response, or the HTTPError for an error status (it carries status and headers too)."""
+    def open_url(self, url: str, headers: dict):
+        """One request, redirects not followed: the response, or the HTTPError for an error or redirect
+        status (it carries status and headers too)."""
         params = self.module.params
         try:
             return Request().open(
                 "GET",
-                self.source,
+                url,
                 headers=headers,
                 validate_certs=params["validate_certs"],
                 timeout=params["timeout"],
-                follow_redirects="all",
+                # urllib would send every header, credentials included, to whatever host a redirect
+                # names; open_following() follows them itself.
+                follow_redirects="none",
                 decompress=False,
             )
         except urllib.error.HTTPError as exc:
@@ -744,13 +786,68 @@ class Stager:
         except Exception as exc:
             reason = getattr(exc, "reason", None) or exc
             raise StageError(
-                f"cannot fetch model {self.model_id} from {public_url(self.source)}: {reason}"
+                f"cannot fetch model {self.model_id} from {self.describe(url)}: {reason}"
             ) from exc
+
+    def describe(self, url: str) -> str:
+        """The source for a message, and where a redirect led, without credentials or query strings."""
+        if url == self.source:
+            return public_url(self.source)
+        return f"{public_url(self.source)} (redirected to {public_url(url)})"
+
+    def open_following(self, user_headers: dict, extra_headers: dict):
+        """Request the source, following up to MAX_REDIRECTS redirects; returns (response or HTTPError, url).
+
+        The user's headers and URL credentials go only to the source's own origin (scheme, host, port):
+        once a redirect leaves it (a model hub sending the download on to a CDN with a signed URL), every
+        later request carries neither. curl and requests drop only Authorization and Cookie there; every
+        user header goes here, since `headers` is no_log and any of them may hold a secret (X-Api-Key...).
+        A redirect from https to http is refused.
+        `extra_headers` (Range) go to every hop.
+        """
+        url = self.source
+        origin = url_origin(url)
+        trusted = True
+        redirects = 0
+        while True:
+            headers = dict(user_headers, **extra_headers) if trusted else dict(extra_headers)
+            response = self.open_url(url, headers)
+            if not isinstance(response, urllib.error.HTTPError) or response.code not in REDIRECT_STATUSES:
+                return response, url
+            location = response.headers.get("Location") if response.headers else None
+            response.close()
+            if redirects == MAX_REDIRECTS:
+                raise StageError(
+                    f"too many redirects (more than {MAX_REDIRECTS}) fetching model {self.model_id} from "
+                    f"{self.describe(url)}"
+                )
+            redirects += 1
+            if not location:
+                raise StageError(
+                    f"HTTP {response.code} without a Location fetching model {self.model_id} "
+                    f"from {self.describe(url)}"
+                )
+            target = urllib.parse.urljoin(url, location.strip().replace(" ", "%20"))
+            try:
+                target_origin = url_origin(target)
+            except ValueError:
+                target_origin = None
+            if target_origin is None or target_origin[0] not in ("http", "https"):
+                raise StageError(
+                    f"{self.describe(url)} redirected model {self.model_id} to {public_url(target)}, "
+                    "which is not an http(s) URL"
+                )
+            if urllib.parse.urlsplit(url).scheme == "https" and target_origin[0] == "http":
+                raise StageError(
+                    f"refusing the redirect of {self.describe(url)} to {public_url(target)} for model "
+                    f"{self.model_id}: it would downgrade https to plain http"
+                )
+            trusted = trusted and target_origin == origin
+            url = with_userinfo(target, userinfo(self.source) if trusted else "")
 
     def download(self, fd: int, existing: int, headers: dict) -> tuple[int, int]:
         """Fetch the rest of the file after `existing` bytes; returns (bytes fetched, resumed_from)."""
-        request_headers = dict(headers, Range=f"bytes={existing}-") if existing else headers
-        response = self.open_url(request_headers)
+        response, url = self.open_following(headers, {"Range": f"bytes={existing}-"} if existing else {})
         if isinstance(response, urllib.error.HTTPError):
             response.close()
             if response.code == 416 and existing:
@@ -761,11 +858,11 @@ class Stager:
             keep = " (the partial file stays for the next run)" if existing else ""
             raise StageError(
                 f"HTTP {response.code} {response.reason} fetching model {self.model_id} from "
-                f"{public_url(self.source)}{keep}"
+                f"{self.describe(url)}{keep}"
             )
         with response:
             status = response.status
-            total = self.announced_total(response, status, existing)
+            total = self.announced_total(response, status, existing, url)
             if status != 206 and existing:
                 # The server ignored Range and sends the whole file: drop what the partial file held.
                 os.ftruncate(fd, 0)
@@ -773,7 +870,7 @@ class Stager:
                 existing = 0
             if self.size_bytes is not None and total is not None and total != self.size_bytes:
                 raise StageError(
-                    f"{public_url(self.source)} has {total} bytes, but size_bytes for model {self.model_id} "
+                    f"{self.describe(url)} has {total} bytes, but size_bytes for model {self.model_id} "
                     f"says {self.size_bytes}"
                 )
             if self.size_bytes is None and total is not None:
@@ -783,24 +880,24 @@ class Stager:
                 written = stream_into(response.readinto, fd, self.hasher)
             except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:
                 raise StageError(
-                    f"connection to {public_url(self.source)} failed while fetching model {self.model_id} "
+                    f"connection to {self.describe(url)} failed while fetching model {self.model_id} "
                     f"({exc!r}); the partial file keeps {os.fstat(fd).st_size} bytes "
                     "for the next run to resume"
                 ) from exc
             if total is not None and existing + written != total:
                 raise StageError(
-                    f"connection to {public_url(self.source)} dropped after {existing + written} of {total} "
+                    f"connection to {self.describe(url)} dropped after {existing + written} of {total} "
                     f"bytes of model {self.model_id}; the partial file stays for the next run to resume"
                 )
         return written, existing
 
-    def announced_total(self, response, status: int, existing: int) -> int | None:
+    def announced_total(self, response, status: int, existing: int, url: str) -> int | None:
         """The full file size the server announced, from Content-Range (206) or Content-Length (200)."""
         if status == 206:
             match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != existing:
                 raise StageError(
-                    f"{public_url(self.source)} answered a resume at byte {existing} with Content-Range "
+                    f"{self.describe(url)} answered a resume at byte {existing} with Content-Range "
                     f"{response.headers.get('Content-Range')!r}; delete {self.partial_path} and run again"
                 )
             return int(match.group(3)) if match.group(3) != "*" else None
