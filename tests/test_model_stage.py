@@ -317,6 +317,22 @@ def test_bad_input_fails_with_a_message_naming_the_field(served, models_dir, ove
     assert visible_files(models_dir) == []
 
 
+def test_ids_longer_than_the_registry_accepts_fail_naming_id_and_the_limit(served, models_dir):
+    # orchestratord takes model ids of at most 256 characters; a longer one in the manifest would make
+    # every heartbeat of the node fail later, so the module refuses it up front.
+    longest, _ = run_module(stage_args(served, models_dir, id="m" * 256), check=True)
+    too_long, proc = run_module(stage_args(served, models_dir, id="m" * 257))
+    with_newline, _ = run_module(stage_args(served, models_dir, id="tiny\n"))
+
+    assert longest["changed"] is True and not longest.get("failed"), longest
+    assert too_long.get("failed") is True, too_long
+    assert too_long["msg"].startswith("id ") and "256" in too_long["msg"], too_long["msg"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert with_newline.get("failed") is True and with_newline["msg"].startswith("id "), with_newline
+    assert visible_files(models_dir) == []
+    assert served.requests == []
+
+
 def test_the_module_documents_itself():
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "ansible-doc"), "model_stage"],

@@ -30,7 +30,9 @@ version_added: "0.1.0"
 author: llorch-kit
 options:
   id:
-    description: Model id, as the registry reports it. Letters, digits, C(.), C(_) and C(-).
+    description:
+      - Model id, as the registry reports it. Letters, digits, C(.), C(_) and C(-); at most 256 characters
+        (the longest id orchestratord accepts).
     type: str
     required: true
   state:
@@ -189,7 +191,8 @@ PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
 PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
 WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of what it wrote
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")  # used with fullmatch: `$` would let a trailing newline in
+MAX_ID_LENGTH = 256  # what orchestratord accepts; a longer id in the manifest would fail every heartbeat
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 MAX_REDIRECTS = 10
@@ -449,7 +452,12 @@ class Stager:
 
     def validate(self) -> None:
         params = self.module.params
-        if not ID_PATTERN.match(self.model_id) or self.model_id in (".", ".."):
+        if len(self.model_id) > MAX_ID_LENGTH:
+            raise StageError(
+                f"id {self.model_id[:40]!r}... has {len(self.model_id)} characters; the registry accepts "
+                f"model ids of at most {MAX_ID_LENGTH}"
+            )
+        if not ID_PATTERN.fullmatch(self.model_id) or self.model_id in (".", ".."):
             raise StageError(f"id {self.model_id!r} may hold only letters, digits, '.', '_' and '-'")
         # In check mode the directory may be one that an earlier task would have created.
         self.dir_missing = not os.path.isdir(self.models_dir)
