@@ -13,6 +13,7 @@ from support_registry import (
     inventory_file,
     inventory_list,
     node_record,
+    plain,
     run,
     send_heartbeat,
 )
@@ -33,7 +34,7 @@ def test_nodes_become_hosts_in_status_and_model_groups_with_lean_vars(slow_daemo
     add_node(slow_daemon, "gpu-d", ["drained-only-model"])
     assert slow_daemon.api("POST", "/v2/nodes/gpu-d/drain", {"drain": True}).status == 200
     env = ansible_env(slow_daemon, tmp_path)
-    source = inventory_file(tmp_path)
+    source = inventory_file(tmp_path, set_ansible_host=True)
 
     listing = inventory_list(env, source)
 
@@ -64,6 +65,48 @@ def test_nodes_become_hosts_in_status_and_model_groups_with_lean_vars(slow_daemo
     graph = run(["ansible-inventory", "-i", str(source), "--graph", "llorch_online"], env)
     assert graph.returncode == 0, graph.stderr
     assert graph.stdout.split() == ["@llorch_online:", "|--gpu-a", "|--gpu-b"]
+
+
+def test_ansible_host_is_not_taken_from_the_registry_by_default(slow_daemon, tmp_path):
+    # Anyone with the shared API token can re-register a node with another address; by default that
+    # address must not become where Ansible connects (with become) to.
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    add_node(slow_daemon, "gpu-b", heartbeat=False)
+
+    listing = inventory_list(ansible_env(slow_daemon, tmp_path), inventory_file(tmp_path))
+
+    hostvars = listing["_meta"]["hostvars"]
+    assert sorted(hostvars) == ["gpu-a", "gpu-b"]
+    for node_id, variables in hostvars.items():
+        assert "ansible_host" not in variables, (node_id, variables)
+        assert variables["llorch_address"] == f"http://{node_id}.lab:8080"  # still there, as data
+
+
+def test_a_static_ansible_host_survives_a_registry_source_listed_after_it(slow_daemon, tmp_path):
+    # The README's layered use: `-i static -i registry`, the registry last. gpu-a registered (or was
+    # re-registered by someone holding the token) with the address gpu-a.lab.
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    static = tmp_path / "static.yml"
+    static.write_text(
+        "all:\n  children:\n    gpu_nodes:\n      hosts:\n"
+        "        gpu-a: {ansible_host: 10.0.0.11, ansible_user: ops}\n"
+    )
+    env = ansible_env(slow_daemon, tmp_path)
+
+    def layered(registry_source) -> dict:
+        done = run(["ansible-inventory", "-i", str(static), "-i", str(registry_source), "--list"], env)
+        assert done.returncode == 0 and "Unable to parse" not in done.stderr, done.stderr
+        return plain(json.loads(done.stdout))
+
+    listing = layered(inventory_file(tmp_path))
+    gpu_a = listing["_meta"]["hostvars"]["gpu-a"]
+    assert gpu_a["ansible_host"] == "10.0.0.11" and gpu_a["ansible_user"] == "ops", gpu_a
+    assert gpu_a["llorch_status"] == "online"  # the registry's variables and groups still merge in
+    assert group_hosts(listing, "llorch_model_m1") == ["gpu-a"]
+
+    # Asked for explicitly, the registry's address wins, being the later source.
+    opted_in = layered(inventory_file(tmp_path, "opted-in", set_ansible_host=True))
+    assert opted_in["_meta"]["hostvars"]["gpu-a"]["ansible_host"] == "gpu-a.lab"
 
 
 def test_model_groups_follow_heartbeats_and_statuses_filters(slow_daemon, tmp_path):
@@ -204,6 +247,7 @@ def test_ansible_doc_resolves_the_shared_option_fragment(tmp_path):
     assert {
         "statuses",
         "detailed_vars",
+        "set_ansible_host",
         "url",
         "token",
         "token_file",
@@ -212,3 +256,4 @@ def test_ansible_doc_resolves_the_shared_option_fragment(tmp_path):
         "cache_plugin",
     } <= set(options)
     assert options["token"]["env"] == [{"name": "LLORCH_API_TOKEN"}]
+    assert options["set_ansible_host"]["default"] is False

@@ -20,9 +20,9 @@ description:
   - Groups C(llorch_nodes) (every node), C(llorch_online), C(llorch_offline), C(llorch_draining),
     C(llorch_registering) (always defined, possibly empty), and one group per model held by an online node,
     C(llorch_model_<model id>) with every character outside C([A-Za-z0-9_]) made C(_).
-  - Host variables C(ansible_host) (the host part of the node's address), C(llorch_node_id), C(llorch_status),
-    C(llorch_address), C(llorch_models) (model ids), C(llorch_pools) (pool ids), C(llorch_gpus) (how many
-    GPUs), C(llorch_last_heartbeat_at) (UTC, null before the first heartbeat).
+  - Host variables C(llorch_node_id), C(llorch_status), C(llorch_address), C(llorch_models) (model ids),
+    C(llorch_pools) (pool ids), C(llorch_gpus) (how many GPUs), C(llorch_last_heartbeat_at) (UTC, null before
+    the first heartbeat), and with O(set_ansible_host) C(ansible_host) (the host part of the node's address).
   - Host variables are kept lean (ids and a count), because Ansible's time per host grows with the size of its
     variables; set O(detailed_vars) to add whole pool and GPU records.
   - Uses a YAML configuration file whose name ends with C(.llorch_registry.yml) or C(.llorch_registry.yaml).
@@ -43,6 +43,16 @@ options:
     elements: str
     choices: [registering, online, draining, offline]
     default: [registering, online, draining, offline]
+  set_ansible_host:
+    description:
+      - Set C(ansible_host) to the host part of the address each node registered.
+      - Off by default, because that address is whatever the node (or anyone holding the shared API token)
+        last registered, and Ansible would connect there with SSH and C(become). Hosts then keep the
+        connection settings of a static inventory, or are reached by their name (the node id).
+      - In the layered use C(-i static -i registry) the registry comes last, so with this on its address
+        overrides the C(ansible_host) of the static inventory.
+    type: bool
+    default: false
   detailed_vars:
     description:
       - Also set C(llorch_pools_detail), each pool's last reported status (slots, VRAM, models, ready,
@@ -57,7 +67,8 @@ EXAMPLES = r"""
 # The smallest file takes url and token from LLORCH_URL and LLORCH_API_TOKEN:
 #   plugin: llorch_registry
 
-# A production file: token from a 0600 file, only nodes that are up, groups by GPU model
+# A production file: token from a 0600 file, only nodes that are up, groups by GPU model. It sets no
+# ansible_host (set_ansible_host: false), so the static inventory listed before it says where to connect.
 plugin: llorch_registry
 url: https://llorch-control.example.com:9200
 token_file: ~/.config/llorch/api-token
@@ -98,7 +109,7 @@ def _load_llorch_api():
 llorch_api = _load_llorch_api()
 
 BASE_GROUP = "llorch_nodes"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: ansible_host is no longer in the cached records (set_ansible_host adds it on reading)
 STATUS_GROUPS = {status: f"llorch_{status}" for status in llorch_api.NODE_STATUSES}
 _UNSAFE_IN_GROUP = re.compile(r"[^A-Za-z0-9_]")
 
@@ -131,9 +142,6 @@ def host_record(node: dict, detailed: bool) -> dict:
         "llorch_gpus": len(gpus),
         "llorch_last_heartbeat_at": node.get("last_heartbeat_at"),
     }
-    host = address_host(node.get("address") or "")
-    if host:
-        record["ansible_host"] = host
     if detailed:
         record["llorch_pools_detail"] = pools
         record["llorch_gpus_detail"] = gpus
@@ -202,11 +210,16 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         keyed_groups = self.get_option("keyed_groups")
         strict = self.get_option("strict")
         constructed = bool(compose or groups or keyed_groups)
+        set_ansible_host = self.get_option("set_ansible_host")
 
         for record in records:
             status = record["llorch_status"]
             if status not in wanted:
                 continue
+            if set_ansible_host:
+                address = address_host(record.get("llorch_address") or "")
+                if address:
+                    record = {"ansible_host": address, **record}
             host = inventory.add_host(record["llorch_node_id"], group=BASE_GROUP)
             for name, value in record.items():
                 inventory.set_variable(host, name, value)
