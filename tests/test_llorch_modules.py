@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 
 import pytest
 from support import free_port
@@ -223,6 +225,66 @@ def test_errors_name_the_registry_and_never_show_the_token(daemon, tmp_path):
     for output in (json.dumps(results), verbose.stdout + verbose.stderr):
         assert wrong_token not in output
         assert daemon.token not in output
+
+
+class RawTcpServer:
+    """A TCP server on 127.0.0.1 that answers every connection with fixed bytes and hangs up: something
+    that is not an HTTP server (an SSH port) or one that breaks off mid-answer."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(2)
+                conn.sendall(self.answer)  # an SSH server speaks first
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_url_that_does_not_answer_http_gives_the_one_line_reason(daemon, tmp_path):
+    servers = {
+        "ssh": RawTcpServer(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"),
+        "cut_short": RawTcpServer(
+            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"nodes": ['
+        ),
+        "silent_hangup": RawTcpServer(b""),
+    }
+    try:
+        results = run_tasks(
+            ansible_env(daemon, tmp_path),
+            tmp_path,
+            [
+                {"llorch_nodes_info": {"url": server.url}, "ignore_errors": True}
+                for server in servers.values()
+            ],
+        )
+    finally:
+        for server in servers.values():
+            server.close()
+
+    for (name, server), result in zip(servers.items(), results, strict=True):
+        assert result.get("failed") is True, (name, result)
+        assert result["msg"].startswith(f"cannot reach the registry at {server.url}: "), (name, result)
+        assert "\n" not in result["msg"] and "MODULE FAILURE" not in result["msg"], (name, result)
+        assert "Traceback" not in json.dumps(result), (name, result)
+        assert "SSH-2.0" not in result["msg"]  # what the other end sent is not echoed
+    ssh, cut_short, silent_hangup = (result["msg"] for result in results)
+    assert ssh.endswith("the answer is not HTTP (is it really orchestratord?)"), ssh
+    assert cut_short.endswith("the answer was cut short"), cut_short
+    assert "closed without an answer" in silent_hangup, silent_hangup
 
 
 def test_ansible_doc_documents_every_module(tmp_path):

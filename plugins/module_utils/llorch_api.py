@@ -13,6 +13,7 @@ AnsibleModule, with ``LlorchClient.from_options(plugin.get_option)``.
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import os
 import socket
@@ -73,6 +74,14 @@ def _reason(exc: BaseException) -> str:
         if isinstance(reason, BaseException):
             return _reason(reason)
         return str(reason)
+    # http.client's failures, before OSError: RemoteDisconnected is also a ConnectionResetError. What the
+    # other end sent (an SSH banner, say) is not echoed: it is not ours to put in a message.
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the connection was closed without an answer (is it really orchestratord?)"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the answer was cut short"
+    if isinstance(exc, http.client.HTTPException):
+        return "the answer is not HTTP (is it really orchestratord?)"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted ({exc.verify_message}); set ca_path, or validate_certs: false"
     if isinstance(exc, ssl.SSLError):
@@ -174,7 +183,9 @@ class LlorchClient:
             if allow_missing and exc.code == 404:
                 return None
             raise self._http_error(exc, where) from None
-        except (URLError, OSError) as exc:
+        except (URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException: a url that points at something other than an HTTP server (an SSH port) or a
+            # connection cut mid-answer (IncompleteRead); BadStatusLine and IncompleteRead are no OSError.
             raise LlorchApiError(f"cannot reach the registry at {self.url}: {_reason(exc)}") from None
         if status == 204 or not payload:
             return None
