@@ -6,6 +6,9 @@ import contextlib
 import json
 import socket
 import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from support import free_port
@@ -105,6 +108,75 @@ def test_drain_wait_fails_with_the_busy_slot_count_and_succeeds_when_idle(slow_d
     assert "node gpu-a still had 6 busy slot(s) after 1 s" in busy["msg"]
     assert node_record(slow_daemon, "gpu-a")["drain"] is True  # the drain itself stays
     assert not idle.get("failed") and idle["changed"] and idle["busy_slots"] == 0
+
+
+class _RacingHandler(BaseHTTPRequestHandler):
+    """Relays to the daemon; before relaying a DELETE it deletes the node itself, like another operator
+    whose request lands between the module's read and its delete."""
+
+    server: RacingProxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def relay(self) -> None:
+        daemon = self.server.daemon
+        if self.command == "DELETE":
+            assert daemon.api("DELETE", self.path).status in (200, 204)
+            self.server.raced.append(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        request = urllib.request.Request(
+            daemon.url + self.path,
+            data=self.rfile.read(length) if length else None,
+            method=self.command,
+            headers={k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                status, body = answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = relay
+
+
+class RacingProxy(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, daemon):
+        super().__init__(("127.0.0.1", 0), _RacingHandler)
+        self.daemon = daemon
+        self.raced: list[str] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_absent_reports_no_change_when_the_node_vanished_before_its_delete(slow_daemon, tmp_path):
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    proxy = RacingProxy(slow_daemon)
+    try:
+        (removed_by_someone_else,) = run_tasks(
+            ansible_env(slow_daemon, tmp_path, LLORCH_URL=proxy.url), tmp_path, [node_task("absent")]
+        )
+    finally:
+        proxy.close()
+
+    assert proxy.raced == ["/v2/nodes/gpu-a"]  # the race did happen: the module's DELETE met a 404
+    assert not removed_by_someone_else.get("failed"), removed_by_someone_else
+    assert removed_by_someone_else["changed"] is False, removed_by_someone_else
+    assert removed_by_someone_else["state_before"] == "present"
+    assert removed_by_someone_else["node"] == {}
+    assert node_record(slow_daemon, "gpu-a") is None
 
 
 def test_state_present_for_an_unknown_node_explains_how_nodes_join(slow_daemon, tmp_path):

@@ -157,7 +157,9 @@ def main():
         result["changed"] = before != wanted
         if result["changed"] and not module.check_mode:
             if wanted == "absent":
-                client.delete_node(node_id)
+                # False when the node left between the read above and this delete (another task or an
+                # operator removed it; the registry answered 404): then this task changed nothing.
+                result["changed"] = client.delete_node(node_id)
                 node = None
             else:
                 node = client.set_drain(node_id, wanted == "drained")
