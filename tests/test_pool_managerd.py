@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,22 +353,40 @@ def test_broken_gpu_driver_is_refused_with_what_nvidia_smi_said(tmp_path, fixtur
     _refused(make_agent(tmp_path / "agent", None, fixture=fixture), "GPU probe failed", said, code=3)
 
 
-def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, start_agent, tmp_path):
-    # A private copy of the stand-in that picks its machine from the file beside it, so the test can
-    # break the "driver" under a running agent.
+def _switchable_standin(tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the stand-in that picks its machine from the file beside it (returned second), so a
+    test can break the "driver" under a running agent."""
     standin = tmp_path / "bin" / "nvidia-smi-standin"
     standin.parent.mkdir()
     standin.write_text(STANDIN.read_text())
     standin.chmod(0o755)
     chosen = tmp_path / "bin" / "nvidia-smi-standin.fixture"
     chosen.write_text(str(FIXTURES / "lab-2x-l4"))
-    agent = make_agent(tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2)
+    return standin, chosen
+
+
+def _start_on_switchable(agent: AgentProcess) -> AgentProcess:
+    """Start the agent without NVIDIA_SMI_STANDIN_FIXTURE, so its stand-in reads the file beside it."""
     agent.write_config()
     env = standin_env()
     del env["NVIDIA_SMI_STANDIN_FIXTURE"]
     agent.proc = subprocess.Popen(
         agent.command(), env=env, stdout=agent.log_path.open("ab"), stderr=subprocess.STDOUT
     )
+    return agent
+
+
+def _heartbeats_ok(daemon: Daemon) -> float:
+    found = re.search(
+        r'orchestratord_heartbeats_total\{outcome="ok"\} (\S+)', http("GET", daemon.url + "/metrics").text
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, start_agent, tmp_path):
+    standin, chosen = _switchable_standin(tmp_path)
+    agent = make_agent(tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2)
+    _start_on_switchable(agent)
     try:
         wait_online(daemon, agent)
         chosen.write_text(str(FIXTURES / "driver-mismatch"))
@@ -380,6 +399,38 @@ def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, 
         assert agent.running()
     finally:
         agent.stop()
+
+
+def test_hung_nvidia_smi_never_delays_a_heartbeat_pools_go_not_ready_and_sigterm_still_exits(
+    daemon, agents, tmp_path
+):
+    # A GPU that falls off the bus leaves nvidia-smi hanging inside the driver. The node must stay online
+    # (the daemon's node timeout is 3 s here) with its GPU pools not ready, and a stop must not wait for it.
+    standin, chosen = _switchable_standin(tmp_path)
+    agent = make_agent(
+        tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2, gpu_probe_timeout_s=1
+    )
+    agents.append(_start_on_switchable(agent))
+    wait_online(daemon, agent)
+    chosen.write_text(str(FIXTURES / "hung"))
+    wait_until(lambda: not node_of(daemon)["pools"][0]["ready"], timeout=10, what="the GPU pool not ready")
+    # Heartbeats keep their 200 ms pace through several hung probes, for longer than the node timeout.
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 20, timeout=8, what="20 more heartbeats")
+    node = node_of(daemon)
+    assert node["status"] == "online" and not node["pools"][0]["ready"], node
+    assert f"node {NODE} offline" not in daemon.log()
+    log = agent.log()
+    assert log.count("GPU probe failed") == 1 and "nvidia-smi did not answer within 1 s" in log, log
+
+    chosen.write_text(str(FIXTURES / "lab-2x-l4"))
+    wait_until(lambda: node_of(daemon)["pools"][0]["ready"], timeout=10, what="the GPU pool ready again")
+    chosen.write_text(str(FIXTURES / "hung"))
+    wait_until(lambda: not node_of(daemon)["pools"][0]["ready"], timeout=10, what="the GPU pool not ready")
+    started = time.monotonic()
+    assert agent.signal(signal.SIGTERM, timeout=10) == 0  # while a probe hangs
+    assert time.monotonic() - started < 5, time.monotonic() - started
+    assert "deregistered node gpu-node-1" in agent.log()
 
 
 def test_example_config_documents_every_key_and_is_accepted():

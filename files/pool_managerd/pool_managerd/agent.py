@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import signal
-import time
+import threading
 
 from .config import PoolConfig, Settings
 from .control import Answer, ControlPlane
@@ -60,7 +60,6 @@ class Agent:
         self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self.state = "starting"
         self.registered_once = False
-        self._last_probe = time.monotonic()
         self._stop = asyncio.Event()
 
     # -- state and logging ------------------------------------------------------------------------------
@@ -95,21 +94,60 @@ class Agent:
 
     # -- one cycle ----------------------------------------------------------------------------------------
 
-    async def _refresh_gpus(self) -> None:
-        """Ask the GPUs for free VRAM now and then; a failed probe marks the GPU pools not ready."""
-        if self.gpus is None or time.monotonic() - self._last_probe < self.settings.gpu_probe_interval_s:
-            return
-        self._last_probe = time.monotonic()
+    def _gpus_failing(self, problem: str) -> None:
+        if self.gpus_healthy:
+            log.error("GPU probe failed: %s; GPU pools report not ready", problem)
+        self.gpus_healthy = False
+
+    async def _watch_gpus(self) -> None:
+        """Read free VRAM every gpu_probe_interval_s, off the heartbeat's path.
+
+        Heartbeats only read the latest snapshot, so a slow or hung nvidia-smi (a GPU fallen off the bus)
+        never delays one: the node stays online and its GPU pools report not ready while the probe fails or
+        has run longer than gpu_probe_timeout_s. One probe at a time: a hung one is waited for, not piled on.
+        """
+        while True:
+            await asyncio.sleep(self.settings.gpu_probe_interval_s)
+            await self._probe_once()
+
+    async def _probe_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        limit = self.settings.gpu_probe_timeout_s
+
+        def settle(outcome: tuple[ProbeResult | None, str] | None, error: BaseException | None) -> None:
+            if done.done():  # the agent stopped meanwhile
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(outcome)
+
+        def work() -> None:
+            outcome, error = None, None
+            try:
+                # Only the GPU query: the CUDA version does not change under a running driver.
+                fresh = probe_gpus(self.settings, False, timeout=limit)
+                outcome = (fresh, "" if fresh is not None else "no GPU found any more")
+            except NvidiaSmiError as failure:
+                outcome = (None, str(failure))
+            except BaseException as bug:  # not an outage but a bug: re-raised in the event loop
+                error = bug
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the agent has stopped
+                loop.call_soon_threadsafe(settle, outcome, error)
+
+        # A daemon thread, not the default executor: one stuck in the driver must not hold up the exit.
+        threading.Thread(target=work, name="gpu-probe", daemon=True).start()
         try:
-            # Only the GPU query: the CUDA version does not change under a running driver.
-            fresh = await asyncio.to_thread(probe_gpus, self.settings, False)
-            problem = None if fresh is not None else "no GPU found any more"
-        except NvidiaSmiError as error:
-            fresh, problem = None, str(error)
+            fresh, problem = await asyncio.wait_for(asyncio.shield(done), limit)
+        except TimeoutError:
+            self._gpus_failing(
+                f"nvidia-smi did not answer within {limit:g} s: the GPU driver may be hung "
+                "(look for Xid errors in the kernel log)"
+            )
+            fresh, problem = await done
         if fresh is None:
-            if self.gpus_healthy:
-                log.error("GPU probe failed: %s; GPU pools report not ready", problem)
-            self.gpus_healthy = False
+            self._gpus_failing(problem or "no GPU found any more")
             return  # keep the last GPU list: the pools stay registered, only not ready
         fresh.cuda_version = self.gpus.cuda_version
         self.gpus = fresh
@@ -136,7 +174,6 @@ class Agent:
 
     async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
         """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None)."""
-        await self._refresh_gpus()
         statuses = pool_statuses(
             self.pools, self.gpus, self.gpus_healthy, self.draining, self.manifest.available()
         )
@@ -202,10 +239,11 @@ class Agent:
         async with ControlPlane(
             self.settings.control_url, self._token, self.settings.request_timeout_s, self.settings.ca_file
         ) as control:
-            work = asyncio.create_task(self._loop(control))
-            stop = asyncio.create_task(self._stop.wait())
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (work, stop):
+            tasks = [asyncio.create_task(self._loop(control)), asyncio.create_task(self._stop.wait())]
+            if self.gpus is not None:
+                tasks.append(asyncio.create_task(self._watch_gpus()))
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
                 task.cancel()
                 # An exception other than the cancel is a bug, not an outage: it propagates and
                 # systemd restarts the agent.

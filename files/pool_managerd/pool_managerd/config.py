@@ -42,6 +42,7 @@ class Settings:
     request_timeout_s: float
     ca_file: Path | None
     gpu_probe_interval_s: float
+    gpu_probe_timeout_s: float
     backoff_initial_s: float
     backoff_max_s: float
     log_level: str
@@ -68,6 +69,7 @@ KEYS: dict[str, tuple[str, Any]] = {
     "request_timeout_s": ("seconds", 5.0),
     "ca_file": ("path", None),
     "gpu_probe_interval_s": ("seconds", 15.0),
+    "gpu_probe_timeout_s": ("seconds", 10.0),
     "backoff_initial_s": ("seconds", 0.5),
     "backoff_max_s": ("seconds", 30.0),
     "log_level": ("level", "info"),
