@@ -138,6 +138,38 @@ def test_torn_manifest_is_logged_once_and_the_last_good_one_kept(daemon, start_a
     assert agent.log().count("torn or invalid") == 1
 
 
+def test_manifest_model_id_the_daemon_would_refuse_is_dropped_and_logged_once(daemon, tmp_path, agents):
+    # A hand-edited manifest: one bad key must not make every heartbeat a 400 and keep the node offline.
+    agent = make_agent(tmp_path / "agent", daemon)
+    too_long = "m" * 300
+    for name in ("good.gguf", "long.gguf"):
+        (agent.models_dir / name).write_bytes(b"abc")
+    agent.write_manifest(
+        {
+            "meta-llama/Llama-3.1-8B-Instruct": {"path": "good.gguf", "sha256": "0" * 64, "size_bytes": 3},
+            too_long: {"path": "long.gguf", "sha256": "1" * 64, "size_bytes": 3},
+        }
+    )
+    agents.append(agent.start())
+    node = wait_online(daemon, agent)
+    assert node["models"] == ["meta-llama/Llama-3.1-8B-Instruct"]
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 5, timeout=10, what="5 more heartbeats")
+    dropped = [line for line in agent.log().splitlines() if "not a valid model id" in line]
+    assert len(dropped) == 1, agent.log()
+    assert "'mmmmmmmmmm" in dropped[0] and "300 characters" in dropped[0] and too_long not in dropped[0]
+    assert "[A-Za-z0-9._:/-]" in dropped[0]
+
+
+def test_model_id_rule_is_the_daemons():
+    from pool_managerd.models import valid_model_id
+
+    assert valid_model_id("meta-llama/Llama-3.1-8B-Instruct") and valid_model_id("qwen2:7b")
+    assert valid_model_id("m" * 256) and not valid_model_id("m" * 257)
+    for bad in ("", "m\n", "has space", "tab\tid", "é", 7):
+        assert not valid_model_id(bad), bad
+
+
 def test_operator_drain_reaches_every_pool_and_undrain_lifts_it(daemon, start_agent):
     agent = start_agent(
         daemon,
