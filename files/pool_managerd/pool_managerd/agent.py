@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # The longest a stop may wait for the deregistration: systemd's stop timeout is far longer.
 DEREGISTER_TIMEOUT_S = 3.0
+# The state of an agent whose registrations work and whose heartbeats get 404 at once.
+HEARTBEAT_NOT_FOUND = "heartbeat-not-found"
 
 
 class Backoff:
@@ -164,11 +166,13 @@ class Agent:
             return None
         interval_ms = answer.body.get("heartbeat_interval_ms", 5000)
         again = "registered again" if self.registered_once else "registered"
-        self._enter(
-            "online",
-            f"{again} with {self.settings.control_url} as node {self.settings.node_id} ({len(self.pools)} "
-            f"pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every {interval_ms} ms)",
-        )
+        if self.state != HEARTBEAT_NOT_FOUND:  # that state ends with a heartbeat that works, not here
+            self._enter(
+                "online",
+                f"{again} with {self.settings.control_url} as node {self.settings.node_id} "
+                f"({len(self.pools)} pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every "
+                f"{interval_ms} ms)",
+            )
         self.registered_once = True
         return max(int(interval_ms), 50) / 1000
 
@@ -197,14 +201,29 @@ class Agent:
 
     async def _loop(self, control: ControlPlane) -> None:
         interval: float | None = None
+        beat_since_registering = False
         while True:
             if interval is None:
                 interval = await self._register(control)
                 if interval is None:
                     await asyncio.sleep(self.backoff.next_delay())
                     continue
-                self.backoff.reset()
+                beat_since_registering = False
             outcome, next_interval = await self._heartbeat(control)
+            if outcome == "unknown" and not beat_since_registering:
+                # Unknown right after registering: not a lost node but a control plane that takes
+                # registrations and loses heartbeats (a proxy routing only some paths, a renamed route).
+                # Registering again at once would hammer it: back off until a heartbeat works.
+                self._enter(
+                    HEARTBEAT_NOT_FOUND,
+                    f"control plane {self.settings.control_url} accepted the registration of node "
+                    f"{self.settings.node_id} but answers its heartbeats with 404 (a proxy that routes only "
+                    "some paths, or a renamed route?); registering again with backoff",
+                    logging.ERROR,
+                )
+                interval = None
+                await asyncio.sleep(self.backoff.next_delay())
+                continue
             if outcome == "unknown":
                 log.warning(
                     "control plane %s does not know node %s (deleted by an operator or its database "
@@ -218,7 +237,8 @@ class Agent:
             if outcome == "failed":
                 await asyncio.sleep(self.backoff.next_delay())
                 continue
-            self.backoff.reset()
+            beat_since_registering = True
+            self.backoff.reset()  # only a heartbeat that works ends a run of retries
             interval = next_interval
             await asyncio.sleep(interval)
 
