@@ -442,6 +442,24 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
     assert TEST_TOKEN not in agent.log()
 
 
+def _refused_once(agent: AgentProcess, *words: str, code: int = 2) -> str:
+    """`--once` refuses the setup with one line holding `words` and exit `code`; that line."""
+    done = agent.run_once("--once")
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_token_shorter_than_32_characters_is_refused_as_the_daemon_does(tmp_path):
+    short = make_agent(tmp_path / "short", None, token="s" * 31)
+    message = _refused_once(short, f"token_file {short.config['token_file']}", "at least 32 characters")
+    assert "s" * 31 not in message
+    assert make_agent(tmp_path / "long", None, token="t" * 32).run_once("--once").returncode == 0
+
+
 @pytest.mark.parametrize(
     ("fixture", "said"),
     [

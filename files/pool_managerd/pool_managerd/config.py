@@ -15,6 +15,8 @@ import yaml
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
 # The daemon's id rule; checked here too so a bad id is a config error, not a 400 at every retry.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# The daemon refuses a shorter token at its start; the agent holds its own to the same rule.
+MIN_TOKEN_LENGTH = 32
 
 
 class ConfigError(Exception):
@@ -196,6 +198,10 @@ def read_token(token_file: Path) -> str:
         raise ConfigError(f"token_file {token_file} is empty")
     if any(char.isspace() for char in token):
         raise ConfigError(f"token_file {token_file} must hold one token on one line")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"token_file {token_file}: the token must be at least {MIN_TOKEN_LENGTH} characters"
+        )
     return token
 
 
