@@ -460,6 +460,32 @@ def test_token_shorter_than_32_characters_is_refused_as_the_daemon_does(tmp_path
     assert make_agent(tmp_path / "long", None, token="t" * 32).run_once("--once").returncode == 0
 
 
+def test_ca_file_that_is_not_a_pem_bundle_is_refused_with_one_line(tmp_path):
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("this is not a certificate\n")
+    agent = make_agent(
+        tmp_path / "agent", None, control_url="https://llorch-control:9200", ca_file=str(bad_ca)
+    )
+    _refused(agent, str(agent.config_path), f"ca_file {bad_ca}", "PEM", code=2)
+    _refused_once(agent, f"ca_file {bad_ca}", "PEM")
+
+
+def test_config_file_that_is_not_utf8_is_refused_with_one_line(tmp_path):
+    agent = make_agent(tmp_path / "agent", None)
+    agent.write_config()
+    agent.config_path.write_bytes(agent.config_path.read_bytes() + b"# caf\xe9 (latin-1)\n")
+    done = subprocess.run(agent.command(), capture_output=True, text=True, timeout=30, env=standin_env())
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"config file {agent.config_path}" in done.stderr and "UTF-8" in done.stderr
+
+
+def test_token_file_that_is_not_utf8_is_refused_with_one_line(tmp_path):
+    agent = make_agent(tmp_path / "agent", None)
+    Path(agent.config["token_file"]).write_bytes(b"\xff\xfe" + b"t" * 40 + b"\n")
+    _refused(agent, f"token_file {agent.config['token_file']}", "UTF-8", code=2)
+
+
 @pytest.mark.parametrize(
     ("fixture", "said"),
     [

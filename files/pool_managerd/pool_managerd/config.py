@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ def load_settings(config_path: str | Path) -> Settings:
         raise ConfigError(f"config file {path} not found") from None
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
     if raw is None:
@@ -173,11 +176,30 @@ def load_settings(config_path: str | Path) -> Settings:
     values["node_id"] = values["node_id"] or _default_node_id()
     values["address"] = values["address"] or f"http://{socket.gethostname()}:8000"
     values["log_level"] = values["log_level"].lower()
-    if values["ca_file"] is not None and not values["ca_file"].is_file():
-        raise ConfigError(f"config file {path}: ca_file {values['ca_file']} not found")
+    if values["ca_file"] is not None:
+        _check_ca_file(path, values["ca_file"])
     if values["backoff_max_s"] < values["backoff_initial_s"]:
         raise ConfigError(f"config file {path}: 'backoff_max_s' must not be below 'backoff_initial_s'")
     return Settings(**values)
+
+
+def _check_ca_file(config_path: Path, ca_file: Path) -> None:
+    """Load the CA bundle now: a wrong file is a config error, not a traceback at the first request."""
+    if not ca_file.is_file():
+        raise ConfigError(f"config file {config_path}: ca_file {ca_file} not found")
+    try:
+        ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        raise ConfigError(
+            f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle ({reason})"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"config file {config_path}: ca_file {ca_file} cannot be read: {error.strerror}"
+        ) from None
+    except ValueError:  # not UTF-8 / not text at all
+        raise ConfigError(f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle") from None
 
 
 def read_token(token_file: Path) -> str:
@@ -194,6 +216,8 @@ def read_token(token_file: Path) -> str:
         raise ConfigError(f"token_file {token_file} not found") from None
     except OSError as error:
         raise ConfigError(f"token_file {token_file} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"token_file {token_file} is not UTF-8 text (byte {error.start})") from None
     if not token:
         raise ConfigError(f"token_file {token_file} is empty")
     if any(char.isspace() for char in token):
