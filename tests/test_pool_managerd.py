@@ -422,6 +422,8 @@ def _refused(agent: AgentProcess, *words: str, code: int) -> None:
             ("GPU 0 is already in pool",),
         ),
         ({"ca_file": "/nonexistent/ca.pem"}, ("ca_file /nonexistent/ca.pem not found",)),
+        # The daemon's id rule has no room for a trailing newline ("$" alone would let one through).
+        ({"pools": [{"pool_id": "a\n", "gpus": [0]}]}, ("'pools[0].pool_id' must be",)),
     ],
 )
 def test_bad_config_is_refused_with_one_line_naming_the_key(tmp_path, overrides, words):

@@ -15,7 +15,7 @@ import yaml
 
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
 # The daemon's id rule; checked here too so a bad id is a config error, not a 400 at every retry.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")  # \Z: no trailing newline, as the daemon
 # The daemon refuses a shorter token at its start; the agent holds its own to the same rule.
 MIN_TOKEN_LENGTH = 32
 
