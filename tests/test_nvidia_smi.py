@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -228,6 +231,38 @@ def test_probe_without_nvidia_smi_says_no_driver() -> None:
 def test_probe_gives_up_on_a_hung_nvidia_smi(monkeypatch) -> None:
     with pytest.raises(NvidiaSmiError, match=r"did not answer within 0.3 s: the GPU driver may be hung"):
         _probe(monkeypatch, "lab-2x-l4", timeout=0.3, NVIDIA_SMI_STANDIN_DELAY_S="5")
+
+
+def test_a_hung_nvidia_smi_that_outlives_its_kill_is_given_up_on_in_bounded_time(monkeypatch) -> None:
+    # nvidia-smi stuck inside the driver (a GPU fallen off the bus) does not die of SIGKILL until it leaves
+    # the kernel, and no test can put a process there: so the kill is made to miss, and the hung stand-in
+    # keeps running. The caller must still get its answer, not wait as long as the process lives.
+    missed: list[subprocess.Popen] = []
+    monkeypatch.setattr(subprocess.Popen, "kill", lambda self: missed.append(self))
+    monkeypatch.setenv("NVIDIA_SMI_STANDIN_FIXTURE", str(FIXTURES / "hung"))
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            nvidia_smi.run_nvidia_smi(["--query-gpu=index", "--format=csv"], str(STANDIN), timeout=0.3)
+        except BaseException as error:  # handed to the test's thread
+            raised.append(error)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        caller.join(timeout=6)
+        assert not caller.is_alive(), "run_nvidia_smi still waits for an nvidia-smi its kill could not end"
+    finally:
+        for proc in missed:  # the real kill, so nothing outlives the test
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        caller.join(timeout=10)
+    assert missed, "the hung nvidia-smi was never killed"
+    (error,) = raised
+    assert isinstance(error, NvidiaSmiError) and error.kind == "timeout", error
+    assert "did not answer within 0.3 s" in str(error)
 
 
 # --- recorded text of every shape ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -9,10 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, http, wait_until
 from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, make_agent, standin_env
 
@@ -137,6 +140,38 @@ def test_torn_manifest_is_logged_once_and_the_last_good_one_kept(daemon, start_a
     assert agent.log().count("torn or invalid") == 1
 
 
+def test_manifest_model_id_the_daemon_would_refuse_is_dropped_and_logged_once(daemon, tmp_path, agents):
+    # A hand-edited manifest: one bad key must not make every heartbeat a 400 and keep the node offline.
+    agent = make_agent(tmp_path / "agent", daemon)
+    too_long = "m" * 300
+    for name in ("good.gguf", "long.gguf"):
+        (agent.models_dir / name).write_bytes(b"abc")
+    agent.write_manifest(
+        {
+            "meta-llama/Llama-3.1-8B-Instruct": {"path": "good.gguf", "sha256": "0" * 64, "size_bytes": 3},
+            too_long: {"path": "long.gguf", "sha256": "1" * 64, "size_bytes": 3},
+        }
+    )
+    agents.append(agent.start())
+    node = wait_online(daemon, agent)
+    assert node["models"] == ["meta-llama/Llama-3.1-8B-Instruct"]
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 5, timeout=10, what="5 more heartbeats")
+    dropped = [line for line in agent.log().splitlines() if "not a valid model id" in line]
+    assert len(dropped) == 1, agent.log()
+    assert "'mmmmmmmmmm" in dropped[0] and "300 characters" in dropped[0] and too_long not in dropped[0]
+    assert "[A-Za-z0-9._:/-]" in dropped[0]
+
+
+def test_model_id_rule_is_the_daemons():
+    from pool_managerd.models import valid_model_id
+
+    assert valid_model_id("meta-llama/Llama-3.1-8B-Instruct") and valid_model_id("qwen2:7b")
+    assert valid_model_id("m" * 256) and not valid_model_id("m" * 257)
+    for bad in ("", "m\n", "has space", "tab\tid", "é", 7):
+        assert not valid_model_id(bad), bad
+
+
 def test_operator_drain_reaches_every_pool_and_undrain_lifts_it(daemon, start_agent):
     agent = start_agent(
         daemon,
@@ -194,6 +229,73 @@ def test_node_deleted_by_an_operator_registers_again(daemon, start_agent):
     node = wait_online(daemon, agent)
     assert [g["index"] for g in node["capabilities"]["gpus"]] == [0, 1]
     assert "does not know node gpu-node-1" in agent.log()
+
+
+class HeartbeatsNotFound:
+    """A tiny real HTTP control plane that accepts every registration and answers every heartbeat 404, as a
+    proxy routing only some paths (or a renamed route) would."""
+
+    def __init__(self) -> None:
+        self.registrations: list[float] = []
+        self.heartbeats: list[float] = []
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _register(self, request: web.Request) -> web.Response:
+        self.registrations.append(time.monotonic())
+        body = await request.json()
+        answer = {"node_id": body["node_id"], "status": "registering", "heartbeat_interval_ms": 50}
+        return web.json_response({**answer, "node_timeout_ms": 3000})
+
+    async def _heartbeat(self, request: web.Request) -> web.Response:
+        self.heartbeats.append(time.monotonic())
+        return web.json_response({"code": "NODE_NOT_FOUND", "message": "no such node"}, status=404)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v2/nodes/register", self._register)
+        app.router.add_post("/v2/nodes/{node_id}/heartbeat", self._heartbeat)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+
+    def start(self) -> HeartbeatsNotFound:
+        self._thread.start()
+        assert self._ready.wait(10), "the fake control plane did not start"
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def test_heartbeats_always_404_after_registering_back_off_instead_of_hammering(start_agent):
+    control = HeartbeatsNotFound().start()
+    try:
+        agent = start_agent(None, control_url=control.url, backoff_initial_s=0.1, backoff_max_s=1)
+        wait_until(lambda: control.heartbeats, timeout=15, what="a first heartbeat")
+        first = control.registrations[0]
+        wait_until(
+            lambda: control.heartbeats[-1] - first >= 2, timeout=15, what="2 s of register/heartbeat cycles"
+        )
+        # Backoff 0.1 s doubling to a 1 s cap, with full jitter: about 6 tries in 2 s; never hundreds.
+        assert len(control.registrations) <= 30, len(control.registrations)
+        assert agent.running()
+        log = agent.log()
+        assert log.count("answers its heartbeats with 404") == 1, log
+        assert log.count("registered again") == 0, log
+    finally:
+        control.stop()
 
 
 def test_sigterm_deregisters_and_exits_zero(daemon, start_agent):
@@ -320,6 +422,8 @@ def _refused(agent: AgentProcess, *words: str, code: int) -> None:
             ("GPU 0 is already in pool",),
         ),
         ({"ca_file": "/nonexistent/ca.pem"}, ("ca_file /nonexistent/ca.pem not found",)),
+        # The daemon's id rule has no room for a trailing newline ("$" alone would let one through).
+        ({"pools": [{"pool_id": "a\n", "gpus": [0]}]}, ("'pools[0].pool_id' must be",)),
     ],
 )
 def test_bad_config_is_refused_with_one_line_naming_the_key(tmp_path, overrides, words):
@@ -340,6 +444,50 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
     assert TEST_TOKEN not in agent.log()
 
 
+def _refused_once(agent: AgentProcess, *words: str, code: int = 2) -> str:
+    """`--once` refuses the setup with one line holding `words` and exit `code`; that line."""
+    done = agent.run_once("--once")
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_token_shorter_than_32_characters_is_refused_as_the_daemon_does(tmp_path):
+    short = make_agent(tmp_path / "short", None, token="s" * 31)
+    message = _refused_once(short, f"token_file {short.config['token_file']}", "at least 32 characters")
+    assert "s" * 31 not in message
+    assert make_agent(tmp_path / "long", None, token="t" * 32).run_once("--once").returncode == 0
+
+
+def test_ca_file_that_is_not_a_pem_bundle_is_refused_with_one_line(tmp_path):
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("this is not a certificate\n")
+    agent = make_agent(
+        tmp_path / "agent", None, control_url="https://llorch-control:9200", ca_file=str(bad_ca)
+    )
+    _refused(agent, str(agent.config_path), f"ca_file {bad_ca}", "PEM", code=2)
+    _refused_once(agent, f"ca_file {bad_ca}", "PEM")
+
+
+def test_config_file_that_is_not_utf8_is_refused_with_one_line(tmp_path):
+    agent = make_agent(tmp_path / "agent", None)
+    agent.write_config()
+    agent.config_path.write_bytes(agent.config_path.read_bytes() + b"# caf\xe9 (latin-1)\n")
+    done = subprocess.run(agent.command(), capture_output=True, text=True, timeout=30, env=standin_env())
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"config file {agent.config_path}" in done.stderr and "UTF-8" in done.stderr
+
+
+def test_token_file_that_is_not_utf8_is_refused_with_one_line(tmp_path):
+    agent = make_agent(tmp_path / "agent", None)
+    Path(agent.config["token_file"]).write_bytes(b"\xff\xfe" + b"t" * 40 + b"\n")
+    _refused(agent, f"token_file {agent.config['token_file']}", "UTF-8", code=2)
+
+
 @pytest.mark.parametrize(
     ("fixture", "said"),
     [
@@ -352,22 +500,40 @@ def test_broken_gpu_driver_is_refused_with_what_nvidia_smi_said(tmp_path, fixtur
     _refused(make_agent(tmp_path / "agent", None, fixture=fixture), "GPU probe failed", said, code=3)
 
 
-def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, start_agent, tmp_path):
-    # A private copy of the stand-in that picks its machine from the file beside it, so the test can
-    # break the "driver" under a running agent.
+def _switchable_standin(tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the stand-in that picks its machine from the file beside it (returned second), so a
+    test can break the "driver" under a running agent."""
     standin = tmp_path / "bin" / "nvidia-smi-standin"
     standin.parent.mkdir()
     standin.write_text(STANDIN.read_text())
     standin.chmod(0o755)
     chosen = tmp_path / "bin" / "nvidia-smi-standin.fixture"
     chosen.write_text(str(FIXTURES / "lab-2x-l4"))
-    agent = make_agent(tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2)
+    return standin, chosen
+
+
+def _start_on_switchable(agent: AgentProcess) -> AgentProcess:
+    """Start the agent without NVIDIA_SMI_STANDIN_FIXTURE, so its stand-in reads the file beside it."""
     agent.write_config()
     env = standin_env()
     del env["NVIDIA_SMI_STANDIN_FIXTURE"]
     agent.proc = subprocess.Popen(
         agent.command(), env=env, stdout=agent.log_path.open("ab"), stderr=subprocess.STDOUT
     )
+    return agent
+
+
+def _heartbeats_ok(daemon: Daemon) -> float:
+    found = re.search(
+        r'orchestratord_heartbeats_total\{outcome="ok"\} (\S+)', http("GET", daemon.url + "/metrics").text
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, start_agent, tmp_path):
+    standin, chosen = _switchable_standin(tmp_path)
+    agent = make_agent(tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2)
+    _start_on_switchable(agent)
     try:
         wait_online(daemon, agent)
         chosen.write_text(str(FIXTURES / "driver-mismatch"))
@@ -380,6 +546,38 @@ def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, 
         assert agent.running()
     finally:
         agent.stop()
+
+
+def test_hung_nvidia_smi_never_delays_a_heartbeat_pools_go_not_ready_and_sigterm_still_exits(
+    daemon, agents, tmp_path
+):
+    # A GPU that falls off the bus leaves nvidia-smi hanging inside the driver. The node must stay online
+    # (the daemon's node timeout is 3 s here) with its GPU pools not ready, and a stop must not wait for it.
+    standin, chosen = _switchable_standin(tmp_path)
+    agent = make_agent(
+        tmp_path / "agent", daemon, nvidia_smi=str(standin), gpu_probe_interval_s=0.2, gpu_probe_timeout_s=1
+    )
+    agents.append(_start_on_switchable(agent))
+    wait_online(daemon, agent)
+    chosen.write_text(str(FIXTURES / "hung"))
+    wait_until(lambda: not node_of(daemon)["pools"][0]["ready"], timeout=10, what="the GPU pool not ready")
+    # Heartbeats keep their 200 ms pace through several hung probes, for longer than the node timeout.
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 20, timeout=8, what="20 more heartbeats")
+    node = node_of(daemon)
+    assert node["status"] == "online" and not node["pools"][0]["ready"], node
+    assert f"node {NODE} offline" not in daemon.log()
+    log = agent.log()
+    assert log.count("GPU probe failed") == 1 and "nvidia-smi did not answer within 1 s" in log, log
+
+    chosen.write_text(str(FIXTURES / "lab-2x-l4"))
+    wait_until(lambda: node_of(daemon)["pools"][0]["ready"], timeout=10, what="the GPU pool ready again")
+    chosen.write_text(str(FIXTURES / "hung"))
+    wait_until(lambda: not node_of(daemon)["pools"][0]["ready"], timeout=10, what="the GPU pool not ready")
+    started = time.monotonic()
+    assert agent.signal(signal.SIGTERM, timeout=10) == 0  # while a probe hangs
+    assert time.monotonic() - started < 5, time.monotonic() - started
+    assert "deregistered node gpu-node-1" in agent.log()
 
 
 def test_example_config_documents_every_key_and_is_accepted():

@@ -27,6 +27,7 @@ Parsers of recorded text: ``parse_query_csv`` (with or without header/units), ``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 import subprocess
@@ -242,11 +243,20 @@ def classify_failure(output: str, returncode: int | None = None) -> NvidiaSmiErr
 
 
 def run_nvidia_smi(args: list, nvidia_smi: str = "nvidia-smi", timeout: float = 10.0) -> str:
-    """Run nvidia-smi with `args`; return stdout or raise NvidiaSmiError."""
+    """Run nvidia-smi with `args`; return stdout or raise NvidiaSmiError.
+
+    Never waits much past `timeout`: a hung nvidia-smi is killed, and one stuck inside the driver (which
+    SIGKILL does not end until it leaves the kernel) is abandoned after KILL_WAIT_S, not waited for.
+    """
     command = [nvidia_smi, *args]
     try:
-        proc = subprocess.run(
-            command, capture_output=True, text=True, errors="replace", timeout=timeout, check=False
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
         )
     except FileNotFoundError:
         raise NvidiaSmiError(
@@ -259,17 +269,39 @@ def run_nvidia_smi(args: list, nvidia_smi: str = "nvidia-smi", timeout: float = 
             f"nvidia-smi at {nvidia_smi!r} is not executable: check the NVIDIA driver install",
             kind="not-executable",
         ) from None
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _abandon(proc)
         raise NvidiaSmiError(
             f"nvidia-smi did not answer within {timeout:g} s: the GPU driver may be hung "
             "(look for Xid errors in the kernel log)",
             kind="timeout",
         ) from None
-    output = (proc.stdout or "") + (proc.stderr or "")
+    output = (stdout or "") + (stderr or "")
     failure = classify_failure(output, proc.returncode)
     if failure is not None:
         raise failure
-    return proc.stdout
+    return stdout
+
+
+# How long to wait for a killed nvidia-smi to go: one stuck in the kernel may never, and is left behind.
+KILL_WAIT_S = 2.0
+
+
+def _abandon(proc: subprocess.Popen) -> None:
+    """Kill a hung nvidia-smi and reap it if it goes within KILL_WAIT_S; never wait longer."""
+    with contextlib.suppress(OSError):
+        proc.kill()
+    try:
+        proc.communicate(timeout=KILL_WAIT_S)
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        # Still running (stuck in the driver) or its pipes held open by a child: close our ends and go.
+        # subprocess reaps it later (Popen keeps a list of unfinished children).
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

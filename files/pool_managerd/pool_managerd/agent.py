@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import signal
-import time
+import threading
 
 from .config import PoolConfig, Settings
 from .control import Answer, ControlPlane
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # The longest a stop may wait for the deregistration: systemd's stop timeout is far longer.
 DEREGISTER_TIMEOUT_S = 3.0
+# The state of an agent whose registrations work and whose heartbeats get 404 at once.
+HEARTBEAT_NOT_FOUND = "heartbeat-not-found"
 
 
 class Backoff:
@@ -60,7 +62,6 @@ class Agent:
         self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self.state = "starting"
         self.registered_once = False
-        self._last_probe = time.monotonic()
         self._stop = asyncio.Event()
 
     # -- state and logging ------------------------------------------------------------------------------
@@ -95,21 +96,60 @@ class Agent:
 
     # -- one cycle ----------------------------------------------------------------------------------------
 
-    async def _refresh_gpus(self) -> None:
-        """Ask the GPUs for free VRAM now and then; a failed probe marks the GPU pools not ready."""
-        if self.gpus is None or time.monotonic() - self._last_probe < self.settings.gpu_probe_interval_s:
-            return
-        self._last_probe = time.monotonic()
+    def _gpus_failing(self, problem: str) -> None:
+        if self.gpus_healthy:
+            log.error("GPU probe failed: %s; GPU pools report not ready", problem)
+        self.gpus_healthy = False
+
+    async def _watch_gpus(self) -> None:
+        """Read free VRAM every gpu_probe_interval_s, off the heartbeat's path.
+
+        Heartbeats only read the latest snapshot, so a slow or hung nvidia-smi (a GPU fallen off the bus)
+        never delays one: the node stays online and its GPU pools report not ready while the probe fails or
+        has run longer than gpu_probe_timeout_s. One probe at a time: a hung one is waited for, not piled on.
+        """
+        while True:
+            await asyncio.sleep(self.settings.gpu_probe_interval_s)
+            await self._probe_once()
+
+    async def _probe_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        limit = self.settings.gpu_probe_timeout_s
+
+        def settle(outcome: tuple[ProbeResult | None, str] | None, error: BaseException | None) -> None:
+            if done.done():  # the agent stopped meanwhile
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(outcome)
+
+        def work() -> None:
+            outcome, error = None, None
+            try:
+                # Only the GPU query: the CUDA version does not change under a running driver.
+                fresh = probe_gpus(self.settings, False, timeout=limit)
+                outcome = (fresh, "" if fresh is not None else "no GPU found any more")
+            except NvidiaSmiError as failure:
+                outcome = (None, str(failure))
+            except BaseException as bug:  # not an outage but a bug: re-raised in the event loop
+                error = bug
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the agent has stopped
+                loop.call_soon_threadsafe(settle, outcome, error)
+
+        # A daemon thread, not the default executor: one stuck in the driver must not hold up the exit.
+        threading.Thread(target=work, name="gpu-probe", daemon=True).start()
         try:
-            # Only the GPU query: the CUDA version does not change under a running driver.
-            fresh = await asyncio.to_thread(probe_gpus, self.settings, False)
-            problem = None if fresh is not None else "no GPU found any more"
-        except NvidiaSmiError as error:
-            fresh, problem = None, str(error)
+            fresh, problem = await asyncio.wait_for(asyncio.shield(done), limit)
+        except TimeoutError:
+            self._gpus_failing(
+                f"nvidia-smi did not answer within {limit:g} s: the GPU driver may be hung "
+                "(look for Xid errors in the kernel log)"
+            )
+            fresh, problem = await done
         if fresh is None:
-            if self.gpus_healthy:
-                log.error("GPU probe failed: %s; GPU pools report not ready", problem)
-            self.gpus_healthy = False
+            self._gpus_failing(problem or "no GPU found any more")
             return  # keep the last GPU list: the pools stay registered, only not ready
         fresh.cuda_version = self.gpus.cuda_version
         self.gpus = fresh
@@ -126,17 +166,18 @@ class Agent:
             return None
         interval_ms = answer.body.get("heartbeat_interval_ms", 5000)
         again = "registered again" if self.registered_once else "registered"
-        self._enter(
-            "online",
-            f"{again} with {self.settings.control_url} as node {self.settings.node_id} ({len(self.pools)} "
-            f"pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every {interval_ms} ms)",
-        )
+        if self.state != HEARTBEAT_NOT_FOUND:  # that state ends with a heartbeat that works, not here
+            self._enter(
+                "online",
+                f"{again} with {self.settings.control_url} as node {self.settings.node_id} "
+                f"({len(self.pools)} pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every "
+                f"{interval_ms} ms)",
+            )
         self.registered_once = True
         return max(int(interval_ms), 50) / 1000
 
     async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
         """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None)."""
-        await self._refresh_gpus()
         statuses = pool_statuses(
             self.pools, self.gpus, self.gpus_healthy, self.draining, self.manifest.available()
         )
@@ -160,14 +201,29 @@ class Agent:
 
     async def _loop(self, control: ControlPlane) -> None:
         interval: float | None = None
+        beat_since_registering = False
         while True:
             if interval is None:
                 interval = await self._register(control)
                 if interval is None:
                     await asyncio.sleep(self.backoff.next_delay())
                     continue
-                self.backoff.reset()
+                beat_since_registering = False
             outcome, next_interval = await self._heartbeat(control)
+            if outcome == "unknown" and not beat_since_registering:
+                # Unknown right after registering: not a lost node but a control plane that takes
+                # registrations and loses heartbeats (a proxy routing only some paths, a renamed route).
+                # Registering again at once would hammer it: back off until a heartbeat works.
+                self._enter(
+                    HEARTBEAT_NOT_FOUND,
+                    f"control plane {self.settings.control_url} accepted the registration of node "
+                    f"{self.settings.node_id} but answers its heartbeats with 404 (a proxy that routes only "
+                    "some paths, or a renamed route?); registering again with backoff",
+                    logging.ERROR,
+                )
+                interval = None
+                await asyncio.sleep(self.backoff.next_delay())
+                continue
             if outcome == "unknown":
                 log.warning(
                     "control plane %s does not know node %s (deleted by an operator or its database "
@@ -181,7 +237,8 @@ class Agent:
             if outcome == "failed":
                 await asyncio.sleep(self.backoff.next_delay())
                 continue
-            self.backoff.reset()
+            beat_since_registering = True
+            self.backoff.reset()  # only a heartbeat that works ends a run of retries
             interval = next_interval
             await asyncio.sleep(interval)
 
@@ -202,10 +259,11 @@ class Agent:
         async with ControlPlane(
             self.settings.control_url, self._token, self.settings.request_timeout_s, self.settings.ca_file
         ) as control:
-            work = asyncio.create_task(self._loop(control))
-            stop = asyncio.create_task(self._stop.wait())
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (work, stop):
+            tasks = [asyncio.create_task(self._loop(control)), asyncio.create_task(self._stop.wait())]
+            if self.gpus is not None:
+                tasks.append(asyncio.create_task(self._watch_gpus()))
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
                 task.cancel()
                 # An exception other than the cancel is a bug, not an outage: it propagates and
                 # systemd restarts the agent.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ import yaml
 
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
 # The daemon's id rule; checked here too so a bad id is a config error, not a 400 at every retry.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")  # \Z: no trailing newline, as the daemon
+# The daemon refuses a shorter token at its start; the agent holds its own to the same rule.
+MIN_TOKEN_LENGTH = 32
 
 
 class ConfigError(Exception):
@@ -42,6 +45,7 @@ class Settings:
     request_timeout_s: float
     ca_file: Path | None
     gpu_probe_interval_s: float
+    gpu_probe_timeout_s: float
     backoff_initial_s: float
     backoff_max_s: float
     log_level: str
@@ -68,6 +72,7 @@ KEYS: dict[str, tuple[str, Any]] = {
     "request_timeout_s": ("seconds", 5.0),
     "ca_file": ("path", None),
     "gpu_probe_interval_s": ("seconds", 15.0),
+    "gpu_probe_timeout_s": ("seconds", 10.0),
     "backoff_initial_s": ("seconds", 0.5),
     "backoff_max_s": ("seconds", 30.0),
     "log_level": ("level", "info"),
@@ -146,6 +151,8 @@ def load_settings(config_path: str | Path) -> Settings:
         raise ConfigError(f"config file {path} not found") from None
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
     if raw is None:
@@ -169,11 +176,30 @@ def load_settings(config_path: str | Path) -> Settings:
     values["node_id"] = values["node_id"] or _default_node_id()
     values["address"] = values["address"] or f"http://{socket.gethostname()}:8000"
     values["log_level"] = values["log_level"].lower()
-    if values["ca_file"] is not None and not values["ca_file"].is_file():
-        raise ConfigError(f"config file {path}: ca_file {values['ca_file']} not found")
+    if values["ca_file"] is not None:
+        _check_ca_file(path, values["ca_file"])
     if values["backoff_max_s"] < values["backoff_initial_s"]:
         raise ConfigError(f"config file {path}: 'backoff_max_s' must not be below 'backoff_initial_s'")
     return Settings(**values)
+
+
+def _check_ca_file(config_path: Path, ca_file: Path) -> None:
+    """Load the CA bundle now: a wrong file is a config error, not a traceback at the first request."""
+    if not ca_file.is_file():
+        raise ConfigError(f"config file {config_path}: ca_file {ca_file} not found")
+    try:
+        ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        raise ConfigError(
+            f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle ({reason})"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"config file {config_path}: ca_file {ca_file} cannot be read: {error.strerror}"
+        ) from None
+    except ValueError:  # not UTF-8 / not text at all
+        raise ConfigError(f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle") from None
 
 
 def read_token(token_file: Path) -> str:
@@ -190,10 +216,16 @@ def read_token(token_file: Path) -> str:
         raise ConfigError(f"token_file {token_file} not found") from None
     except OSError as error:
         raise ConfigError(f"token_file {token_file} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"token_file {token_file} is not UTF-8 text (byte {error.start})") from None
     if not token:
         raise ConfigError(f"token_file {token_file} is empty")
     if any(char.isspace() for char in token):
         raise ConfigError(f"token_file {token_file} must hold one token on one line")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"token_file {token_file}: the token must be at least {MIN_TOKEN_LENGTH} characters"
+        )
     return token
 
 

@@ -8,12 +8,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# The daemon's model-id rule (orchestratord's MODEL_ID_PATTERN, whole string, no trailing newline): a
+# heartbeat carrying one id outside it is refused with 400, so such an id is dropped here instead.
+MODEL_ID_RULE = "[A-Za-z0-9._:/-], 1-256 characters"
+_MODEL_ID = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
+
+
+def valid_model_id(model_id: object) -> bool:
+    return isinstance(model_id, str) and _MODEL_ID.fullmatch(model_id) is not None
+
+
+def _shown(model_id: str, limit: int = 40) -> str:
+    """The id for a log line: quoted and escaped (no forged lines), cut short when long."""
+    if len(model_id) <= limit:
+        return repr(model_id)
+    return f"{model_id[:limit]!r}... ({len(model_id)} characters)"
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class ModelManifest:
         self.path = models_dir / MANIFEST_NAME
         self._seen_version: tuple | None = None
         self._models: dict[str, StagedModel] = {}
+        self._refused: set[str] = set()  # invalid ids already logged
 
     def _refresh(self) -> None:
         try:
@@ -87,6 +104,16 @@ class ModelManifest:
                 len(self._models),
             )
             return
+        for model_id in sorted(model_id for model_id in models if not valid_model_id(model_id)):
+            del models[model_id]
+            if model_id not in self._refused:
+                self._refused.add(model_id)
+                log.warning(
+                    "model manifest %s: %s is not a valid model id (%s); not reported",
+                    self.path,
+                    _shown(model_id),
+                    MODEL_ID_RULE,
+                )
         if set(models) != set(self._models):
             log.info("model manifest %s lists %d models", self.path, len(models))
         self._models = models

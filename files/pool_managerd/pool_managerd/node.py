@@ -14,14 +14,17 @@ from .nvidia_smi import NvidiaSmiError, ProbeResult, probe
 NO_GPU_KINDS = ("not-found", "no-devices")
 # The daemon requires a compute capability; drivers before ~510 cannot tell it.
 UNKNOWN_COMPUTE_CAPABILITY = "unknown"
-# nvidia-smi on a large node with persistence mode off can take seconds; past this it is hung.
-NVIDIA_SMI_TIMEOUT_S = 30.0
+# The start-up probe: nvidia-smi on a large node with persistence mode off can take seconds; past this it is
+# hung. Nothing waits on it but the start. At runtime the probe gives up after gpu_probe_timeout_s.
+NVIDIA_SMI_START_TIMEOUT_S = 30.0
 
 
-def probe_gpus(settings: Settings, with_cuda: bool = True) -> ProbeResult | None:
+def probe_gpus(
+    settings: Settings, with_cuda: bool = True, timeout: float = NVIDIA_SMI_START_TIMEOUT_S
+) -> ProbeResult | None:
     """The node's GPUs, or None for a host without GPUs when CPU pools are allowed."""
     try:
-        return probe(settings.nvidia_smi, timeout=NVIDIA_SMI_TIMEOUT_S, with_cuda=with_cuda)
+        return probe(settings.nvidia_smi, timeout=timeout, with_cuda=with_cuda)
     except NvidiaSmiError as error:
         if settings.allow_cpu_pools and error.kind in NO_GPU_KINDS:
             return None
