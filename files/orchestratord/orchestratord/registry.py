@@ -185,27 +185,32 @@ class Registry:
 
     async def load(self) -> None:
         stored = await self.store.load_all()
-        now = self.clock()
-        for row in stored:
-            self._restore(row, now)
+        now, wall_now = self.clock(), time.time()
+        restored = [self._restore(row, now, wall_now) for row in stored]
+        # The sweep reads the contact order from its front, so it must start with the longest silent.
+        for node in sorted(restored, key=lambda node: node.last_contact):
+            self.by_contact[node.node_id] = node
         log.info("loaded %d node(s) from %s", len(stored), self.store.db_path)
 
-    def _restore(self, row: StoredNode, now: float) -> None:
+    def _restore(self, row: StoredNode, now: float, wall_now: float) -> NodeState:
         node = NodeState(
             node_id=row.node_id,
             registration=self._registration_decoder.decode(row.registration),
             registered_at=row.registered_at,
             drain=row.drain,
-            # Restored nodes get one node_timeout of grace: their agents re-send within an interval.
-            last_contact=now,
         )
         self.nodes[node.node_id] = node
+        heard_at = datetime.fromisoformat(row.registered_at).timestamp()
         if row.pools is not None and row.last_heartbeat_at is not None:
             node.heard = True
-            node.last_heartbeat_epoch = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
+            node.last_heartbeat_epoch = heard_at = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
             self._apply_pools(node, self._pool_decoder.decode(row.pools))
+        # The silence before the restart counts: a node heard just before it keeps the rest of its timeout
+        # while its agent re-sends, one silent for longer is offline at once. Monotonic time does not
+        # survive a restart, so the age comes from the wall clock (never negative, should it step back).
+        node.last_contact = now - max(0.0, wall_now - heard_at)
         node.reported_status = self.status_of(node, now)
-        self.by_contact[node.node_id] = node
+        return node
 
     def take_dirty(self) -> list[HeartbeatRow]:
         dirty, self.dirty = self.dirty, {}
