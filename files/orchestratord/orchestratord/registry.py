@@ -8,6 +8,7 @@ decision looks at the best few candidates instead of scanning every node.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -157,6 +158,10 @@ class Registry:
         self.index = PlacementIndex()
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
+        # Registrations, drains and deletions one at a time, each checking the state it changes only once
+        # it holds the lock, so that two of them never interleave around their database write. They are
+        # rare; heartbeats never take it.
+        self.writing = asyncio.Lock()
         # Nodes whose new readings the index and the model lists have not taken in yet. Heartbeats only
         # record readings; every read settles first, so several heartbeats of one node between two
         # decisions cost one index update.
@@ -230,6 +235,10 @@ class Registry:
     # --- writes
 
     async def register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+        async with self.writing:
+            return await self._register(body)
+
+    async def _register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
         registered_at = utc_now()
         await self.store.upsert_node(body.node_id, msgspec.json.encode(body), registered_at)
         node = self.nodes.get(body.node_id)
@@ -282,22 +291,23 @@ class Registry:
         return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
 
     async def set_drain(self, node_id: str, drain: bool) -> schemas.Node:
-        self.settle()
-        node = self.get(node_id)
-        if node.drain != drain:
-            await self.store.update_drain(node_id, drain)
-            node.drain = drain
-            self._reindex(node)
-            log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
-            node.reported_status = self.status_of(node, self.clock())
-        return self.view(node, self.clock())
+        async with self.writing:
+            node = self.get(node_id)
+            if node.drain != drain:
+                await self.store.update_drain(node_id, drain)
+                node.drain = drain
+                self.settle()  # heartbeats may have come in during the write: index their readings
+                self._reindex(node)
+                log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
+                node.reported_status = self.status_of(node, self.clock())
+            return self.view(node, self.clock())
 
     async def delete(self, node_id: str) -> None:
-        self.get(node_id)
-        await self.store.delete_node(node_id)
-        node = self.nodes.pop(node_id, None)
-        self.by_contact.pop(node_id, None)
-        if node is not None:
+        async with self.writing:
+            node = self.get(node_id)
+            await self.store.delete_node(node_id)
+            del self.nodes[node_id]
+            self.by_contact.pop(node_id, None)
             self._apply_pools(node, None)
             self.dirty.pop(node_id, None)
             self.unsettled.discard(node_id)
