@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
 
-from support import sample_registration, wait_until
+from support import sample_heartbeat, sample_registration, wait_until
 from support_daemon import beat, online_node, place, status_of
 
 
@@ -108,6 +109,45 @@ def test_restored_node_keeps_only_the_rest_of_its_timeout(daemon_factory):
     offline_at = time.time()
     # One timeout after its last heartbeat, not one timeout after the restart.
     assert before_beat + timeout_s - 0.1 <= offline_at <= after_beat + timeout_s + 0.5
+
+
+def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    assert daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-2")).status == 200
+    daemon.stop()
+    # Records an older version wrote under looser rules, and one that is not JSON at all.
+    old_rules = sample_registration("gpu-old")
+    old_rules["address"] = "http://gpu-old.lab:8080\nsecond line"
+    with sqlite3.connect(daemon.config["db_path"]) as db:
+        db.executemany(
+            "INSERT INTO nodes (node_id, registration, registered_at) VALUES (?, ?, ?)",
+            [
+                ("gpu-old", json.dumps(old_rules).encode(), "2026-01-01T00:00:00.000Z"),
+                ("gpu-garbled", b"\x00not json", "2026-01-01T00:00:00.000Z"),
+                ("gpu-no-date", json.dumps(sample_registration("gpu-no-date")).encode(), "yesterday"),
+            ],
+        )
+        # A readable registration whose last readings are not: the node stays, its readings go.
+        db.execute("UPDATE nodes SET pools = ? WHERE node_id = 'gpu-1'", (b'[{"pool_id": "a b"}]',))
+    daemon.start()
+    nodes = {node["node_id"]: node for node in daemon.api("GET", "/v2/nodes").body["nodes"]}
+    assert sorted(nodes) == ["gpu-1", "gpu-2"]
+    assert nodes["gpu-1"]["models"] == []
+    log = daemon.log()
+    assert "Traceback" not in log
+    for node_id in ("gpu-old", "gpu-garbled", "gpu-no-date"):
+        assert sum(node_id in line and "skipped" in line for line in log.splitlines()) == 1, log
+    assert sum("gpu-1" in line and "readings" in line for line in log.splitlines()) == 1, log
+    # Its agent's next heartbeat gets 404, so it registers again, and the new record replaces the old.
+    registration = sample_registration("gpu-old")
+    assert daemon.api("POST", "/v2/nodes/gpu-old/heartbeat", sample_heartbeat(registration)).status == 404
+    assert daemon.api("POST", "/v2/nodes/register", registration).status == 200
+    beat(daemon, registration, ["llama"])
+    assert status_of(daemon, "gpu-old") == "online"
+    daemon.restart()
+    assert status_of(daemon, "gpu-old") == "online"
+    last_start = daemon.log().rsplit("INFO orchestratord: orchestratord ", 1)[1]
+    assert "'gpu-old' skipped" not in last_start and "'gpu-garbled' skipped" in last_start
 
 
 def test_clean_stop_writes_the_last_heartbeats(daemon_factory):

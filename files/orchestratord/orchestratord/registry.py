@@ -191,25 +191,55 @@ class Registry:
     async def load(self) -> None:
         stored = await self.store.load_all()
         now, wall_now = self.clock(), time.time()
-        restored = [self._restore(row, now, wall_now) for row in stored]
+        restored = [node for row in stored if (node := self._restore(row, now, wall_now)) is not None]
         # The sweep reads the contact order from its front, so it must start with the longest silent.
         for node in sorted(restored, key=lambda node: node.last_contact):
             self.by_contact[node.node_id] = node
-        log.info("loaded %d node(s) from %s", len(stored), self.store.db_path)
-
-    def _restore(self, row: StoredNode, now: float, wall_now: float) -> NodeState:
-        node = NodeState(
-            node_id=row.node_id,
-            registration=self._registration_decoder.decode(row.registration),
-            registered_at=row.registered_at,
-            drain=row.drain,
+        skipped = len(stored) - len(restored)
+        log.info(
+            "loaded %d node(s) from %s%s",
+            len(restored),
+            self.store.db_path,
+            f", skipped {skipped} it cannot read" if skipped else "",
         )
-        self.nodes[node.node_id] = node
-        heard_at = datetime.fromisoformat(row.registered_at).timestamp()
+
+    def _restore(self, row: StoredNode, now: float, wall_now: float) -> NodeState | None:
+        """The node a stored record describes, or None (logged) when this version cannot read it.
+
+        A record written under looser rules (an older version, a hand edit) must not stop the daemon
+        from starting: the node is left out, its agent's next heartbeat gets 404 and registers it again,
+        and that registration replaces the record.
+        """
+        try:
+            registration = schemas.check_registration(self._registration_decoder.decode(row.registration))
+            heard_at = datetime.fromisoformat(row.registered_at).timestamp()
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            log.error(
+                "stored node %r skipped: its record does not read under this version (%s); it comes back "
+                "when its agent registers again",
+                row.node_id,
+                exc,
+            )
+            return None
+        node = NodeState(
+            node_id=row.node_id, registration=registration, registered_at=row.registered_at, drain=row.drain
+        )
         if row.pools is not None and row.last_heartbeat_at is not None:
-            node.heard = True
-            node.last_heartbeat_epoch = heard_at = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
-            self._apply_pools(node, self._pool_decoder.decode(row.pools))
+            try:
+                pools = self._pool_decoder.decode(row.pools)
+                heartbeat_epoch = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
+            except (msgspec.DecodeError, ValueError, TypeError) as exc:
+                log.warning(
+                    "stored node %r: its last readings do not read under this version (%s); "
+                    "restored without them until its next heartbeat",
+                    row.node_id,
+                    exc,
+                )
+            else:
+                node.heard = True
+                node.last_heartbeat_epoch = heard_at = heartbeat_epoch
+                self._apply_pools(node, pools)
+        self.nodes[node.node_id] = node
         # The silence before the restart counts: a node heard just before it keeps the rest of its timeout
         # while its agent re-sends, one silent for longer is offline at once. Monotonic time does not
         # survive a restart, so the age comes from the wall clock (never negative, should it step back).
