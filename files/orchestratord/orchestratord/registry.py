@@ -269,31 +269,44 @@ class Registry:
             return await self._register(body)
 
     async def _register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+        node_id = body.node_id
         registered_at = utc_now()
-        await self.store.upsert_node(body.node_id, msgspec.json.encode(body), registered_at)
-        node = self.nodes.get(body.node_id)
+        node = self.nodes.get(node_id)
+        contact_before = None if node is None else node.last_contact
+        # The record below forgets the node's readings. One still waiting for the write-back would be taken
+        # by a write-back during the await and land after the record, under the new registration: drop it
+        # now, in the same step the record is queued (the database thread keeps the order).
+        pending = self.dirty.pop(node_id, None)
+        try:
+            await self.store.upsert_node(node_id, msgspec.json.encode(body), registered_at)
+        except BaseException:
+            if pending is not None:
+                self.dirty.setdefault(node_id, pending)  # nothing changed: its readings still go out
+            raise
         now = self.clock()
         if node is None:
-            node = NodeState(node_id=body.node_id, registration=body, registered_at=registered_at)
-            self.nodes[body.node_id] = node
-            log.info(
-                "node %s registered from %s with %d pool(s)", body.node_id, body.address, len(body.pools)
-            )
+            node = NodeState(node_id=node_id, registration=body, registered_at=registered_at)
+            self.nodes[node_id] = node
+            log.info("node %s registered from %s with %d pool(s)", node_id, body.address, len(body.pools))
         else:
             node.registration = body
             node.registered_at = registered_at
-            log.info("node %s registered again from %s", body.node_id, body.address)
-        self.dirty.pop(body.node_id, None)
-        self.unsettled.discard(body.node_id)
-        node.heard = False
-        node.last_heartbeat_epoch = None
-        node.last_contact = now
-        self.by_contact[node.node_id] = node
-        self.by_contact.move_to_end(node.node_id)
-        self._apply_pools(node, None)
+            log.info("node %s registered again from %s", node_id, body.address)
+        # A heartbeat that came in during the write is newer than the registration: its readings stay, in
+        # memory as on disk, where its write-back (queued after the record) puts them. Otherwise the node
+        # starts over as registering, like its record.
+        if contact_before is None or node.last_contact == contact_before:
+            self.dirty.pop(node_id, None)
+            self.unsettled.discard(node_id)
+            node.heard = False
+            node.last_heartbeat_epoch = None
+            node.last_contact = now
+            self.by_contact[node_id] = node
+            self.by_contact.move_to_end(node_id)
+            self._apply_pools(node, None)
         node.reported_status = self.status_of(node, now)
         return schemas.RegisterAnswer(
-            node_id=node.node_id,
+            node_id=node_id,
             status=node.reported_status,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             node_timeout_ms=self.node_timeout_ms,
