@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from support import Daemon, package_env, sample_heartbeat, sample_registration
+from support import Daemon, Response, package_env, sample_heartbeat, sample_registration
 
 GiB = 1024**3
 
@@ -83,3 +86,31 @@ def run_daemon_once(config_path: Path | None, timeout: float = 20, **env: str) -
 def write_yaml(path: Path, values: dict[str, Any]) -> Path:
     path.write_text(json.dumps(values))  # JSON is YAML
     return path
+
+
+def at_once(daemon: Daemon, requests: list[tuple[str, str, Any]]) -> list[Response]:
+    """Send every (method, path, body) at the same moment, each on its own connection opened beforehand,
+    so the daemon has them all in hand together; the answers come back in the order asked."""
+    barrier = threading.Barrier(len(requests))
+    port = daemon.config["listen_port"]
+
+    def send(request: tuple[str, str, Any]) -> Response:
+        method, path, body = request
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.connect()
+            headers = {"Authorization": f"Bearer {daemon.token}"}
+            payload = None
+            if body is not None:
+                payload = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
+            barrier.wait(timeout=10)
+            connection.request(method, path, body=payload, headers=headers)
+            answer = connection.getresponse()
+            text = answer.read().decode("utf-8", "replace")
+            return Response(answer.status, json.loads(text) if text else None, dict(answer.headers), text)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        return list(pool.map(send, requests))

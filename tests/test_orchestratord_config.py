@@ -169,3 +169,18 @@ def test_port_in_use_is_one_clear_line(tmp_path, base_config):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"cannot serve on 127.0.0.1:{base_config['listen_port']}" in result.stderr
+
+
+def test_config_file_that_is_not_utf8_is_one_line(tmp_path, base_config):
+    config = tmp_path / "c.yml"
+    config.write_bytes(write_yaml(tmp_path / "plain.yml", base_config).read_bytes() + b"\n# caf\xe9\n")
+    line = refused(run_daemon_once(config))
+    assert str(config) in line and "UTF-8" in line
+
+
+def test_token_file_that_is_not_utf8_is_one_line(tmp_path, base_config):
+    token_file = tmp_path / "api-token"
+    token_file.write_bytes(b"\xff\xfe" + b"x" * 40 + b"\n")
+    config = write_yaml(tmp_path / "c.yml", base_config)
+    line = refused(run_daemon_once(config))
+    assert str(token_file) in line and "UTF-8" in line

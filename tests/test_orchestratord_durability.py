@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
+import time
 
-from support import sample_registration, wait_until
+from support import sample_heartbeat, sample_registration, wait_until
 from support_daemon import beat, online_node, place, status_of
 
 
@@ -67,6 +69,85 @@ def test_restored_node_that_stays_silent_goes_offline(daemon_factory):
     daemon.start()
     wait_until(lambda: status_of(daemon, "gpu-1") == "offline", timeout=5, what="gpu-1 offline")
     assert place(daemon, model_id="llama").status == 503
+
+
+def test_node_silent_longer_than_the_timeout_is_offline_at_once_after_a_restart(daemon_factory):
+    timeout_s = 2.0
+    daemon = daemon_factory(node_timeout_ms=int(timeout_s * 1000))
+    online_node(daemon, "gpu-1", ["llama"])
+    assert daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-2")).status == 200
+    last_heard = time.time()  # both nodes were heard (heartbeat, registration) before this
+    daemon.stop()  # a clean stop writes gpu-1's last heartbeat
+    wait_until(
+        lambda: time.time() > last_heard + timeout_s + 0.2,
+        timeout=timeout_s + 5,
+        what="the wall clock past the nodes' timeout",
+    )
+    daemon.start()
+    # Their silence spans the downtime: no fresh grace, offline from the first request on.
+    assert status_of(daemon, "gpu-1") == "offline"
+    assert status_of(daemon, "gpu-2") == "offline"
+    answer = place(daemon, model_id="llama")
+    assert answer.status == 503
+    assert answer.body["code"] == "MODEL_NOT_AVAILABLE"
+    assert place(daemon).status == 503
+
+
+def test_restored_node_keeps_only_the_rest_of_its_timeout(daemon_factory):
+    timeout_s = 4.0
+    daemon = daemon_factory(node_timeout_ms=int(timeout_s * 1000))
+    before_beat = time.time()
+    online_node(daemon, "gpu-1", ["llama"])
+    after_beat = time.time()
+    daemon.stop()
+    wait_until(lambda: time.time() > after_beat + 1.5, timeout=5, what="1.5 s of downtime")
+    daemon.start()
+    # Heard 1.5 s (plus the start) before: still within its timeout, so it serves placements at once.
+    assert status_of(daemon, "gpu-1") == "online"
+    assert place(daemon, model_id="llama").body["node_id"] == "gpu-1"
+    wait_until(lambda: status_of(daemon, "gpu-1") == "offline", timeout=timeout_s + 5, what="gpu-1 offline")
+    offline_at = time.time()
+    # One timeout after its last heartbeat, not one timeout after the restart.
+    assert before_beat + timeout_s - 0.1 <= offline_at <= after_beat + timeout_s + 0.5
+
+
+def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
+    online_node(daemon, "gpu-1", ["llama"])
+    assert daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-2")).status == 200
+    daemon.stop()
+    # Records an older version wrote under looser rules, and one that is not JSON at all.
+    old_rules = sample_registration("gpu-old")
+    old_rules["address"] = "http://gpu-old.lab:8080\nsecond line"
+    with sqlite3.connect(daemon.config["db_path"]) as db:
+        db.executemany(
+            "INSERT INTO nodes (node_id, registration, registered_at) VALUES (?, ?, ?)",
+            [
+                ("gpu-old", json.dumps(old_rules).encode(), "2026-01-01T00:00:00.000Z"),
+                ("gpu-garbled", b"\x00not json", "2026-01-01T00:00:00.000Z"),
+                ("gpu-no-date", json.dumps(sample_registration("gpu-no-date")).encode(), "yesterday"),
+            ],
+        )
+        # A readable registration whose last readings are not: the node stays, its readings go.
+        db.execute("UPDATE nodes SET pools = ? WHERE node_id = 'gpu-1'", (b'[{"pool_id": "a b"}]',))
+    daemon.start()
+    nodes = {node["node_id"]: node for node in daemon.api("GET", "/v2/nodes").body["nodes"]}
+    assert sorted(nodes) == ["gpu-1", "gpu-2"]
+    assert nodes["gpu-1"]["models"] == []
+    log = daemon.log()
+    assert "Traceback" not in log
+    for node_id in ("gpu-old", "gpu-garbled", "gpu-no-date"):
+        assert sum(node_id in line and "skipped" in line for line in log.splitlines()) == 1, log
+    assert sum("gpu-1" in line and "readings" in line for line in log.splitlines()) == 1, log
+    # Its agent's next heartbeat gets 404, so it registers again, and the new record replaces the old.
+    registration = sample_registration("gpu-old")
+    assert daemon.api("POST", "/v2/nodes/gpu-old/heartbeat", sample_heartbeat(registration)).status == 404
+    assert daemon.api("POST", "/v2/nodes/register", registration).status == 200
+    beat(daemon, registration, ["llama"])
+    assert status_of(daemon, "gpu-old") == "online"
+    daemon.restart()
+    assert status_of(daemon, "gpu-old") == "online"
+    last_start = daemon.log().rsplit("INFO orchestratord: orchestratord ", 1)[1]
+    assert "'gpu-old' skipped" not in last_start and "'gpu-garbled' skipped" in last_start
 
 
 def test_clean_stop_writes_the_last_heartbeats(daemon_factory):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from support import make_daemon, sample_heartbeat, sample_registration
@@ -211,3 +212,44 @@ def test_whole_number_written_as_a_float_is_an_integer(shared_daemon):
         shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", changed(HEARTBEAT, "pools.0.slots_free", 2.5)),
         "$.pools[0].slots_free",
     )
+
+
+def nested(body: dict, depth: int) -> bytes:
+    """`body` with one more field holding lists nested `depth` deep, as raw JSON."""
+    return json.dumps(body)[:-1].encode() + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+DEEP_BODIES = {  # route: (path, a valid body, the same with a whole float, what the float one answers)
+    "register": (
+        "/v2/nodes/register",
+        REGISTRATION,
+        changed(REGISTRATION, "capabilities.cpu_cores", 32.0),
+        200,
+    ),
+    "heartbeat": ("/v2/nodes/gpu-1/heartbeat", HEARTBEAT, changed(HEARTBEAT, "pools.0.slots_free", 2.0), 200),
+    "drain": ("/v2/nodes/gpu-1/drain", {"drain": False}, {"drain": 1.0}, 400),  # 1 is no bool
+    "placement": ("/v2/placement", {"model_id": "llama"}, {"model_id": "llama", "vram_bytes": 1.0}, 200),
+}
+
+
+@pytest.mark.parametrize("route", DEEP_BODIES)
+@pytest.mark.parametrize("with_float", [False, True])
+@pytest.mark.parametrize("depth", [10_000, 100_000])
+def test_body_nested_too_deeply_is_400(shared_daemon, route, depth, with_float):
+    path, plain, whole_float, _ = DEEP_BODIES[route]
+    answer = shared_daemon.api("POST", path, raw=nested(whole_float if with_float else plain, depth))
+    assert answer.status == 400, answer.text
+    assert set(answer.body) == {"code", "message"}
+    assert answer.body["code"] == "INVALID_PARAMS"
+    assert "nested too deeply" in answer.body["message"]
+    assert "Traceback" not in shared_daemon.log()
+
+
+@pytest.mark.parametrize("route", DEEP_BODIES)
+@pytest.mark.parametrize("depth", [50, 500, 900])
+def test_nesting_the_decoder_takes_is_fine_on_the_whole_float_path_too(shared_daemon, route, depth):
+    # A whole float sends the body through the slower path, which must reach as deep as the decoder.
+    path, _, whole_float, float_status = DEEP_BODIES[route]
+    answer = shared_daemon.api("POST", path, raw=nested(whole_float, depth))
+    assert answer.status == float_status, answer.text
+    assert "Traceback" not in shared_daemon.log()

@@ -52,13 +52,19 @@ def _field_of(error: msgspec.ValidationError) -> str:
     return "?"
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+
+
 def _read_file(config_path: Path) -> dict:
     try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {config_path} not found") from None
     except OSError as exc:
         raise ConfigError(f"config file {config_path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {config_path} is not UTF-8 text: {_not_utf8(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {config_path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
@@ -119,9 +125,12 @@ def load_token(settings: Settings, environ: dict[str, str] | None = None) -> str
                     f"token_file {path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
                     f"chmod 600 it"
                 )
-            token = path.read_text().strip()
+            token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"token_file {path} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            # Only where, never the bytes: they are part of the secret.
+            raise ConfigError(f"token_file {path} is not UTF-8 text (at byte {exc.start})") from None
         origin = f"token_file {path}"
     elif environ.get(TOKEN_ENV):
         token = environ[TOKEN_ENV].strip()

@@ -8,6 +8,7 @@ decision looks at the best few candidates instead of scanning every node.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -157,6 +158,10 @@ class Registry:
         self.index = PlacementIndex()
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
+        # Registrations, drains and deletions one at a time, each checking the state it changes only once
+        # it holds the lock, so that two of them never interleave around their database write. They are
+        # rare; heartbeats never take it.
+        self.writing = asyncio.Lock()
         # Nodes whose new readings the index and the model lists have not taken in yet. Heartbeats only
         # record readings; every read settles first, so several heartbeats of one node between two
         # decisions cost one index update.
@@ -185,27 +190,62 @@ class Registry:
 
     async def load(self) -> None:
         stored = await self.store.load_all()
-        now = self.clock()
-        for row in stored:
-            self._restore(row, now)
-        log.info("loaded %d node(s) from %s", len(stored), self.store.db_path)
-
-    def _restore(self, row: StoredNode, now: float) -> None:
-        node = NodeState(
-            node_id=row.node_id,
-            registration=self._registration_decoder.decode(row.registration),
-            registered_at=row.registered_at,
-            drain=row.drain,
-            # Restored nodes get one node_timeout of grace: their agents re-send within an interval.
-            last_contact=now,
+        now, wall_now = self.clock(), time.time()
+        restored = [node for row in stored if (node := self._restore(row, now, wall_now)) is not None]
+        # The sweep reads the contact order from its front, so it must start with the longest silent.
+        for node in sorted(restored, key=lambda node: node.last_contact):
+            self.by_contact[node.node_id] = node
+        skipped = len(stored) - len(restored)
+        log.info(
+            "loaded %d node(s) from %s%s",
+            len(restored),
+            self.store.db_path,
+            f", skipped {skipped} it cannot read" if skipped else "",
         )
-        self.nodes[node.node_id] = node
+
+    def _restore(self, row: StoredNode, now: float, wall_now: float) -> NodeState | None:
+        """The node a stored record describes, or None (logged) when this version cannot read it.
+
+        A record written under looser rules (an older version, a hand edit) must not stop the daemon
+        from starting: the node is left out, its agent's next heartbeat gets 404 and registers it again,
+        and that registration replaces the record.
+        """
+        try:
+            registration = schemas.check_registration(self._registration_decoder.decode(row.registration))
+            heard_at = datetime.fromisoformat(row.registered_at).timestamp()
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            log.error(
+                "stored node %r skipped: its record does not read under this version (%s); it comes back "
+                "when its agent registers again",
+                row.node_id,
+                exc,
+            )
+            return None
+        node = NodeState(
+            node_id=row.node_id, registration=registration, registered_at=row.registered_at, drain=row.drain
+        )
         if row.pools is not None and row.last_heartbeat_at is not None:
-            node.heard = True
-            node.last_heartbeat_epoch = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
-            self._apply_pools(node, self._pool_decoder.decode(row.pools))
+            try:
+                pools = self._pool_decoder.decode(row.pools)
+                heartbeat_epoch = datetime.fromisoformat(row.last_heartbeat_at).timestamp()
+            except (msgspec.DecodeError, ValueError, TypeError) as exc:
+                log.warning(
+                    "stored node %r: its last readings do not read under this version (%s); "
+                    "restored without them until its next heartbeat",
+                    row.node_id,
+                    exc,
+                )
+            else:
+                node.heard = True
+                node.last_heartbeat_epoch = heard_at = heartbeat_epoch
+                self._apply_pools(node, pools)
+        self.nodes[node.node_id] = node
+        # The silence before the restart counts: a node heard just before it keeps the rest of its timeout
+        # while its agent re-sends, one silent for longer is offline at once. Monotonic time does not
+        # survive a restart, so the age comes from the wall clock (never negative, should it step back).
+        node.last_contact = now - max(0.0, wall_now - heard_at)
         node.reported_status = self.status_of(node, now)
-        self.by_contact[node.node_id] = node
+        return node
 
     def take_dirty(self) -> list[HeartbeatRow]:
         dirty, self.dirty = self.dirty, {}
@@ -225,31 +265,48 @@ class Registry:
     # --- writes
 
     async def register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+        async with self.writing:
+            return await self._register(body)
+
+    async def _register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+        node_id = body.node_id
         registered_at = utc_now()
-        await self.store.upsert_node(body.node_id, msgspec.json.encode(body), registered_at)
-        node = self.nodes.get(body.node_id)
+        node = self.nodes.get(node_id)
+        contact_before = None if node is None else node.last_contact
+        # The record below forgets the node's readings. One still waiting for the write-back would be taken
+        # by a write-back during the await and land after the record, under the new registration: drop it
+        # now, in the same step the record is queued (the database thread keeps the order).
+        pending = self.dirty.pop(node_id, None)
+        try:
+            await self.store.upsert_node(node_id, msgspec.json.encode(body), registered_at)
+        except BaseException:
+            if pending is not None:
+                self.dirty.setdefault(node_id, pending)  # nothing changed: its readings still go out
+            raise
         now = self.clock()
         if node is None:
-            node = NodeState(node_id=body.node_id, registration=body, registered_at=registered_at)
-            self.nodes[body.node_id] = node
-            log.info(
-                "node %s registered from %s with %d pool(s)", body.node_id, body.address, len(body.pools)
-            )
+            node = NodeState(node_id=node_id, registration=body, registered_at=registered_at)
+            self.nodes[node_id] = node
+            log.info("node %s registered from %s with %d pool(s)", node_id, body.address, len(body.pools))
         else:
             node.registration = body
             node.registered_at = registered_at
-            log.info("node %s registered again from %s", body.node_id, body.address)
-        self.dirty.pop(body.node_id, None)
-        self.unsettled.discard(body.node_id)
-        node.heard = False
-        node.last_heartbeat_epoch = None
-        node.last_contact = now
-        self.by_contact[node.node_id] = node
-        self.by_contact.move_to_end(node.node_id)
-        self._apply_pools(node, None)
+            log.info("node %s registered again from %s", node_id, body.address)
+        # A heartbeat that came in during the write is newer than the registration: its readings stay, in
+        # memory as on disk, where its write-back (queued after the record) puts them. Otherwise the node
+        # starts over as registering, like its record.
+        if contact_before is None or node.last_contact == contact_before:
+            self.dirty.pop(node_id, None)
+            self.unsettled.discard(node_id)
+            node.heard = False
+            node.last_heartbeat_epoch = None
+            node.last_contact = now
+            self.by_contact[node_id] = node
+            self.by_contact.move_to_end(node_id)
+            self._apply_pools(node, None)
         node.reported_status = self.status_of(node, now)
         return schemas.RegisterAnswer(
-            node_id=node.node_id,
+            node_id=node_id,
             status=node.reported_status,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             node_timeout_ms=self.node_timeout_ms,
@@ -277,22 +334,23 @@ class Registry:
         return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
 
     async def set_drain(self, node_id: str, drain: bool) -> schemas.Node:
-        self.settle()
-        node = self.get(node_id)
-        if node.drain != drain:
-            await self.store.update_drain(node_id, drain)
-            node.drain = drain
-            self._reindex(node)
-            log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
-            node.reported_status = self.status_of(node, self.clock())
-        return self.view(node, self.clock())
+        async with self.writing:
+            node = self.get(node_id)
+            if node.drain != drain:
+                await self.store.update_drain(node_id, drain)
+                node.drain = drain
+                self.settle()  # heartbeats may have come in during the write: index their readings
+                self._reindex(node)
+                log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
+                node.reported_status = self.status_of(node, self.clock())
+            return self.view(node, self.clock())
 
     async def delete(self, node_id: str) -> None:
-        self.get(node_id)
-        await self.store.delete_node(node_id)
-        node = self.nodes.pop(node_id, None)
-        self.by_contact.pop(node_id, None)
-        if node is not None:
+        async with self.writing:
+            node = self.get(node_id)
+            await self.store.delete_node(node_id)
+            del self.nodes[node_id]
+            self.by_contact.pop(node_id, None)
             self._apply_pools(node, None)
             self.dirty.pop(node_id, None)
             self.unsettled.discard(node_id)

@@ -49,13 +49,29 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 
 
 def _whole_floats_as_ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_whole_floats_as_ints(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    """4.0 -> 4 throughout a decoded JSON value, in place; a loop, not recursion, however deep the value."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        if isinstance(container, list):
+            items = enumerate(container)
+        elif isinstance(container, dict):
+            items = container.items()
+        else:
+            continue
+        for key, item in items:
+            if isinstance(item, float):
+                if item.is_integer():
+                    container[key] = int(item)  # replaces a value: the container keeps its size
+            elif isinstance(item, list | dict):
+                pending.append(item)
     return value
+
+
+def _too_deep(schema: type) -> ApiError:
+    return ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: body nested too deeply")
 
 
 async def decode_body(request: web.Request, schema: type) -> Any:
@@ -67,12 +83,16 @@ async def decode_body(request: web.Request, schema: type) -> Any:
             raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "INVALID_PARAMS", f"malformed JSON body: {exc}") from None
+    except RecursionError:  # msgspec's own depth guard, met by arrays in arrays a few thousand deep
+        raise _too_deep(schema) from None
     # JSON Schema counts 4.0 as an integer, so the published document promises to accept it; the fast
     # strict decoder does not, so such bodies take this slower path. Strings are still no numbers.
     try:
         return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), schema, strict=True)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
+    except RecursionError:
+        raise _too_deep(schema) from None
 
 
 def check(rule, body):
