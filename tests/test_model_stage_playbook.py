@@ -42,7 +42,8 @@ def run_stage_models(tmp_path: Path, daemon, served: FileServer) -> subprocess.C
                             "ansible_connection": "local",
                             "ansible_python_interpreter": sys.executable,
                             "ansible_become": False,
-                            "llorch_controller_url": daemon.url,
+                            # A trailing slash (validate_inventory allows it) must not give //v2/...
+                            "llorch_controller_url": daemon.url + "/",
                             "llorch_api_token": daemon.token,
                             "model_staging_dir": str(tmp_path / "models"),
                             "model_staging_owner": getpass.getuser(),

@@ -161,3 +161,93 @@ def test_role_names_a_missing_owner(tmp_path, served):
 
     assert stats["failures"] == 1
     assert "no-such-user-llorch" in proc.stdout and "model_staging_owner" in proc.stdout
+
+
+def run_role_verbose(tmp_path: Path, role_vars: dict, *flags: str) -> subprocess.CompletedProcess:
+    """Apply the role with the default stdout callback (what an operator sees), at the verbosity asked."""
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Stage models with a secret header",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "roles": [{"role": "model_staging", "vars": role_vars}],
+                }
+            ]
+        )
+    )
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
+        ANSIBLE_STDOUT_CALLBACK="default",
+        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+    )
+    command = on_localhost("ansible-playbook", str(playbook), *flags)
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+SECRET = "hub-secret-4f1d2a9c"
+
+
+@pytest.mark.parametrize("verbosity", [[], ["-v"], ["-vv"]])
+def test_a_failed_download_never_prints_its_headers(tmp_path, served, verbosity):
+    """Ansible adds the loop item to a failed result (and to every result at -v): the role must not loop
+    over entries whose headers hold a token."""
+    role_vars = {
+        "model_staging_dir": str(tmp_path / "models"),
+        "model_staging_owner": getpass.getuser(),
+        "model_staging_headers": {"X-Shared": SECRET},
+        "model_staging_models": [
+            {  # skipped by the URL task before the failure below
+                "id": "file-model",
+                "source": str(tmp_path / "controller-file.bin"),
+                "sha256": "1" * 64,
+                "headers": {"X-Hub-Token": SECRET},
+            },
+            {
+                "id": "missing-model",
+                "source": f"{served.url}/no-such-file.bin",
+                "sha256": "0" * 64,
+                "headers": {"Authorization": f"Bearer {SECRET}"},
+            },
+        ],
+    }
+
+    proc = run_role_verbose(tmp_path, role_vars, *verbosity)
+
+    assert proc.returncode != 0, proc.stdout[-3000:]  # the missing file failed the play
+    assert "missing-model" in proc.stdout  # the failing model is still named
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_verbose_successful_run_never_prints_headers(tmp_path, served):
+    controller_file = tmp_path / "controller-file.bin"
+    controller_file.write_bytes(FILE_MODEL)
+    role_vars = {
+        "model_staging_dir": str(tmp_path / "models"),
+        "model_staging_owner": getpass.getuser(),
+        "model_staging_headers": {"X-Shared": SECRET},
+        "model_staging_models": [
+            {
+                "id": "url-model",
+                "source": f"{served.url}/url-model.bin",
+                "sha256": hashlib.sha256(URL_MODEL).hexdigest(),
+                "headers": {"Authorization": f"Bearer {SECRET}"},
+            },
+            {
+                "id": "file-model",
+                "source": str(controller_file),
+                "sha256": hashlib.sha256(FILE_MODEL).hexdigest(),
+                "headers": {"X-Hub-Token": SECRET},
+            },
+        ],
+    }
+
+    proc = run_role_verbose(tmp_path, role_vars, "-vv")
+
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "url-model" in proc.stdout and "file-model" in proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr

@@ -56,6 +56,17 @@ def test_short_token_is_refused_without_showing_it(tmp_path):
     assert "short-token-123" not in message  # no_log hides the whole result, token included
 
 
+def test_the_example_placeholder_token_is_refused_by_name(tmp_path):
+    # The placeholder of inventories/example/group_vars/all/vault.yml.
+    placeholder = "REPLACE-ME-with-a-vaulted-token-of-32-chars-or-more"
+
+    rc, message = validate(tmp_path, inventory(llorch_api_token=placeholder))
+
+    assert rc != 0
+    assert "llorch_api_token is still the placeholder" in message
+    assert placeholder not in message
+
+
 def test_url_without_scheme_is_refused(tmp_path):
     rc, message = validate(tmp_path, inventory(llorch_control_url="ctl:9200"))
     assert rc != 0
