@@ -159,15 +159,15 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
         env.update(
             ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
             ANSIBLE_INVENTORY_PLUGINS=f"{workdir}{os.pathsep}{REPO_ROOT / 'plugins' / 'inventory'}",
-            ANSIBLE_INVENTORY_ENABLED="llorch_registry,llorch_floor",
+            ANSIBLE_INVENTORY_ENABLED="llorch.kit.llorch_registry,llorch_floor",
             LLORCH_URL=daemon.url,
             LLORCH_API_TOKEN=daemon.token,
         )
         cache = {"cache": True, "cache_plugin": "jsonfile", "cache_connection": str(workdir / "cache")}
         source = workdir / "bench.llorch_registry.yml"
-        source.write_text(yaml.safe_dump({"plugin": "llorch_registry", **cache}))
+        source.write_text(yaml.safe_dump({"plugin": "llorch.kit.llorch_registry", **cache}))
         detailed = workdir / "detailed.llorch_registry.yml"
-        detailed.write_text(yaml.safe_dump({"plugin": "llorch_registry", "detailed_vars": True}))
+        detailed.write_text(yaml.safe_dump({"plugin": "llorch.kit.llorch_registry", "detailed_vars": True}))
         (workdir / "llorch_floor.py").write_text(FLOOR_PLUGIN)
         floor_source = workdir / "bench.llorch_floor.yml"
         floor_source.write_text(

@@ -65,7 +65,7 @@ def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subproces
 def inventory_file(tmp_path: Path, name: str = "nodes", **options: Any) -> Path:
     """A `*.llorch_registry.yml` file with these options (url and token come from the environment)."""
     path = tmp_path / f"{name}.llorch_registry.yml"
-    path.write_text(yaml.safe_dump({"plugin": "llorch_registry", **options}))
+    path.write_text(yaml.safe_dump({"plugin": "llorch.kit.llorch_registry", **options}))
     return path
 
 

@@ -152,7 +152,7 @@ def deterministic_bytes(size: int, seed: int = 7) -> bytes:
 
 def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | None = None):
     """Run `ansible localhost -m model_stage` from the repo root; returns (result dict, completed process)."""
-    command = on_localhost("ansible", "localhost", "-m", "model_stage", "-a", json.dumps(args))
+    command = on_localhost("ansible", "localhost", "-m", "llorch.kit.model_stage", "-a", json.dumps(args))
     if check:
         command.append("--check")
     run_env = dict(os.environ)

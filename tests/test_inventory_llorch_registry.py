@@ -240,9 +240,12 @@ def test_bad_token_and_dead_registry_give_one_line_reasons_without_the_token(dae
 
 
 def test_ansible_doc_resolves_the_shared_option_fragment(tmp_path):
-    done = run(["ansible-doc", "--json", "-t", "inventory", "llorch_registry"], ansible_env(None, tmp_path))
+    done = run(
+        ["ansible-doc", "--json", "-t", "inventory", "llorch.kit.llorch_registry"],
+        ansible_env(None, tmp_path),
+    )
     assert done.returncode == 0, done.stderr
-    options = json.loads(done.stdout)["llorch_registry"]["doc"]["options"]
+    options = json.loads(done.stdout)["llorch.kit.llorch_registry"]["doc"]["options"]
     # Own options, the shared llorch fragment, and Ansible's constructed and cache fragments.
     assert {
         "statuses",

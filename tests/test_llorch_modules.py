@@ -24,13 +24,13 @@ def slow_daemon(daemon_factory):
 
 
 def node_task(state: str, check: bool = False, **params) -> dict:
-    task = {"llorch_node": {"node_id": "gpu-a", "state": state, **params}, "diff": True}
+    task = {"llorch.kit.llorch_node": {"node_id": "gpu-a", "state": state, **params}, "diff": True}
     if check:
         task["check_mode"] = True
     return task
 
 
-READ_GPU_A = {"llorch_nodes_info": {"node_id": "gpu-a"}}
+READ_GPU_A = {"llorch.kit.llorch_nodes_info": {"node_id": "gpu-a"}}
 
 
 def test_drain_undrain_and_remove_are_idempotent_and_check_mode_changes_nothing(slow_daemon, tmp_path):
@@ -100,7 +100,14 @@ def test_drain_wait_fails_with_the_busy_slot_count_and_succeeds_when_idle(slow_d
         tmp_path,
         [
             {**node_task("drained", wait=True, wait_timeout=1), "ignore_errors": True},
-            {"llorch_node": {"node_id": "gpu-idle", "state": "drained", "wait": True, "wait_timeout": 30}},
+            {
+                "llorch.kit.llorch_node": {
+                    "node_id": "gpu-idle",
+                    "state": "drained",
+                    "wait": True,
+                    "wait_timeout": 30,
+                }
+            },
         ],
     )
 
@@ -181,7 +188,7 @@ def test_absent_reports_no_change_when_the_node_vanished_before_its_delete(slow_
 
 def test_state_present_for_an_unknown_node_explains_how_nodes_join(slow_daemon, tmp_path):
     done = run(
-        ["ansible", "localhost", "-m", "llorch_node", "-a", "node_id=gpu-nowhere state=drained"],
+        ["ansible", "localhost", "-m", "llorch.kit.llorch_node", "-a", "node_id=gpu-nowhere state=drained"],
         ansible_env(slow_daemon, tmp_path),
     )
     assert done.returncode != 0
@@ -198,10 +205,10 @@ def test_nodes_info_filters_by_status_model_and_id_and_summarises(slow_daemon, t
         env,
         tmp_path,
         [
-            {"llorch_nodes_info": URL_AND_TOKEN_FROM_ENV},
-            {"llorch_nodes_info": {"status": ["online"], "model": "m1"}},
-            {"llorch_nodes_info": {"status": ["registering", "offline"]}},
-            {"llorch_nodes_info": {"node_id": "gpu-zzz"}},
+            {"llorch.kit.llorch_nodes_info": URL_AND_TOKEN_FROM_ENV},
+            {"llorch.kit.llorch_nodes_info": {"status": ["online"], "model": "m1"}},
+            {"llorch.kit.llorch_nodes_info": {"status": ["registering", "offline"]}},
+            {"llorch.kit.llorch_nodes_info": {"node_id": "gpu-zzz"}},
         ],
     )
 
@@ -226,7 +233,10 @@ def test_catalog_info_reports_replicated_and_single_node_models(slow_daemon, tmp
     catalog, one_model = run_tasks(
         env,
         tmp_path,
-        [{"llorch_catalog_info": URL_AND_TOKEN_FROM_ENV}, {"llorch_catalog_info": {"model": "m-alone"}}],
+        [
+            {"llorch.kit.llorch_catalog_info": URL_AND_TOKEN_FROM_ENV},
+            {"llorch.kit.llorch_catalog_info": {"model": "m-alone"}},
+        ],
     )
 
     assert catalog["replicated_models"] == ["m-shared"]
@@ -260,17 +270,23 @@ def test_errors_name_the_registry_and_never_show_the_token(daemon, tmp_path):
             tmp_path,
             [
                 {
-                    "llorch_nodes_info": {"token": "{{ lookup('env', 'LLORCH_WRONG_TOKEN') }}"},
+                    "llorch.kit.llorch_nodes_info": {"token": "{{ lookup('env', 'LLORCH_WRONG_TOKEN') }}"},
                     "ignore_errors": True,
                 },
-                {"llorch_nodes_info": {"url": dead_url}, "ignore_errors": True},
+                {"llorch.kit.llorch_nodes_info": {"url": dead_url}, "ignore_errors": True},
                 {
-                    "llorch_nodes_info": {"url": "", "token": "{{ lookup('env', 'LLORCH_API_TOKEN') }}"},
+                    "llorch.kit.llorch_nodes_info": {
+                        "url": "",
+                        "token": "{{ lookup('env', 'LLORCH_API_TOKEN') }}",
+                    },
                     "ignore_errors": True,
                 },
-                {"llorch_nodes_info": {"token": "", "token_file": str(token_file)}},
-                {"llorch_nodes_info": {"token_file": str(tmp_path / "missing")}, "ignore_errors": True},
-                {"llorch_nodes_info": {"url": silent_url, "timeout": 1}, "ignore_errors": True},
+                {"llorch.kit.llorch_nodes_info": {"token": "", "token_file": str(token_file)}},
+                {
+                    "llorch.kit.llorch_nodes_info": {"token_file": str(tmp_path / "missing")},
+                    "ignore_errors": True,
+                },
+                {"llorch.kit.llorch_nodes_info": {"url": silent_url, "timeout": 1}, "ignore_errors": True},
             ],
         )
     rejected, unreachable, no_url, from_file, missing_file, hung = results
@@ -287,7 +303,7 @@ def test_errors_name_the_registry_and_never_show_the_token(daemon, tmp_path):
             "localhost",
             "-vvvv",
             "-m",
-            "llorch_nodes_info",
+            "llorch.kit.llorch_nodes_info",
             "-a",
             "token={{ lookup('env', 'LLORCH_WRONG_TOKEN') }}",
         ],
@@ -339,7 +355,7 @@ def test_a_url_that_does_not_answer_http_gives_the_one_line_reason(daemon, tmp_p
             ansible_env(daemon, tmp_path),
             tmp_path,
             [
-                {"llorch_nodes_info": {"url": server.url}, "ignore_errors": True}
+                {"llorch.kit.llorch_nodes_info": {"url": server.url}, "ignore_errors": True}
                 for server in servers.values()
             ],
         )
@@ -361,17 +377,29 @@ def test_a_url_that_does_not_answer_http_gives_the_one_line_reason(daemon, tmp_p
 
 def test_ansible_doc_documents_every_module(tmp_path):
     done = run(
-        ["ansible-doc", "--json", "-t", "module", "llorch_node", "llorch_nodes_info", "llorch_catalog_info"],
+        [
+            "ansible-doc",
+            "--json",
+            "-t",
+            "module",
+            "llorch.kit.llorch_node",
+            "llorch.kit.llorch_nodes_info",
+            "llorch.kit.llorch_catalog_info",
+        ],
         ansible_env(None, tmp_path),
     )
     assert done.returncode == 0, done.stderr
     docs = json.loads(done.stdout)
-    for name in ("llorch_node", "llorch_nodes_info", "llorch_catalog_info"):
+    for name in ("llorch.kit.llorch_node", "llorch.kit.llorch_nodes_info", "llorch.kit.llorch_catalog_info"):
         assert {"url", "token", "token_file", "validate_certs", "ca_path", "timeout"} <= set(
             docs[name]["doc"]["options"]
         )
         assert docs[name]["examples"] and docs[name]["return"]
-    assert docs["llorch_node"]["doc"]["options"]["state"]["choices"] == ["present", "drained", "absent"]
+    assert docs["llorch.kit.llorch_node"]["doc"]["options"]["state"]["choices"] == [
+        "present",
+        "drained",
+        "absent",
+    ]
 
 
 def test_tls_certificates_are_checked_unless_told_otherwise(slow_daemon, tmp_path):
@@ -382,9 +410,9 @@ def test_tls_certificates_are_checked_unless_told_otherwise(slow_daemon, tmp_pat
             ansible_env(slow_daemon, tmp_path, LLORCH_URL=proxy.url),
             tmp_path,
             [
-                {"llorch_nodes_info": URL_AND_TOKEN_FROM_ENV, "ignore_errors": True},
-                {"llorch_nodes_info": {"ca_path": str(proxy.cert)}},
-                {"llorch_nodes_info": {"validate_certs": False}},
+                {"llorch.kit.llorch_nodes_info": URL_AND_TOKEN_FROM_ENV, "ignore_errors": True},
+                {"llorch.kit.llorch_nodes_info": {"ca_path": str(proxy.cert)}},
+                {"llorch.kit.llorch_nodes_info": {"validate_certs": False}},
             ],
         )
     finally:

@@ -335,7 +335,7 @@ def test_ids_longer_than_the_registry_accepts_fail_naming_id_and_the_limit(serve
 
 def test_the_module_documents_itself():
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-doc"), "model_stage"],
+        [str(Path(sys.executable).parent / "ansible-doc"), "llorch.kit.model_stage"],
         cwd=Path(__file__).resolve().parent.parent,
         env=dict(os.environ, ANSIBLE_CONFIG=str(Path(__file__).resolve().parent.parent / "ansible.cfg")),
         capture_output=True,

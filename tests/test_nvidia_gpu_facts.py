@@ -31,7 +31,7 @@ def gpu_facts(fixture: str, *args: str, tmp_path: Path, check: bool = False) -> 
     module_args = " ".join([f"nvidia_smi={STANDIN}", *args])
     mode = ["--check"] if check else []
     proc = subprocess.run(
-        on_localhost("ansible", "localhost", "-m", "nvidia_gpu_facts", "-a", module_args, *mode),
+        on_localhost("ansible", "localhost", "-m", "llorch.kit.nvidia_gpu_facts", "-a", module_args, *mode),
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

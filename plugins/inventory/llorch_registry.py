@@ -2,15 +2,13 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import sys
 from urllib.parse import urlsplit
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+from ansible_collections.llorch.kit.plugins.module_utils import llorch_api
 
 DOCUMENTATION = r"""
 name: llorch_registry
@@ -29,13 +27,13 @@ description:
 extends_documentation_fragment:
   - constructed
   - inventory_cache
-  - llorch
+  - llorch.kit.llorch
 options:
   plugin:
     description: The name of this plugin; it marks the file as one for this plugin.
     required: true
     type: str
-    choices: [llorch_registry]
+    choices: [llorch.kit.llorch_registry, llorch_registry]
   statuses:
     description:
       - Keep only nodes in these states. Groups for the states left out stay empty.
@@ -88,26 +86,6 @@ cache_timeout: 60
 """
 
 
-def _load_llorch_api():
-    """The shared client in plugins/module_utils/llorch_api.py.
-
-    Modules import it as ansible.module_utils.llorch_api because AnsiballZ packs it for them; a
-    controller-side plugin outside a collection has no such import path, so load it by file.
-    """
-    name = "llorch_kit_llorch_api"
-    if name in sys.modules:
-        return sys.modules[name]
-    here = os.path.dirname(os.path.realpath(__file__))
-    path = os.path.join(here, os.pardir, "module_utils", "llorch_api.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-llorch_api = _load_llorch_api()
-
 BASE_GROUP = "llorch_nodes"
 CACHE_FORMAT = 2  # 2: ansible_host is no longer in the cached records (set_ansible_host adds it on reading)
 STATUS_GROUPS = {status: f"llorch_{status}" for status in llorch_api.NODE_STATUSES}
@@ -149,7 +127,7 @@ def host_record(node: dict, detailed: bool) -> dict:
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
-    NAME = "llorch_registry"
+    NAME = "llorch.kit.llorch_registry"
 
     def verify_file(self, path):
         return super().verify_file(path) and path.endswith((".llorch_registry.yml", ".llorch_registry.yaml"))

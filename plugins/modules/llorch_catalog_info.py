@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.llorch_api import LLORCH_ARGUMENT_SPEC, LlorchApiError, LlorchClient
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (
+    LLORCH_ARGUMENT_SPEC,
+    LlorchApiError,
+    LlorchClient,
+)
 
 DOCUMENTATION = r"""
 module: llorch_catalog_info
@@ -15,7 +19,7 @@ description:
   - C(replicated_models), C(single_node_models), C(total_models) and C(availability) come from
     C(GET /v2/catalog/availability), counted per online node.
 extends_documentation_fragment:
-  - llorch
+  - llorch.kit.llorch
 options:
   model:
     description:

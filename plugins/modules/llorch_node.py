@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.llorch_api import (
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (
     LLORCH_ARGUMENT_SPEC,
     LlorchApiError,
     LlorchClient,
@@ -26,7 +26,7 @@ description:
   - C(absent) removes the node's record. A node whose agent still runs registers again at its next heartbeat;
     stop pool-managerd first to remove a node for good.
 extends_documentation_fragment:
-  - llorch
+  - llorch.kit.llorch
 options:
   node_id:
     description: The node's id in the registry.

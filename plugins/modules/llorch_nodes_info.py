@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.llorch_api import (
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (
     LLORCH_ARGUMENT_SPEC,
     NODE_STATUSES,
     LlorchApiError,
@@ -21,7 +21,7 @@ description:
   - Each node comes back as the registry sends it, plus a C(summary) of figures a person or a C(when:) reads
     directly (pools ready, free slots, free VRAM, seconds since the last heartbeat).
 extends_documentation_fragment:
-  - llorch
+  - llorch.kit.llorch
 options:
   node_id:
     description:

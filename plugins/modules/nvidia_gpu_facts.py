@@ -136,7 +136,7 @@ ansible_facts:
 import re  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible.module_utils.nvidia_smi import NvidiaSmiError, probe  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.nvidia_smi import NvidiaSmiError, probe  # noqa: E402
 
 _KERNEL_MODULE_VERSION = re.compile(r"Kernel Module\s+(?:for\s+\S+\s+)?([0-9]+(?:\.[0-9]+)+)")
 

@@ -1,7 +1,5 @@
-"""The wire schemas: every request body is decoded by one of these, and /openapi.json is generated from them.
-
-Unknown fields in request bodies are ignored rather than refused, so an agent one version ahead of the
-daemon can still register; every declared field is checked for type and range.
+"""The daemon's schemas: every request body is decoded by one of these or by a struct of the wire contract
+(wire.py, shared with the agent), and /openapi.json is generated from them.
 """
 
 from __future__ import annotations
@@ -9,103 +7,44 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta
 
-# (?!\n) because Python's `$` also matches before a final newline ("gpu-1\n" would pass and break the
-# one-line-per-event log); JSON Schema's ECMA regexes read it the same way.
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}(?!\n)$"
-# Model ids may carry a publisher prefix as on model hubs ("org/name"); they never appear in a URL path.
-MODEL_ID_PATTERN = r"^[A-Za-z0-9._:/-]{1,256}(?!\n)$"
+from .contract import ID_PATTERN, MODEL_ID_PATTERN
+from .wire import (
+    Bytes,
+    Capabilities,
+    GpuInfo,
+    Heartbeat,
+    HeartbeatAnswer,
+    ModelId,
+    NodeStatus,
+    PoolSpec,
+    PoolStatus,
+    RegisterAnswer,
+    Registration,
+    ValidationProblem,
+    Wire,
+    check_heartbeat,
+    check_registration,
+)
 
-Id = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
-ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN, description="[A-Za-z0-9._:/-]{1,256}")]
-Bytes = Annotated[int, Meta(ge=0, le=2**62, description="a byte count")]
-Count = Annotated[int, Meta(ge=0, le=1_000_000)]
-GpuIndex = Annotated[int, Meta(ge=0, le=1024)]
-# Free text never carries control characters: it ends up in logs and in tables people read.
-ShortText = Annotated[
-    str, Meta(pattern=r"^[^\x00-\x1f\x7f]{0,256}(?!\n)$", description="printable, up to 256")
+__all__ = [
+    "ID_PATTERN",
+    "MODEL_ID_PATTERN",
+    "Capabilities",
+    "GpuInfo",
+    "Heartbeat",
+    "HeartbeatAnswer",
+    "PoolSpec",
+    "PoolStatus",
+    "RegisterAnswer",
+    "Registration",
+    "ValidationProblem",
+    "check_heartbeat",
+    "check_registration",
 ]
-Address = Annotated[
-    str, Meta(pattern=r"^[^\x00-\x1f\x7f]{1,512}(?!\n)$", description="where the node's agent listens")
-]
-Timestamp = Annotated[
-    str,
-    Meta(
-        pattern=r"^[0-9]{4}-[01][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-5][0-9]:[0-6][0-9](\.[0-9]{1,9})?"
-        r"([Zz]|[+-][0-2][0-9]:[0-5][0-9])(?!\n)$",
-        description="RFC 3339 time of the agent's clock (informational)",
-    ),
-]
+
 Strategy = Literal["least-loaded", "round-robin", "random"]
-NodeStatus = Literal["registering", "online", "draining", "offline"]
-
-
-class Wire(Struct, gc=False):
-    """Base of every wire struct. They hold only strings, numbers and lists of such or of other structs,
-    so they can never form a cycle: keeping them out of the garbage collector's sight makes its passes
-    over thousands of node records cheap."""
-
-
-class ValidationProblem(ValueError):
-    """A body that decoded but breaks a rule across fields; carries the JSON path of the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{message} - at `{field}`")
-        self.field = field
-
-
-# --- requests -------------------------------------------------------------------------------------
-
-
-class GpuInfo(Wire):
-    index: GpuIndex
-    name: ShortText
-    vram_total_bytes: Bytes
-    compute_capability: ShortText
-    driver_version: ShortText
-    uuid: ShortText | None = None
-
-
-class Capabilities(Wire):
-    gpus: Annotated[list[GpuInfo], Meta(max_length=1024)]
-    cpu_cores: Count
-    ram_total_bytes: Bytes
-    cuda_version: ShortText | None = None
-
-
-class PoolSpec(Wire):
-    pool_id: Id
-    gpus: Annotated[list[GpuIndex], Meta(max_length=1024)]
-    slots_total: Count
-
-
-class Registration(Wire):
-    node_id: Id
-    address: Address
-    pools: Annotated[list[PoolSpec], Meta(max_length=256)]
-    capabilities: Capabilities
-    machine_id: ShortText | None = None
-    version: ShortText | None = None
-
-
-class PoolStatus(Wire):
-    pool_id: Id
-    ready: bool
-    draining: bool
-    slots_total: Count
-    slots_free: Count
-    vram_total_bytes: Bytes
-    vram_free_bytes: Bytes
-    engine: ShortText | None = None
-    models_available: Annotated[list[ModelId], Meta(max_length=4096)] = []
-
-
-class Heartbeat(Wire):
-    # The agent's clock is reported but never trusted for liveness: the daemon's own clock decides.
-    # Checked by shape only (a pattern the published schema states too), as nothing computes with it.
-    timestamp: Timestamp
-    pools: Annotated[list[PoolStatus], Meta(max_length=256)]
 
 
 class DrainRequest(Wire):
@@ -116,29 +55,6 @@ class PlacementRequest(Wire):
     model_id: ModelId | None = None
     vram_bytes: Bytes | None = None
     strategy: Strategy = "least-loaded"
-
-
-def check_registration(body: Registration) -> Registration:
-    seen: set[str] = set()
-    for number, pool in enumerate(body.pools):
-        if pool.pool_id in seen:
-            raise ValidationProblem(f"$.pools[{number}].pool_id", f"duplicate pool_id {pool.pool_id!r}")
-        seen.add(pool.pool_id)
-    return body
-
-
-def check_heartbeat(body: Heartbeat) -> Heartbeat:
-    seen: set[str] = set()
-    for number, pool in enumerate(body.pools):
-        if pool.slots_free > pool.slots_total:
-            raise ValidationProblem(
-                f"$.pools[{number}].slots_free",
-                f"slots_free ({pool.slots_free}) must not exceed slots_total ({pool.slots_total})",
-            )
-        if pool.pool_id in seen:
-            raise ValidationProblem(f"$.pools[{number}].pool_id", f"duplicate pool_id {pool.pool_id!r}")
-        seen.add(pool.pool_id)
-    return body
 
 
 # --- answers --------------------------------------------------------------------------------------
@@ -156,18 +72,6 @@ class Health(Wire):
 
 class Ready(Wire):
     status: str
-
-
-class RegisterAnswer(Wire):
-    node_id: str
-    status: NodeStatus
-    heartbeat_interval_ms: int
-    node_timeout_ms: int
-
-
-class HeartbeatAnswer(Wire):
-    next_heartbeat_ms: int
-    drain: bool
 
 
 class PoolView(Wire):

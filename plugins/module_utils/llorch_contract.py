@@ -1,0 +1,255 @@
+# Copyright: llorch-kit contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The rules every llorch process agrees on, in one place.
+
+orchestratord, pool-managerd, the modules, the inventory plugin and the roles' checks all take their id
+patterns, node statuses, the model manifest's format and the secret-file reader from here. The services
+receive this file inside their packages (a link to it, as ``nvidia_smi.py`` travels), the modules as
+module_utils, the roles through the collection's ``llorch_id`` and ``llorch_model_id`` tests. Standard
+library only: it runs on managed nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import stat
+
+# --- ids ------------------------------------------------------------------------------------------------
+
+# (?!\n) because Python's `$` also matches before a final newline ("gpu-1\n" would pass and break the
+# one-line-per-event log); JSON Schema's ECMA regexes read it the same way. `.` and `..` are refused:
+# clients that normalise URL paths cannot address them.
+ID_PATTERN = r"^(?!\.\.?(?!\n)$)[A-Za-z0-9._-]{1,128}(?!\n)$"
+ID_RULE = "letters, digits, '.', '_' and '-', 1-128 characters, not '.' or '..'"
+# Model ids may carry a publisher prefix as on model hubs ("org/name"); they never appear in a URL path.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9._:/-]{1,256}(?!\n)$"
+MODEL_ID_RULE = "letters, digits, '.', '_', ':', '/' and '-', 1-256 characters"
+
+_ID = re.compile(ID_PATTERN)
+_MODEL_ID = re.compile(MODEL_ID_PATTERN)
+
+
+def valid_id(value: object) -> bool:
+    """True for a node or pool id that orchestratord accepts."""
+    return isinstance(value, str) and _ID.search(value) is not None
+
+
+def valid_model_id(value: object) -> bool:
+    """True for a model id that orchestratord accepts."""
+    return isinstance(value, str) and _MODEL_ID.search(value) is not None
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """A value for a message or a log line: quoted and escaped (no forged lines), cut short when long."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+# --- node statuses --------------------------------------------------------------------------------------
+
+NODE_STATUSES = ("registering", "online", "draining", "offline")
+
+
+# --- secret files ---------------------------------------------------------------------------------------
+
+MIN_TOKEN_LENGTH = 32
+MAX_SECRET_FILE_BYTES = 4096
+
+
+class SecretFileError(ValueError):
+    """A secret file that cannot be used; the message names the file, never its contents."""
+
+
+def read_secret_file(path: str, what: str = "token_file", min_length: int = MIN_TOKEN_LENGTH) -> str:
+    """The one-line secret in `path`, from a regular file that only its owner can read.
+
+    Opened without following a link (the file may sit in a folder another user can write), checked on
+    the open descriptor, read up to a small bound. Raises SecretFileError.
+    """
+    path = os.path.expanduser(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SecretFileError(f"{what} {path} not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SecretFileError(f"{what} {path} is a symbolic link; name the file itself") from None
+        raise SecretFileError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SecretFileError(f"{what} {path} is not a regular file")
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretFileError(
+                f"{what} {path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
+                f"run chmod 600 {path}"
+            )
+        raw = os.read(fd, MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SecretFileError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise SecretFileError(f"{what} {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        secret = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        # Only where, never the bytes: they are part of the secret.
+        raise SecretFileError(f"{what} {path} is not UTF-8 text (at byte {exc.start})") from None
+    if not secret:
+        raise SecretFileError(f"{what} {path} is empty")
+    if any(char.isspace() for char in secret):
+        raise SecretFileError(f"{what} {path} must hold one secret on one line")
+    if len(secret) < min_length:
+        raise SecretFileError(f"{what} {path}: the secret must be at least {min_length} characters")
+    return secret
+
+
+# --- the model manifest ---------------------------------------------------------------------------------
+#
+# <models_dir>/manifest.json: {model_id: {path, sha256, size_bytes, mtime_ns, staged_at, source}}, written
+# by staging (model_stage), read by the agent. Every open is relative to the models folder's descriptor
+# and follows no link: the folder may be writable by a less trusted user than the one staging as root.
+
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_MANIFEST_ENTRIES = 4096
+_SHA256 = re.compile(r"^[0-9a-f]{64}(?!\n)$")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or is not in the manifest's format."""
+
+
+def check_manifest_entry(model_id: object, entry: object) -> dict:
+    """The entry when it has the manifest's shape; ManifestError naming what is wrong otherwise."""
+    if not valid_model_id(model_id):
+        raise ManifestError(f"{shown(str(model_id))} is not a valid model id ({MODEL_ID_RULE})")
+    if not isinstance(entry, dict):
+        raise ManifestError(f"entry {model_id!r} must be an object")
+    path, size = entry.get("path"), entry.get("size_bytes")
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ManifestError(f"entry {model_id!r} has no 'path'")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ManifestError(f"entry {model_id!r} has no whole 'size_bytes'")
+    sha256 = entry.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.search(sha256)):
+        raise ManifestError(f"entry {model_id!r} has a 'sha256' that is not 64 lowercase hex digits")
+    mtime_ns = entry.get("mtime_ns")
+    if mtime_ns is not None and (isinstance(mtime_ns, bool) or not isinstance(mtime_ns, int)):
+        raise ManifestError(f"entry {model_id!r} has an 'mtime_ns' that is not a whole number")
+    return entry
+
+
+def parse_manifest(text: str) -> tuple[dict, list[str]]:
+    """(entries, problems): the entries in the manifest's format, and one line per entry left out.
+
+    A manifest that is not a JSON object at all raises ManifestError; one bad entry costs only itself.
+    """
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ManifestError(f"not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"the top level must be an object of model ids, found {type(raw).__name__}")
+    if len(raw) > MAX_MANIFEST_ENTRIES:
+        raise ManifestError(f"more than {MAX_MANIFEST_ENTRIES} entries")
+    entries, problems = {}, []
+    for model_id, entry in raw.items():
+        try:
+            entries[model_id] = check_manifest_entry(model_id, entry)
+        except ManifestError as exc:
+            problems.append(str(exc))
+    return entries, problems
+
+
+def dump_manifest(entries: dict) -> bytes:
+    return (json.dumps(entries, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def open_regular_at(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> int:
+    """A descriptor for `name` inside the folder `dir_fd`, refusing links, non-regular and hard-linked files.
+
+    OSError(ELOOP) for a symbolic link; ManifestError-free so staging can use it for any file it owns.
+    """
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+        if info.st_nlink != 1:
+            raise OSError(errno.EMLINK, f"{name} has {info.st_nlink} hard links")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_manifest_at(dir_fd: int) -> tuple[dict, list[str]]:
+    """(entries, problems) of the manifest in the folder `dir_fd`; ({}, []) when there is none."""
+    try:
+        fd = open_regular_at(dir_fd, MANIFEST_NAME)
+    except FileNotFoundError:
+        return {}, []
+    except OSError as exc:
+        raise ManifestError(f"{MANIFEST_NAME} cannot be opened safely ({exc.strerror or exc})") from None
+    try:
+        raw = os.read(fd, MAX_MANIFEST_BYTES + 1)
+        while len(raw) <= MAX_MANIFEST_BYTES:
+            more = os.read(fd, MAX_MANIFEST_BYTES + 1 - len(raw))
+            if not more:
+                break
+            raw += more
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"not UTF-8 text (at byte {exc.start})") from None
+    return parse_manifest(text)
+
+
+def write_manifest_at(dir_fd: int, entries: dict, mode: int = 0o644) -> None:
+    """Replace the manifest in the folder `dir_fd` atomically: a new file, fsynced, renamed over the old."""
+    for model_id, entry in entries.items():
+        check_manifest_entry(model_id, entry)
+    tmp_name = f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp_name, dir_fd=dir_fd)  # a leftover of a killed run; unlink never follows a link
+    fd = os.open(
+        tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd
+    )
+    try:
+        data = dump_manifest(entries)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp_name, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+    os.rename(tmp_name, MANIFEST_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+@contextlib.contextmanager
+def manifest_lock(dir_fd: int):
+    """Exclusive lock for a read-modify-write of the manifest, taken on the folder itself (no lock file
+    that a link could stand in for)."""
+    fcntl.flock(dir_fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(dir_fd, fcntl.LOCK_UN)
