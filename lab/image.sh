@@ -9,8 +9,8 @@
 #   LAB_IMAGE_REBUILD=1 bash lab/image.sh   force a rebuild
 set -euo pipefail
 
+here=$(dirname "${BASH_SOURCE[0]}")
 image=${LAB_IMAGE:-localhost/llorch-lab-base:bookworm}
-mirror=${LAB_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 # What the roles expect on a bare host: Python with venv for the services, a
 # real systemd, sshd for the lab's connection; sudo and acl for become_user.
@@ -36,11 +36,35 @@ if [[ ${LAB_IMAGE_REBUILD:-0} != 1 ]] && image_is_current; then
   exit 0
 fi
 
+# The mirror and proxy are the ones this machine's apt already uses (the repo
+# names no mirror): the first enabled `deb` source for $suite main, and apt's
+# Acquire::http(s)::Proxy for it. LAB_DEBIAN_MIRROR overrides the mirror; an
+# http_proxy/https_proxy already in the environment wins over apt's proxy.
+if [[ -n ${LAB_DEBIAN_MIRROR:-} ]]; then
+  mirror=$LAB_DEBIAN_MIRROR
+  mirror_from="LAB_DEBIAN_MIRROR"
+else
+  # On failure apt_source.py has said, in one line, what it looked for and that
+  # LAB_DEBIAN_MIRROR is the way out.
+  mirror=$(python3 "$here/apt_source.py" mirror --suite "$suite") || exit 1
+  mirror_from="this machine's apt sources"
+fi
+proxy_var=${mirror%%://*}_proxy
+if [[ $proxy_var == http_proxy || $proxy_var == https_proxy ]] && [[ -z ${!proxy_var:-} ]]; then
+  apt_proxy=$({ apt-config dump 2>/dev/null || true; } | python3 "$here/apt_source.py" proxy --mirror "$mirror")
+  if [[ -n $apt_proxy ]]; then
+    export "$proxy_var=$apt_proxy"
+    # The proxy URL may carry a password: say where it came from, not what it is.
+    mirror_from+=", through apt's proxy"
+  fi
+fi
+
 start=$(date +%s)
 rootfs=$(mktemp -d /var/tmp/llorch-lab-rootfs.XXXXXX)
 trap 'rm -rf --one-file-system "$rootfs"' EXIT
 
-echo "image: debootstrap $suite from $mirror (about a minute)"
+# Credentials in a mirror URL (user:password@) stay out of the log.
+echo "image: debootstrap $suite from $(sed -E 's#//[^/@]*@#//#' <<<"$mirror") ($mirror_from; about a minute)"
 debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || {
   tail -n 30 "$rootfs.log" >&2
   echo "image: debootstrap failed; full log in $rootfs.log" >&2
