@@ -8,11 +8,13 @@ on 127.0.0.1 (two pools, two of 40 models each), then times `ansible-inventory -
 - floor:  a throwaway plugin re-adds the exact groups, hosts and variables the real plugin produced (its
           `--list` output, read from a JSON file) and nothing else: Ansible's own cost for that inventory.
 
-It prints the best of --repeat runs of each and the ratios against the floor (goal at 10,000 nodes: cold
-within 1.3x, cached within 1.1x), plus one cold run with detailed_vars (whole pool and GPU records) to show
-what lean host variables save.
+The variants take turns, --repeat rounds of them. It prints each one's median wall seconds with the spread
+(lowest-highest) and its median CPU seconds, all from the same runs, and the median over the rounds of the
+per-round ratio against the floor (goal at 10,000 nodes: cold within 1.3x, cached within 1.1x): a ratio of
+two runs made side by side, never of minima picked from different rounds. Then one cold run with
+detailed_vars (whole pool and GPU records) to show what lean host variables save.
 
-    .venv/bin/python bench/inventory.py [--nodes 1000,10000] [--repeat 3]
+    .venv/bin/python bench/inventory.py [--nodes 1000,10000] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,17 +122,31 @@ def ansible_inventory(env: dict[str, str], *args: str) -> tuple[float, float, su
     return wall, cpu, done
 
 
-def best_of(
+def in_turns(
     repeat: int, env: dict[str, str], variants: dict[str, list[str]]
-) -> dict[str, tuple[float, float]]:
-    """Best wall and best CPU seconds of each variant; the variants take turns, so a burst of load from
-    elsewhere on the machine hits them alike."""
-    best = {name: (float("inf"), float("inf")) for name in variants}
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of every run of each variant; the variants take turns, so a burst of load from
+    elsewhere on the machine hits them alike, and round i of one pairs with round i of another."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(repeat):
         for name, args in variants.items():
             wall, cpu, _ = ansible_inventory(env, *args)
-            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
+            runs[name].append((wall, cpu))
+    return runs
+
+
+def summary(runs: list[tuple[float, float]]) -> str:
+    """Median wall seconds, its spread over the runs, and median CPU seconds: `0.50 (0.47-0.58) cpu 0.49`."""
+    walls = [wall for wall, _ in runs]
+    cpu = statistics.median(cpu for _, cpu in runs)
+    return f"{statistics.median(walls):5.2f} ({min(walls):.2f}-{max(walls):.2f}) cpu {cpu:4.2f}"
+
+
+def ratio(runs: list[tuple[float, float]], floor: list[tuple[float, float]]) -> str:
+    """The median over rounds of this variant's wall (and CPU) seconds over the floor's in the same round."""
+    wall = statistics.median(mine[0] / base[0] for mine, base in zip(runs, floor, strict=True))
+    cpu = statistics.median(mine[1] / base[1] for mine, base in zip(runs, floor, strict=True))
+    return f"{wall:5.2f}x ({cpu:.2f}x)"
 
 
 def save_floor_data(listing: dict, path: Path) -> int:
@@ -145,7 +162,7 @@ def save_floor_data(listing: dict, path: Path) -> int:
     return len(groups)
 
 
-def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
+def measure(count: int, repeat: int, workdir: Path) -> dict:
     daemon = make_daemon(workdir / "orchestratord", node_timeout_ms=3_600_000, log_level="warning")
     daemon.start()
     try:
@@ -158,7 +175,7 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
         }
         env.update(
             ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
-            ANSIBLE_INVENTORY_PLUGINS=f"{workdir}{os.pathsep}{REPO_ROOT / 'plugins' / 'inventory'}",
+            ANSIBLE_INVENTORY_PLUGINS=str(workdir),  # the floor; the real plugin comes from the collection
             ANSIBLE_INVENTORY_ENABLED="llorch.kit.llorch_registry,llorch_floor",
             LLORCH_URL=daemon.url,
             LLORCH_API_TOKEN=daemon.token,
@@ -176,7 +193,7 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
 
         _, _, listed = ansible_inventory(env, "-i", str(source), "--list", "--flush-cache")
         groups = save_floor_data(json.loads(listed.stdout), workdir / "floor.json")
-        timings = best_of(
+        timings = in_turns(
             repeat,
             env,
             {
@@ -185,7 +202,7 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
                 "cached": ["-i", str(source), "--graph"],
             },
         )
-        timings.update(best_of(1, env, {"detailed": ["-i", str(detailed), "--graph"]}))
+        timings.update(in_turns(1, env, {"detailed": ["-i", str(detailed), "--graph"]}))
         return {"nodes": count, "groups": groups, "register_s": registered_s, **timings}
     finally:
         daemon.stop()
@@ -194,28 +211,21 @@ def measure(count: int, repeat: int, workdir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="1000,10000", help="comma-separated node counts")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best counts")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds; each variant runs once per round")
     args = parser.parse_args()
 
-    print(f"ansible-inventory --graph, best of {args.repeat} runs each: wall s (CPU s of the process)")
     print(
-        f"{'nodes':>6} {'groups':>6} {'floor':>12} {'cold':>12} {'cached':>12} {'cold/floor':>13}"
-        f" {'cached/floor':>13} {'detailed cold':>14} {'register s':>10}"
+        f"ansible-inventory --graph, {args.repeat} rounds: median wall s (lowest-highest), median CPU s;"
+        " ratios: median over rounds of wall (CPU) over the same round's floor"
     )
     for count in (int(part) for part in args.nodes.split(",")):
         with tempfile.TemporaryDirectory(prefix="llorch-bench-inventory-") as workdir:
             f = measure(count, args.repeat, Path(workdir))
-        (floor_wall, floor_cpu), (cold_wall, cold_cpu) = f["floor"], f["cold"]
-        cached_wall, cached_cpu = f["cached"]
-        print(
-            f"{count:>6} {f['groups']:>6}"
-            f" {floor_wall:>5.2f} ({floor_cpu:>4.2f}) {cold_wall:>5.2f} ({cold_cpu:>4.2f})"
-            f" {cached_wall:>5.2f} ({cached_cpu:>4.2f})"
-            f" {cold_wall / floor_wall:>5.2f}x ({cold_cpu / floor_cpu:.2f}x)"
-            f" {cached_wall / floor_wall:>5.2f}x ({cached_cpu / floor_cpu:.2f}x)"
-            f" {f['detailed'][0]:>6.2f} ({f['detailed'][1]:>4.2f}) {f['register_s']:>10.1f}",
-            flush=True,
-        )
+        print(f"{count} nodes, {f['groups']} groups, registered in {f['register_s']:.1f} s")
+        for name in ("floor", "cold", "cached"):
+            against = "" if name == "floor" else f"  {name}/floor {ratio(f[name], f['floor'])}"
+            print(f"  {name:<8} {summary(f[name])}{against}")
+        print(f"  {'detailed':<8} {summary(f['detailed'])}  (cold, detailed_vars: true, one run)", flush=True)
 
 
 if __name__ == "__main__":
