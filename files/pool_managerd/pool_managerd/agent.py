@@ -170,7 +170,7 @@ class Agent:
             self._enter(
                 "online",
                 f"{again} with {self.settings.control_url} as node {self.settings.node_id} "
-                f"({len(self.pools)} pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every "
+                f"({len(self.pools)} pools, {len(body.capabilities.gpus)} GPUs; heartbeat every "
                 f"{interval_ms} ms)",
             )
         self.registered_once = True

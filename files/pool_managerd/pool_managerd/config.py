@@ -6,18 +6,15 @@ import os
 import re
 import socket
 import ssl
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .contract import ID_RULE, valid_id
+
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
-# The daemon's id rule; checked here too so a bad id is a config error, not a 400 at every retry.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")  # \Z: no trailing newline, as the daemon
-# The daemon refuses a shorter token at its start; the agent holds its own to the same rule.
-MIN_TOKEN_LENGTH = 32
 
 
 class ConfigError(Exception):
@@ -89,8 +86,8 @@ def _check(key: str, kind: str, value: Any) -> Any:
         value = value.strip()
         if kind == "url" and not re.match(r"^https?://[^/\s]+", value):
             raise wrong("an http:// or https:// URL")
-        if kind == "id" and not ID_PATTERN.match(value):
-            raise wrong("1-128 characters of A-Z a-z 0-9 . _ -")
+        if kind == "id" and not valid_id(value):
+            raise wrong(ID_RULE)
         if kind == "level" and value.lower() not in LOG_LEVELS:
             raise wrong("one of " + ", ".join(LOG_LEVELS))
         return Path(value) if kind == "path" else value.rstrip("/") if kind == "url" else value
@@ -123,8 +120,8 @@ def _check_pools(value: Any) -> tuple[PoolConfig, ...]:
         if unknown:
             raise ConfigError(f"'{where}': unknown key '{unknown[0]}' (known: pool_id, gpus, slots_total)")
         pool_id = entry.get("pool_id")
-        if not isinstance(pool_id, str) or not ID_PATTERN.match(pool_id):
-            raise ConfigError(f"'{where}.pool_id' must be 1-128 of A-Z a-z 0-9 . _ -, not {pool_id!r}")
+        if not valid_id(pool_id):
+            raise ConfigError(f"'{where}.pool_id' must be {ID_RULE}, not {pool_id!r}")
         if pool_id in seen_ids:
             raise ConfigError(f"'{where}.pool_id': {pool_id!r} is used by two pools")
         seen_ids.add(pool_id)
@@ -200,33 +197,6 @@ def _check_ca_file(config_path: Path, ca_file: Path) -> None:
         ) from None
     except ValueError:  # not UTF-8 / not text at all
         raise ConfigError(f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle") from None
-
-
-def read_token(token_file: Path) -> str:
-    """The bearer token, from a file only its owner can read; it is never logged or put in argv."""
-    try:
-        mode = token_file.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"token_file {token_file} is readable by group or others (mode {stat.S_IMODE(mode):04o}): "
-                f"run chmod 600 {token_file}"
-            )
-        token = token_file.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError(f"token_file {token_file} not found") from None
-    except OSError as error:
-        raise ConfigError(f"token_file {token_file} cannot be read: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"token_file {token_file} is not UTF-8 text (byte {error.start})") from None
-    if not token:
-        raise ConfigError(f"token_file {token_file} is empty")
-    if any(char.isspace() for char in token):
-        raise ConfigError(f"token_file {token_file} must hold one token on one line")
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ConfigError(
-            f"token_file {token_file}: the token must be at least {MIN_TOKEN_LENGTH} characters"
-        )
-    return token
 
 
 def machine_id() -> str | None:

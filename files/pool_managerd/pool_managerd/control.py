@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
+
+from .wire import Heartbeat, Registration
+
+JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,17 @@ class ControlPlane:
             await self._session.close()
 
     async def request(
-        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+        self, method: str, path: str, body: msgspec.Struct | None = None, timeout_s: float | None = None
     ) -> Answer:
         assert self._session is not None, "use ControlPlane as an async context manager"
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
         try:
             async with self._session.request(
-                method, self.base_url + path, json=body, timeout=timeout
+                method,
+                self.base_url + path,
+                data=None if body is None else msgspec.json.encode(body),
+                headers=None if body is None else JSON,
+                timeout=timeout,
             ) as response:
                 text = await response.text()
                 try:
@@ -76,10 +85,10 @@ class ControlPlane:
         except (aiohttp.ClientError, OSError, ValueError) as error:
             return Answer(None, problem=f"{type(error).__name__}: {error}".rstrip(": "))
 
-    async def register(self, body: dict) -> Answer:
+    async def register(self, body: Registration) -> Answer:
         return await self.request("POST", "/v2/nodes/register", body)
 
-    async def heartbeat(self, node_id: str, body: dict) -> Answer:
+    async def heartbeat(self, node_id: str, body: Heartbeat) -> Answer:
         return await self.request("POST", f"/v2/nodes/{node_id}/heartbeat", body)
 
     async def deregister(self, node_id: str, timeout_s: float) -> Answer:
