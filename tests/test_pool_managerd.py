@@ -423,6 +423,12 @@ def _refused(agent: AgentProcess, *words: str, code: int) -> None:
         ({"ca_file": "/nonexistent/ca.pem"}, ("ca_file /nonexistent/ca.pem not found",)),
         # The daemon's id rule has no room for a trailing newline ("$" alone would let one through).
         ({"pools": [{"pool_id": "a\n", "gpus": [0]}]}, ("'pools[0].pool_id' must be",)),
+        ({"pools": [{"pool_id": "a", "gpu": [0]}]}, ("'pools[0]': unknown key 'gpu'", "known: pool_id")),
+        ({"pools": [{"pool_id": "a", "slots_total": 1.5}]}, ("'pools[0].slots_total' must be", "1.5")),
+        ({"pools": [{"gpus": [0]}]}, ("'pools[0].pool_id' is required",)),
+        ({"node_id": ".."}, ("'node_id' must be", "not '.' or '..'")),
+        ({"log_level": "loud"}, ("'log_level' must be one of debug, info, warning, error",)),
+        ({"backoff_initial_s": 5, "backoff_max_s": 1}, ("'backoff_max_s' must not be below",)),
     ],
 )
 def test_bad_config_is_refused_with_one_line_naming_the_key(tmp_path, overrides, words):
@@ -580,11 +586,11 @@ def test_hung_nvidia_smi_never_delays_a_heartbeat_pools_go_not_ready_and_sigterm
 
 
 def test_example_config_documents_every_key_and_is_accepted():
-    from pool_managerd.config import KEYS, load_settings
+    from pool_managerd.config import SETTING_NAMES, load_settings
 
     example = REPO_ROOT / "files" / "pool_managerd" / "pool-managerd.example.yml"
     text = example.read_text()
-    assert [key for key in KEYS if f"\n{key}:" not in text and f"\n# {key}:" not in text] == []
+    assert [key for key in SETTING_NAMES if f"\n{key}:" not in text and f"\n# {key}:" not in text] == []
     assert load_settings(example).pools[1].gpus == (1,)
 
 
