@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -338,6 +340,23 @@ def test_backoff_is_exponential_with_full_jitter_and_capped():
     assert max(delays[10:]) > 1  # grows past the first steps instead of retrying at a fixed pace
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+def test_backoff_jitter_is_full_uniform_over_zero_to_the_ceiling_at_every_step():
+    # Full jitter (not "half the ceiling plus jitter", not a fixed step): over many draws the waits of
+    # one step spread evenly from 0 to its ceiling. Seeded, so the figures are the same on every run.
+    random.seed(20260101)
+    for attempt, ceiling in [(0, 0.5), (3, 4.0), (40, 30.0)]:
+        draws = []
+        for _ in range(4000):
+            backoff = Backoff(initial_s=0.5, cap_s=30)
+            backoff.attempt = attempt
+            draws.append(backoff.next_delay())
+        assert 0 <= min(draws) < 0.01 * ceiling and 0.99 * ceiling < max(draws) <= ceiling
+        assert abs(statistics.mean(draws) - ceiling / 2) < 0.03 * ceiling
+        for tenth in range(1, 10):  # each tenth of the range holds about a tenth of the draws
+            share = sum(draw < tenth * ceiling / 10 for draw in draws) / len(draws)
+            assert abs(share - tenth / 10) < 0.03, (attempt, tenth, share)
 
 
 def test_hanging_control_plane_times_out_and_the_agent_recovers_when_it_answers(daemon_factory, start_agent):
