@@ -6,17 +6,22 @@ program talking HTTP to a real orchestratord.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from support import REPO_ROOT, TEST_TOKEN, Daemon, package_env
+from aiohttp import web
+from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, package_env
 
 STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
 FIXTURES = REPO_ROOT / "files" / "testing" / "nvsmi"
@@ -140,3 +145,104 @@ def make_agent(
     }
     config.update(overrides)
     return AgentProcess(workdir=workdir, config=config, fixture=fixture)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def registered(request: web.Request) -> web.StreamResponse:
+    """The answer of a control plane that takes the registration: heartbeats every 100 ms."""
+    body = await request.json()
+    return web.json_response(
+        {
+            "node_id": body["node_id"],
+            "status": "registering",
+            "heartbeat_interval_ms": 100,
+            "node_timeout_ms": 3000,
+        }
+    )
+
+
+async def beat_ok(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"next_heartbeat_ms": 100, "drain": False})
+
+
+async def deleted(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=204)
+
+
+@dataclass
+class Seen:
+    """One request the scripted control plane received."""
+
+    at: float  # time.monotonic()
+    method: str
+    path: str
+    body: bytes
+
+
+class ScriptedControlPlane:
+    """A real HTTP server in a thread of the test process that answers as the test scripts it: a broken,
+    hostile or hung control plane for the real agent to face. Assign `register`, `heartbeat` or `deregister`
+    (async aiohttp handlers) at any time; every request is recorded in `seen`."""
+
+    def __init__(self) -> None:
+        self.register: Handler = registered
+        self.heartbeat: Handler = beat_ok
+        self.deregister: Handler = deleted
+        self.seen: list[Seen] = []
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests(self, method: str, kind: str) -> list[Seen]:
+        """The requests of one kind: 'register', 'heartbeat' or '' (any path) for `method`."""
+        return [s for s in self.seen if s.method == method and s.path.endswith(kind)]
+
+    @property
+    def registrations(self) -> list[Seen]:
+        return self.requests("POST", "/register")
+
+    @property
+    def heartbeats(self) -> list[Seen]:
+        return self.requests("POST", "/heartbeat")
+
+    def _route(self, name: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.seen.append(Seen(time.monotonic(), request.method, request.path, await request.read()))
+            return await getattr(self, name)(request)
+
+        return handle
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v2/nodes/register", self._route("register"))
+        app.router.add_post("/v2/nodes/{node_id}/heartbeat", self._route("heartbeat"))
+        app.router.add_delete("/v2/nodes/{node_id}", self._route("deregister"))
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+        # Handlers still running (a hung answer) end here, not as "Task was destroyed" at exit.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.run_until_complete(runner.cleanup())
+        self._loop.close()
+
+    def __enter__(self) -> ScriptedControlPlane:
+        self._thread.start()
+        assert self._ready.wait(10), "the scripted control plane did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, make_agent, stan
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.agent import Backoff
+from pool_managerd.contract import MODEL_ID_RULE, valid_model_id
 
 NODE = "gpu-node-1"
 L4_TOTAL, L4_FREE = 23034 * MIB, 22599 * MIB
@@ -160,12 +163,10 @@ def test_manifest_model_id_the_daemon_would_refuse_is_dropped_and_logged_once(da
     dropped = [line for line in agent.log().splitlines() if "not a valid model id" in line]
     assert len(dropped) == 1, agent.log()
     assert "'mmmmmmmmmm" in dropped[0] and "300 characters" in dropped[0] and too_long not in dropped[0]
-    assert "[A-Za-z0-9._:/-]" in dropped[0]
+    assert MODEL_ID_RULE in dropped[0]
 
 
 def test_model_id_rule_is_the_daemons():
-    from pool_managerd.models import valid_model_id
-
     assert valid_model_id("meta-llama/Llama-3.1-8B-Instruct") and valid_model_id("qwen2:7b")
     assert valid_model_id("m" * 256) and not valid_model_id("m" * 257)
     for bad in ("", "m\n", "has space", "tab\tid", "é", 7):
@@ -341,6 +342,23 @@ def test_backoff_is_exponential_with_full_jitter_and_capped():
     assert backoff.next_delay() <= 0.5
 
 
+def test_backoff_jitter_is_full_uniform_over_zero_to_the_ceiling_at_every_step():
+    # Full jitter (not "half the ceiling plus jitter", not a fixed step): over many draws the waits of
+    # one step spread evenly from 0 to its ceiling. Seeded, so the figures are the same on every run.
+    random.seed(20260101)
+    for attempt, ceiling in [(0, 0.5), (3, 4.0), (40, 30.0)]:
+        draws = []
+        for _ in range(4000):
+            backoff = Backoff(initial_s=0.5, cap_s=30)
+            backoff.attempt = attempt
+            draws.append(backoff.next_delay())
+        assert 0 <= min(draws) < 0.01 * ceiling and 0.99 * ceiling < max(draws) <= ceiling
+        assert abs(statistics.mean(draws) - ceiling / 2) < 0.03 * ceiling
+        for tenth in range(1, 10):  # each tenth of the range holds about a tenth of the draws
+            share = sum(draw < tenth * ceiling / 10 for draw in draws) / len(draws)
+            assert abs(share - tenth / 10) < 0.03, (attempt, tenth, share)
+
+
 def test_hanging_control_plane_times_out_and_the_agent_recovers_when_it_answers(daemon_factory, start_agent):
     port = free_port()
     listener = socket.create_server(("127.0.0.1", port))
@@ -424,6 +442,12 @@ def _refused(agent: AgentProcess, *words: str, code: int) -> None:
         ({"ca_file": "/nonexistent/ca.pem"}, ("ca_file /nonexistent/ca.pem not found",)),
         # The daemon's id rule has no room for a trailing newline ("$" alone would let one through).
         ({"pools": [{"pool_id": "a\n", "gpus": [0]}]}, ("'pools[0].pool_id' must be",)),
+        ({"pools": [{"pool_id": "a", "gpu": [0]}]}, ("'pools[0]': unknown key 'gpu'", "known: pool_id")),
+        ({"pools": [{"pool_id": "a", "slots_total": 1.5}]}, ("'pools[0].slots_total' must be", "1.5")),
+        ({"pools": [{"gpus": [0]}]}, ("'pools[0].pool_id' is required",)),
+        ({"node_id": ".."}, ("'node_id' must be", "not '.' or '..'")),
+        ({"log_level": "loud"}, ("'log_level' must be one of debug, info, warning, error",)),
+        ({"backoff_initial_s": 5, "backoff_max_s": 1}, ("'backoff_max_s' must not be below",)),
     ],
 )
 def test_bad_config_is_refused_with_one_line_naming_the_key(tmp_path, overrides, words):
@@ -581,11 +605,11 @@ def test_hung_nvidia_smi_never_delays_a_heartbeat_pools_go_not_ready_and_sigterm
 
 
 def test_example_config_documents_every_key_and_is_accepted():
-    from pool_managerd.config import KEYS, load_settings
+    from pool_managerd.config import SETTING_NAMES, load_settings
 
     example = REPO_ROOT / "files" / "pool_managerd" / "pool-managerd.example.yml"
     text = example.read_text()
-    assert [key for key in KEYS if f"\n{key}:" not in text and f"\n# {key}:" not in text] == []
+    assert [key for key in SETTING_NAMES if f"\n{key}:" not in text and f"\n# {key}:" not in text] == []
     assert load_settings(example).pools[1].gpus == (1,)
 
 

@@ -12,9 +12,12 @@ import json
 import logging
 import sys
 
+import msgspec
+
 from . import __version__
 from .agent import Agent
-from .config import DEFAULT_CONFIG, ConfigError, load_settings, read_token
+from .config import DEFAULT_CONFIG, ConfigError, load_settings
+from .contract import SecretFileError, read_secret_file
 from .models import ModelManifest
 from .node import probe_gpus, registration, resolve_pools
 from .nvidia_smi import NvidiaSmiError
@@ -42,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings(args.config)
-        token = read_token(settings.token_file)
-    except ConfigError as error:
+        token = read_secret_file(str(settings.token_file))
+    except (ConfigError, SecretFileError) as error:
         _say(str(error))
         return EXIT_CONFIG
     logging.basicConfig(
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     if args.once:
-        body = registration(settings, gpus, pools)
+        body = msgspec.to_builtins(registration(settings, gpus, pools))
         # Not part of the registration: the models a heartbeat would report, for operators.
         body["models_available"] = ModelManifest(settings.models_dir).available()
         print(json.dumps(body, indent=2, sort_keys=True))

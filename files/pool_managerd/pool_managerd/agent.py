@@ -27,6 +27,21 @@ DEREGISTER_TIMEOUT_S = 3.0
 HEARTBEAT_NOT_FOUND = "heartbeat-not-found"
 
 
+# The pace the control plane sets is obeyed within these bounds: a hostile or broken answer can neither
+# make the agent hammer it nor sleep for days.
+MIN_HEARTBEAT_MS = 100
+MAX_HEARTBEAT_MS = 60_000
+
+
+def heartbeat_delay_s(asked_ms: int, node_timeout_ms: int | None) -> float:
+    """The wait before the next heartbeat: what the control plane asked for, within 100 ms .. 60 s and
+    under half the node timeout it announced, so that one late heartbeat never takes the node offline."""
+    ceiling = MAX_HEARTBEAT_MS
+    if node_timeout_ms is not None and node_timeout_ms > 0:
+        ceiling = min(ceiling, max(MIN_HEARTBEAT_MS, node_timeout_ms // 2))
+    return min(max(asked_ms, MIN_HEARTBEAT_MS), ceiling) / 1000
+
+
 class Backoff:
     """Exponential backoff with full jitter: a random wait in [0, min(cap, initial * 2**attempt)]."""
 
@@ -62,6 +77,7 @@ class Agent:
         self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self.state = "starting"
         self.registered_once = False
+        self.node_timeout_ms: int | None = None
         self._stop = asyncio.Event()
 
     # -- state and logging ------------------------------------------------------------------------------
@@ -79,6 +95,13 @@ class Agent:
                 "rejected",
                 f"token rejected by {url} (HTTP 401 on {what}): check token_file "
                 f"{self.settings.token_file}; retrying with backoff",
+                logging.ERROR,
+            )
+        elif answer.status is not None and answer.problem:
+            self._enter(
+                "bad-answer",
+                f"control plane {url} gave {answer.problem} (HTTP {answer.status} on {what}); "
+                "retrying with backoff",
                 logging.ERROR,
             )
         elif answer.status is None or answer.status >= 500:
@@ -161,20 +184,21 @@ class Agent:
         """Register; the heartbeat interval in seconds, or None after a failure."""
         body = registration(self.settings, self.gpus, self.pools)
         answer = await control.register(body)
-        if not answer.ok or not isinstance(answer.body, dict):
+        if not answer.ok:
             self._trouble("registration", answer)
             return None
-        interval_ms = answer.body.get("heartbeat_interval_ms", 5000)
+        self.node_timeout_ms = answer.body.node_timeout_ms
+        interval_s = heartbeat_delay_s(answer.body.heartbeat_interval_ms, self.node_timeout_ms)
         again = "registered again" if self.registered_once else "registered"
         if self.state != HEARTBEAT_NOT_FOUND:  # that state ends with a heartbeat that works, not here
             self._enter(
                 "online",
                 f"{again} with {self.settings.control_url} as node {self.settings.node_id} "
-                f"({len(self.pools)} pools, {len(body['capabilities']['gpus'])} GPUs; heartbeat every "
-                f"{interval_ms} ms)",
+                f"({len(self.pools)} pools, {len(body.capabilities.gpus)} GPUs; heartbeat every "
+                f"{interval_s * 1000:g} ms)",
             )
         self.registered_once = True
-        return max(int(interval_ms), 50) / 1000
+        return interval_s
 
     async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
         """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None)."""
@@ -184,12 +208,12 @@ class Agent:
         answer = await control.heartbeat(self.settings.node_id, heartbeat(statuses))
         if answer.status == 404:
             return "unknown", None
-        if not answer.ok or not isinstance(answer.body, dict):
+        if not answer.ok:
             self._trouble("heartbeat", answer)
             return "failed", None
         if self.state != "online":
             self._enter("online", f"control plane {self.settings.control_url} back online")
-        drain = bool(answer.body.get("drain", False))
+        drain = answer.body.drain
         if drain != self.draining:
             log.info(
                 "drain %s by the control plane: pools now report draining=%s",
@@ -197,7 +221,12 @@ class Agent:
                 str(drain).lower(),
             )
             self.draining = drain
-        return "ok", max(int(answer.body.get("next_heartbeat_ms", 5000)), 50) / 1000
+        return "ok", heartbeat_delay_s(answer.body.next_heartbeat_ms, self.node_timeout_ms)
+
+    async def _back_off(self) -> None:
+        delay = self.backoff.next_delay()
+        log.debug("next try in %.3f s", delay)  # one line per retry, at debug level only
+        await asyncio.sleep(delay)
 
     async def _loop(self, control: ControlPlane) -> None:
         interval: float | None = None
@@ -206,7 +235,7 @@ class Agent:
             if interval is None:
                 interval = await self._register(control)
                 if interval is None:
-                    await asyncio.sleep(self.backoff.next_delay())
+                    await self._back_off()
                     continue
                 beat_since_registering = False
             outcome, next_interval = await self._heartbeat(control)
@@ -222,7 +251,7 @@ class Agent:
                     logging.ERROR,
                 )
                 interval = None
-                await asyncio.sleep(self.backoff.next_delay())
+                await self._back_off()
                 continue
             if outcome == "unknown":
                 log.warning(
@@ -235,7 +264,7 @@ class Agent:
                 interval = None
                 continue
             if outcome == "failed":
-                await asyncio.sleep(self.backoff.next_delay())
+                await self._back_off()
                 continue
             beat_since_registering = True
             self.backoff.reset()  # only a heartbeat that works ends a run of retries

@@ -1,4 +1,8 @@
-"""Settings: one typed object read once from /etc/llorch/pool-managerd.yml, checked key by key."""
+"""Settings: one typed struct (msgspec), read once from /etc/llorch/pool-managerd.yml, as orchestratord's.
+
+The pool rules are the wire's: a pool id is the contract's id, GPU indices and slot counts have the bounds
+the daemon's registration schema has. A problem is one line naming the file and the key.
+"""
 
 from __future__ import annotations
 
@@ -6,145 +10,131 @@ import os
 import re
 import socket
 import ssl
-import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
+import msgspec.inspect
 import yaml
 
+from .contract import ID_RULE, valid_id
+from .wire import Address, Count, GpuIndex, Id
+
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
-# The daemon's id rule; checked here too so a bad id is a config error, not a 400 at every retry.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")  # \Z: no trailing newline, as the daemon
-# The daemon refuses a shorter token at its start; the agent holds its own to the same rule.
-MIN_TOKEN_LENGTH = 32
+
+# Each type says in its description what a person must write; an error message quotes it.
+Text = Annotated[str, msgspec.Meta(pattern=r"\S", description="a non-empty string")]
+ControlUrl = Annotated[
+    str, msgspec.Meta(pattern=r"^https?://[^/\s]+", description="an http:// or https:// URL")
+]
+Seconds = Annotated[float, msgspec.Meta(gt=0, description="a number of seconds above 0")]
+Flag = Annotated[bool, msgspec.Meta(description="true or false")]
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error"],
+    msgspec.Meta(description="one of debug, info, warning, error"),
+]
+NodeId = Annotated[Id, msgspec.Meta(description=ID_RULE)]
+NodeAddress = Annotated[Address, msgspec.Meta(description="a URL of 1-512 printable characters")]
+
+
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pool_id: Annotated[Id, msgspec.Meta(description=ID_RULE)]
+    gpus: Annotated[
+        tuple[GpuIndex, ...], msgspec.Meta(max_length=1024, description="a list of GPU indices (0, 1, ...)")
+    ] = ()
+    slots_total: Annotated[Count, msgspec.Meta(description="a whole number from 0 to 1000000")] = 1
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    control_url: ControlUrl
+    token_file: Text
+    node_id: NodeId | None = None  # None: the short host name
+    address: NodeAddress | None = None  # None: http://<host name>:8000
+    models_dir: Text = "/var/lib/llorch/models"
+    nvidia_smi: Text = "nvidia-smi"
+    # None: one pool "default" with every GPU (or "cpu" on a host without one)
+    pools: (
+        Annotated[
+            tuple[PoolConfig, ...],
+            msgspec.Meta(
+                min_length=1, max_length=256, description="a non-empty list of {pool_id, gpus, slots_total}"
+            ),
+        ]
+        | None
+    ) = None
+    allow_cpu_pools: Flag = False
+    deregister_on_stop: Flag = True
+    request_timeout_s: Seconds = 5.0
+    ca_file: Text | None = None
+    gpu_probe_interval_s: Seconds = 15.0
+    gpu_probe_timeout_s: Seconds = 10.0
+    backoff_initial_s: Seconds = 0.5
+    backoff_max_s: Seconds = 30.0
+    log_level: LogLevel = "info"
+
+
+SETTING_NAMES = tuple(Settings.__struct_fields__)
 
 
 class ConfigError(Exception):
     """A setup problem a person fixes; printed as one line, never as a traceback."""
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    pool_id: str
-    gpus: tuple[int, ...]
-    slots_total: int
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-@dataclass(frozen=True)
-class Settings:
-    control_url: str
-    token_file: Path
-    node_id: str
-    address: str
-    models_dir: Path
-    nvidia_smi: str
-    pools: tuple[PoolConfig, ...] | None  # None: one pool "default" with every GPU
-    allow_cpu_pools: bool
-    deregister_on_stop: bool
-    request_timeout_s: float
-    ca_file: Path | None
-    gpu_probe_interval_s: float
-    gpu_probe_timeout_s: float
-    backoff_initial_s: float
-    backoff_max_s: float
-    log_level: str
+def _plain(node: Any) -> tuple[Any, str | None]:
+    """The type under its Optional and metadata wrappers, and the description met on the way."""
+    description = None
+    while True:
+        if isinstance(node, msgspec.inspect.Metadata):
+            description = description or (node.extra_json_schema or {}).get("description")
+            node = node.type
+        elif isinstance(node, msgspec.inspect.UnionType):
+            others = [t for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(others) != 1:
+                return node, description
+            node = others[0]
+        else:
+            return node, description
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+def _explain(error: msgspec.ValidationError, raw: dict) -> str:
+    """A msgspec error as a person reads it: which key, what it must be, what it is."""
+    detail, _, at = str(error).partition(" - at `")
+    node, _ = _plain(msgspec.inspect.type_info(Settings))
+    where, value = "", raw
+    wanted: tuple[str, str, Any] | None = None  # (where, description, value) of the deepest described key
+    for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at.rstrip("`")):
+        if name:
+            fields = {field.name: field for field in getattr(node, "fields", ())}
+            if name not in fields:
+                break
+            node = fields[name].type
+            where = f"{where}.{name}" if where else name
+            value = value.get(name) if isinstance(value, dict) else None
+        else:
+            node = getattr(node, "item_type", None)
+            where += f"[{index}]"
+            value = value[int(index)] if isinstance(value, list) and int(index) < len(value) else None
+        node, description = _plain(node)
+        if description:
+            wanted = (where, description, value)
+    named = re.search(r"field `([^`]*)`", detail)
+    if detail.startswith("Object contains unknown field") and named:
+        known = ", ".join(field.name for field in getattr(node, "fields", ()))
+        return f"'{where}': unknown key {named.group(1)!r} (known: {known})"
+    if detail.startswith("Object missing required field") and named:
+        return f"'{where + '.' if where else ''}{named.group(1)}' is required"
+    if wanted is not None:
+        key, description, shown_value = wanted
+        return f"'{key}' must be {description}, not {_shown(shown_value)}"
+    return f"'{where}': {detail}"
 
 
-def _default_node_id() -> str:
-    return socket.gethostname().split(".")[0] or "localhost"
-
-
-# key -> (kind, default); a default of ... means required.
-KEYS: dict[str, tuple[str, Any]] = {
-    "control_url": ("url", ...),
-    "token_file": ("path", ...),
-    "node_id": ("id", None),  # None: the host name
-    "address": ("text", None),  # None: http://<host name>:8000
-    "models_dir": ("path", "/var/lib/llorch/models"),
-    "nvidia_smi": ("text", "nvidia-smi"),
-    "pools": ("pools", None),
-    "allow_cpu_pools": ("bool", False),
-    "deregister_on_stop": ("bool", True),
-    "request_timeout_s": ("seconds", 5.0),
-    "ca_file": ("path", None),
-    "gpu_probe_interval_s": ("seconds", 15.0),
-    "gpu_probe_timeout_s": ("seconds", 10.0),
-    "backoff_initial_s": ("seconds", 0.5),
-    "backoff_max_s": ("seconds", 30.0),
-    "log_level": ("level", "info"),
-}
-
-
-def _check(key: str, kind: str, value: Any) -> Any:
-    def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"'{key}' must be {expected}, not {value!r}")
-
-    if kind in ("text", "path", "url", "id", "level"):
-        if not isinstance(value, str) or not value.strip():
-            raise wrong("a non-empty string")
-        value = value.strip()
-        if kind == "url" and not re.match(r"^https?://[^/\s]+", value):
-            raise wrong("an http:// or https:// URL")
-        if kind == "id" and not ID_PATTERN.match(value):
-            raise wrong("1-128 characters of A-Z a-z 0-9 . _ -")
-        if kind == "level" and value.lower() not in LOG_LEVELS:
-            raise wrong("one of " + ", ".join(LOG_LEVELS))
-        return Path(value) if kind == "path" else value.rstrip("/") if kind == "url" else value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise wrong("true or false")
-        return value
-    if kind == "seconds":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise wrong("a number of seconds above 0")
-        return float(value)
-    if kind == "pools":
-        return _check_pools(value)
-    raise AssertionError(kind)
-
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_pools(value: Any) -> tuple[PoolConfig, ...]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"'pools' must be a non-empty list of {{pool_id, gpus, slots_total}}: {value!r}")
-    pools, seen_ids, seen_gpus = [], set(), {}
-    for number, entry in enumerate(value):
-        where = f"pools[{number}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"'{where}' must be a mapping with pool_id, gpus, slots_total")
-        unknown = sorted(set(entry) - {"pool_id", "gpus", "slots_total"})
-        if unknown:
-            raise ConfigError(f"'{where}': unknown key '{unknown[0]}' (known: pool_id, gpus, slots_total)")
-        pool_id = entry.get("pool_id")
-        if not isinstance(pool_id, str) or not ID_PATTERN.match(pool_id):
-            raise ConfigError(f"'{where}.pool_id' must be 1-128 of A-Z a-z 0-9 . _ -, not {pool_id!r}")
-        if pool_id in seen_ids:
-            raise ConfigError(f"'{where}.pool_id': {pool_id!r} is used by two pools")
-        seen_ids.add(pool_id)
-        gpus = entry.get("gpus", [])
-        if not isinstance(gpus, list) or not all(_is_index(gpu) for gpu in gpus):
-            raise ConfigError(f"'{where}.gpus' must be a list of GPU indices (0, 1, ...), not {gpus!r}")
-        for gpu in gpus:
-            if gpu in seen_gpus:
-                raise ConfigError(f"'{where}.gpus': GPU {gpu} is already in pool {seen_gpus[gpu]!r}")
-            seen_gpus[gpu] = pool_id
-        slots = entry.get("slots_total", 1)
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
-            raise ConfigError(f"'{where}.slots_total' must be a whole number >= 0, not {slots!r}")
-        pools.append(PoolConfig(pool_id=pool_id, gpus=tuple(gpus), slots_total=slots))
-    return tuple(pools)
-
-
-def load_settings(config_path: str | Path) -> Settings:
-    """Read and check the config file; every problem is a ConfigError naming the file and the key."""
-    path = Path(config_path)
+def _read_file(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -156,77 +146,81 @@ def load_settings(config_path: str | Path) -> Settings:
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
-    unknown = sorted(str(key) for key in raw if key not in KEYS)
+    return raw
+
+
+def _check_pools(pools: tuple[PoolConfig, ...]) -> None:
+    """What one pool cannot say alone: ids and GPUs are each used by one pool."""
+    seen_ids: set[str] = set()
+    owner_of_gpu: dict[int, str] = {}
+    for number, pool in enumerate(pools):
+        if pool.pool_id in seen_ids:
+            raise ConfigError(f"'pools[{number}].pool_id': {pool.pool_id!r} is used by two pools")
+        seen_ids.add(pool.pool_id)
+        for gpu in pool.gpus:
+            if gpu in owner_of_gpu:
+                raise ConfigError(
+                    f"'pools[{number}].gpus': GPU {gpu} is already in pool {owner_of_gpu[gpu]!r}"
+                )
+            owner_of_gpu[gpu] = pool.pool_id
+
+
+def _default_node_id() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def load_settings(config_path: str | Path) -> Settings:
+    """Read and check the config file; every problem is a ConfigError naming the file and the key."""
+    path = Path(config_path)
+    # A key set to null (an empty YAML value) means its default, as if it were left out.
+    raw = {key: value for key, value in _read_file(path).items() if value is not None}
+    unknown = sorted(str(key) for key in raw if key not in SETTING_NAMES)
     if unknown:
-        raise ConfigError(f"config file {path}: unknown key '{unknown[0]}' (known keys: {', '.join(KEYS)})")
-    values: dict[str, Any] = {}
-    for key, (kind, default) in KEYS.items():
-        if key not in raw or raw[key] is None:
-            if default is ...:
-                raise ConfigError(f"config file {path}: '{key}' is required")
-            values[key] = Path(default) if kind == "path" and default is not None else default
-            continue
-        try:
-            values[key] = _check(key, kind, raw[key])
-        except ConfigError as error:
-            raise ConfigError(f"config file {path}: {error}") from None
-    values["node_id"] = values["node_id"] or _default_node_id()
-    values["address"] = values["address"] or f"http://{socket.gethostname()}:8000"
-    values["log_level"] = values["log_level"].lower()
-    if values["ca_file"] is not None:
-        _check_ca_file(path, values["ca_file"])
-    if values["backoff_max_s"] < values["backoff_initial_s"]:
-        raise ConfigError(f"config file {path}: 'backoff_max_s' must not be below 'backoff_initial_s'")
-    return Settings(**values)
-
-
-def _check_ca_file(config_path: Path, ca_file: Path) -> None:
-    """Load the CA bundle now: a wrong file is a config error, not a traceback at the first request."""
-    if not ca_file.is_file():
-        raise ConfigError(f"config file {config_path}: ca_file {ca_file} not found")
-    try:
-        ssl.create_default_context(cafile=str(ca_file))
-    except ssl.SSLError as error:
-        reason = error.reason or str(error)
         raise ConfigError(
-            f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle ({reason})"
-        ) from None
-    except OSError as error:
-        raise ConfigError(
-            f"config file {config_path}: ca_file {ca_file} cannot be read: {error.strerror}"
-        ) from None
-    except ValueError:  # not UTF-8 / not text at all
-        raise ConfigError(f"config file {config_path}: ca_file {ca_file} is not a PEM CA bundle") from None
-
-
-def read_token(token_file: Path) -> str:
-    """The bearer token, from a file only its owner can read; it is never logged or put in argv."""
-    try:
-        mode = token_file.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"token_file {token_file} is readable by group or others (mode {stat.S_IMODE(mode):04o}): "
-                f"run chmod 600 {token_file}"
-            )
-        token = token_file.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError(f"token_file {token_file} not found") from None
-    except OSError as error:
-        raise ConfigError(f"token_file {token_file} cannot be read: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"token_file {token_file} is not UTF-8 text (byte {error.start})") from None
-    if not token:
-        raise ConfigError(f"token_file {token_file} is empty")
-    if any(char.isspace() for char in token):
-        raise ConfigError(f"token_file {token_file} must hold one token on one line")
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ConfigError(
-            f"token_file {token_file}: the token must be at least {MIN_TOKEN_LENGTH} characters"
+            f"config file {path}: unknown key {unknown[0]!r} (known keys: {', '.join(SETTING_NAMES)})"
         )
-    return token
+    if isinstance(raw.get("log_level"), str):
+        raw["log_level"] = raw["log_level"].lower()
+    try:
+        settings = msgspec.convert(raw, Settings)
+        if settings.pools is not None:
+            _check_pools(settings.pools)
+        if settings.backoff_max_s < settings.backoff_initial_s:
+            raise ConfigError("'backoff_max_s' must not be below 'backoff_initial_s'")
+        node_id = settings.node_id or _default_node_id()
+        if not valid_id(node_id):
+            raise ConfigError(
+                f"'node_id' is not set and the host name {node_id!r} is no valid id ({ID_RULE})"
+            )
+        if settings.ca_file is not None:
+            _check_ca_file(settings.ca_file)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"config file {path}: {_explain(error, raw)}") from None
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from None
+    return msgspec.structs.replace(
+        settings,
+        control_url=settings.control_url.rstrip("/"),
+        node_id=node_id,
+        address=settings.address or f"http://{socket.gethostname()}:8000",
+    )
+
+
+def _check_ca_file(ca_file: str) -> None:
+    """Load the CA bundle now: a wrong file is a config error, not a traceback at the first request."""
+    if not os.path.isfile(ca_file):
+        raise ConfigError(f"ca_file {ca_file} not found")
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as error:
+        raise ConfigError(f"ca_file {ca_file} is not a PEM CA bundle ({error.reason or error})") from None
+    except OSError as error:
+        raise ConfigError(f"ca_file {ca_file} cannot be read: {error.strerror}") from None
+    except ValueError:  # not UTF-8 / not text at all
+        raise ConfigError(f"ca_file {ca_file} is not a PEM CA bundle") from None
 
 
 def machine_id() -> str | None:

@@ -1,19 +1,35 @@
-"""The control plane's HTTP API as the agent uses it: register, heartbeat, deregister. Never raises."""
+"""The control plane's HTTP API as the agent uses it: register, heartbeat, deregister. Never raises.
+
+The agent does not trust what comes back: it reads at most MAX_ANSWER_BYTES (a huge answer once grew it to
+gigabytes, again at every retry), decodes answers with the contract's structs (strictly: "false" is not
+false), and follows no redirect (its registration must not travel to a host it was not configured with).
+"""
 
 from __future__ import annotations
 
 import json
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
+
+from .contract import shown
+from .wire import Heartbeat, HeartbeatAnswer, RegisterAnswer, Registration
+
+# orchestratord's answers are a few hundred bytes; an error envelope is under 1 KiB.
+MAX_ANSWER_BYTES = 64 * 1024
+JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What came back: an HTTP status and JSON body, or status None and why nothing usable came."""
+    """What came back: an HTTP status and the decoded body, or why nothing usable came.
+
+    status None: no HTTP answer at all (refused, timed out, cut off). A status with a `problem`: an answer
+    the agent cannot use (too large, not the contract's shape, a redirect it will not follow).
+    """
 
     status: int | None
     body: Any = None
@@ -21,20 +37,56 @@ class Answer:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
+        return self.status is not None and 200 <= self.status < 300 and not self.problem
 
     def describe(self) -> str:
         if self.status is None:
             return self.problem
-        if isinstance(self.body, dict) and "code" in self.body:
-            return f"HTTP {self.status} {self.body.get('code')}: {self.body.get('message', '')}"
+        if self.problem:
+            return f"HTTP {self.status}, {self.problem}"
+        if isinstance(self.body, dict) and isinstance(self.body.get("code"), str):
+            message = self.body.get("message")
+            return f"HTTP {self.status} {shown(self.body['code'])}: {shown(str(message or ''), 200)}"
         return f"HTTP {self.status}"
 
 
-class ControlPlane:
-    """One HTTP session to orchestratord; every request has a total timeout."""
+class TooLarge(Exception):
+    pass
 
-    def __init__(self, base_url: str, token: str, timeout_s: float, ca_file: Path | None = None):
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    """The body, or TooLarge as soon as more than MAX_ANSWER_BYTES arrived (or were announced)."""
+    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
+        raise TooLarge
+    body = bytearray()
+    while True:
+        chunk = await response.content.read(MAX_ANSWER_BYTES + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TooLarge
+
+
+def _decoded(status: int, raw: bytes, answer_type: type | None) -> Answer:
+    if 200 <= status < 300 and answer_type is not None:
+        try:
+            return Answer(status, msgspec.json.decode(raw, type=answer_type))
+        except msgspec.DecodeError as error:  # ValidationError too: the body is not the contract's
+            return Answer(
+                status, problem=f"an answer that is not a {answer_type.__name__}: {shown(str(error), 160)}"
+            )
+    try:
+        payload = json.loads(raw) if raw else None
+    except ValueError:
+        payload = None
+    return Answer(status, payload)
+
+
+class ControlPlane:
+    """One HTTP session to orchestratord; every request has a total timeout and follows no redirect."""
+
+    def __init__(self, base_url: str, token: str, timeout_s: float, ca_file: str | None = None):
         self.base_url = base_url
         self._token = token
         self._timeout_s = timeout_s
@@ -45,7 +97,9 @@ class ControlPlane:
         ssl_context = ssl.create_default_context(cafile=str(self._ca_file)) if self._ca_file else None
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
-            headers={"Authorization": f"Bearer {self._token}"},
+            # Uncompressed only: a small compressed answer must not inflate past the bound in one chunk.
+            headers={"Authorization": f"Bearer {self._token}", "Accept-Encoding": "identity"},
+            auto_decompress=False,
             connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else aiohttp.TCPConnector(),
         )
         return self
@@ -55,20 +109,38 @@ class ControlPlane:
             await self._session.close()
 
     async def request(
-        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: msgspec.Struct | None = None,
+        answer_type: type | None = None,
+        timeout_s: float | None = None,
     ) -> Answer:
         assert self._session is not None, "use ControlPlane as an async context manager"
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
         try:
             async with self._session.request(
-                method, self.base_url + path, json=body, timeout=timeout
+                method,
+                self.base_url + path,
+                data=None if body is None else msgspec.json.encode(body),
+                headers=None if body is None else JSON,
+                timeout=timeout,
+                allow_redirects=False,
             ) as response:
-                text = await response.text()
+                if 300 <= response.status < 400:
+                    where = response.headers.get("Location", "")
+                    return Answer(
+                        response.status,
+                        problem=f"a redirect to {shown(where.split('?', 1)[0], 80)} (not followed: set "
+                        "control_url to the address that answers)",
+                    )
+                if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+                    return Answer(response.status, problem="a compressed answer (not asked for)")
                 try:
-                    payload = json.loads(text) if text else None
-                except ValueError:
-                    payload = None
-                return Answer(response.status, payload)
+                    raw = await _read_bounded(response)
+                except TooLarge:
+                    return Answer(response.status, problem=f"an answer over {MAX_ANSWER_BYTES} bytes")
+                return _decoded(response.status, raw, answer_type)
         except TimeoutError:
             return Answer(None, problem=f"no answer within {timeout.total:g} s")
         except aiohttp.ClientConnectorError as error:
@@ -76,11 +148,11 @@ class ControlPlane:
         except (aiohttp.ClientError, OSError, ValueError) as error:
             return Answer(None, problem=f"{type(error).__name__}: {error}".rstrip(": "))
 
-    async def register(self, body: dict) -> Answer:
-        return await self.request("POST", "/v2/nodes/register", body)
+    async def register(self, body: Registration) -> Answer:
+        return await self.request("POST", "/v2/nodes/register", body, RegisterAnswer)
 
-    async def heartbeat(self, node_id: str, body: dict) -> Answer:
-        return await self.request("POST", f"/v2/nodes/{node_id}/heartbeat", body)
+    async def heartbeat(self, node_id: str, body: Heartbeat) -> Answer:
+        return await self.request("POST", f"/v2/nodes/{node_id}/heartbeat", body, HeartbeatAnswer)
 
     async def deregister(self, node_id: str, timeout_s: float) -> Answer:
         return await self.request("DELETE", f"/v2/nodes/{node_id}", timeout_s=timeout_s)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
-from typing import Any
 
 from . import __version__
 from .config import ConfigError, PoolConfig, Settings, machine_id, ram_total_bytes
 from .nvidia_smi import NvidiaSmiError, ProbeResult, probe
+from .wire import Capabilities, GpuInfo, Heartbeat, PoolSpec, PoolStatus, Registration
 
 # Failures that mean "this host has no GPU" rather than "its GPU or driver is broken".
 NO_GPU_KINDS = ("not-found", "no-devices")
-# The daemon requires a compute capability; drivers before ~510 cannot tell it.
-UNKNOWN_COMPUTE_CAPABILITY = "unknown"
+# The daemon requires a compute capability, a name and a driver version; drivers before ~510 cannot tell
+# the compute capability, and the parser reports any field the driver did not print as missing.
+UNKNOWN = "unknown"
 # The start-up probe: nvidia-smi on a large node with persistence mode off can take seconds; past this it is
 # hung. Nothing waits on it but the start. At runtime the probe gives up after gpu_probe_timeout_s.
 NVIDIA_SMI_START_TIMEOUT_S = 30.0
@@ -46,38 +47,34 @@ def resolve_pools(settings: Settings, gpus: ProbeResult | None) -> tuple[PoolCon
     return settings.pools
 
 
-def registration(settings: Settings, gpus: ProbeResult | None, pools: tuple[PoolConfig, ...]) -> dict:
-    """The POST /v2/nodes/register body."""
-    gpu_list = []
-    for gpu in gpus.gpus if gpus else []:
-        entry: dict[str, Any] = {
-            "index": gpu.index,
-            "name": gpu.name,
-            "vram_total_bytes": gpu.vram_total_bytes,
-            "compute_capability": gpu.compute_capability or UNKNOWN_COMPUTE_CAPABILITY,
-            "driver_version": gpus.driver_version,
-        }
-        if gpu.uuid:
-            entry["uuid"] = gpu.uuid
-        gpu_list.append(entry)
-    capabilities: dict[str, Any] = {
-        "gpus": gpu_list,
-        "cpu_cores": os.cpu_count() or 1,
-        "ram_total_bytes": ram_total_bytes(),
-    }
-    if gpus and gpus.cuda_version:
-        capabilities["cuda_version"] = gpus.cuda_version
-    body: dict[str, Any] = {
-        "node_id": settings.node_id,
-        "address": settings.address,
-        "version": __version__,
-        "pools": [{"pool_id": p.pool_id, "gpus": list(p.gpus), "slots_total": p.slots_total} for p in pools],
-        "capabilities": capabilities,
-    }
-    found_machine_id = machine_id()
-    if found_machine_id:
-        body["machine_id"] = found_machine_id
-    return body
+def registration(settings: Settings, gpus: ProbeResult | None, pools: tuple[PoolConfig, ...]) -> Registration:
+    """The POST /v2/nodes/register body, as the contract's struct."""
+    driver_version = (gpus.driver_version if gpus else None) or UNKNOWN
+    gpu_list = [
+        GpuInfo(
+            index=gpu.index,
+            # The parser reports a field the driver did not print as None; the daemon needs a value.
+            name=gpu.name or UNKNOWN,
+            vram_total_bytes=gpu.vram_total_bytes or 0,
+            compute_capability=gpu.compute_capability or UNKNOWN,
+            driver_version=driver_version,
+            uuid=gpu.uuid or None,
+        )
+        for gpu in (gpus.gpus if gpus else [])
+    ]
+    return Registration(
+        node_id=settings.node_id,
+        address=settings.address,
+        version=__version__,
+        pools=[PoolSpec(pool_id=p.pool_id, gpus=list(p.gpus), slots_total=p.slots_total) for p in pools],
+        capabilities=Capabilities(
+            gpus=gpu_list,
+            cpu_cores=os.cpu_count() or 1,
+            ram_total_bytes=ram_total_bytes(),
+            cuda_version=(gpus.cuda_version if gpus else None) or None,
+        ),
+        machine_id=machine_id(),
+    )
 
 
 def pool_statuses(
@@ -86,7 +83,7 @@ def pool_statuses(
     gpus_healthy: bool,
     draining: bool,
     models: list[str],
-) -> list[dict]:
+) -> list[PoolStatus]:
     """One heartbeat entry per pool.
 
     slots_free counts slots with no request in flight. No engine runs yet, so every slot is free, draining
@@ -98,21 +95,22 @@ def pool_statuses(
     for pool in pools:
         members = [by_index[index] for index in pool.gpus if index in by_index]
         ready = len(members) == len(pool.gpus) and (gpus_healthy or not pool.gpus)
+        total = sum(gpu.vram_total_bytes or 0 for gpu in members)
         statuses.append(
-            {
-                "pool_id": pool.pool_id,
-                "ready": ready,
-                "draining": draining,
-                "slots_total": pool.slots_total,
-                "slots_free": pool.slots_total,
-                "vram_total_bytes": sum(gpu.vram_total_bytes for gpu in members),
-                "vram_free_bytes": sum(gpu.vram_free_bytes or 0 for gpu in members),
-                "models_available": list(models),
-            }
+            PoolStatus(
+                pool_id=pool.pool_id,
+                ready=ready,
+                draining=draining,
+                slots_total=pool.slots_total,
+                slots_free=pool.slots_total,
+                vram_total_bytes=total,
+                # Never above the total, which the daemon refuses (a driver printing free > total).
+                vram_free_bytes=min(total, sum(gpu.vram_free_bytes or 0 for gpu in members)),
+                models_available=list(models),
+            )
         )
     return statuses
 
 
-def heartbeat(statuses: list[dict]) -> dict:
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"timestamp": now, "pools": statuses}
+def heartbeat(statuses: list[PoolStatus]) -> Heartbeat:
+    return Heartbeat(timestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), pools=statuses)
