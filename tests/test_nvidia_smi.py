@@ -408,6 +408,273 @@ def test_own_fixtures_read_the_same_in_every_shape(recording: str) -> None:
         assert other.driver_version == from_csv.driver_version
 
 
+# --- complete outputs of machines the shared folder does not hold --------------------------------------
+# The shared recordings hold no Grace-Blackwell machine, no driver old enough to print MB, no MIG table whose
+# GPU row prints N/A and no CSV run with -i. These are written here in the layouts those drivers print (the
+# GB10 layout as public bug reports show it: NVIDIA/k8s-device-plugin#1482, marimo-team/marimo#6822), with
+# made-up values.
+
+GB10_TABLE = """\
+Thu Nov 20 09:12:01 2025
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.95.05              Driver Version: 580.95.05      CUDA Version: 13.0     |
++-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+| Fan  Temp   Perf          Pwr:Usage/Cap |           Memory-Usage | GPU-Util  Compute M. |
+|                                         |                        |               MIG M. |
+|=========================================+========================+======================|
+|   0  NVIDIA GB10                    On  |   0000000F:01:00.0 Off |                  N/A |
+| N/A   41C    P8              5W /  N/A  | Not Supported          |      0%      Default |
+|                                         |                        |                  N/A |
++-----------------------------------------+------------------------+----------------------+
+
++-----------------------------------------------------------------------------------------+
+| Processes:                                                                              |
+|  GPU   GI   CI              PID   Type   Process name                        GPU Memory |
+|        ID   ID                                                               Usage      |
+|=========================================================================================|
+|  No running processes found                                                             |
++-----------------------------------------------------------------------------------------+
+"""
+
+GB10_QUERY_CSV = (
+    "index, uuid, name, driver_version, memory.total [MiB], memory.free [MiB], compute_cap, "
+    "mig.mode.current, persistence_mode, ecc.errors.uncorrected.volatile.total\n"
+    "0, GPU-6f1d0c2e-0b7a-4c59-8e21-5a3b9d7c4e10, NVIDIA GB10, 580.95.05, [N/A], [N/A], 12.1, [N/A], "
+    "Enabled, [N/A]\n"
+)
+
+# An A100 pair on a 450-era driver, MIG on for GPU 0: its row prints N/A, its MIG devices carry the memory.
+MIG_NA_TABLE = """\
++-----------------------------------------------------------------------------+
+| NVIDIA-SMI 450.80.02    Driver Version: 450.80.02    CUDA Version: 11.0     |
+|-------------------------------+----------------------+----------------------+
+| GPU  Name        Persistence-M| Bus-Id        Disp.A | Volatile Uncorr. ECC |
+| Fan  Temp  Perf  Pwr:Usage/Cap|         Memory-Usage | GPU-Util  Compute M. |
+|                               |                      |               MIG M. |
+|===============================+======================+======================|
+|   0  A100-SXM4-40GB      On   | 00000000:00:04.0 Off |                   On |
+| N/A   33C    P0    63W / 400W |                  N/A |     N/A      Default |
+|                               |                      |              Enabled |
++-------------------------------+----------------------+----------------------+
+|   1  A100-SXM4-40GB      On   | 00000000:00:05.0 Off |                    0 |
+| N/A   31C    P0    60W / 400W |      0MiB / 40537MiB |      0%      Default |
+|                               |                      |             Disabled |
++-------------------------------+----------------------+----------------------+
+
++-----------------------------------------------------------------------------+
+| MIG devices:                                                                |
++------------------+----------------------+-----------+-----------------------+
+| GPU  GI  CI  MIG |         Memory-Usage |        Vol|         Shared        |
+|      ID  ID  Dev |           BAR1-Usage | SM     Unc| CE  ENC  DEC  OFA  JPG|
+|                  |                      |        ECC|                       |
+|==================+======================+===========+=======================|
+|  0    1   0   0  |      3MiB / 20096MiB | 42      0 |  3   0    2    0    0 |
+|                  |      0MiB / 32767MiB |           |                       |
++------------------+----------------------+-----------+-----------------------+
+|  0    2   0   1  |     13MiB / 20096MiB | 42      0 |  3   0    2    0    0 |
+|                  |      0MiB / 32767MiB |           |                       |
++------------------+----------------------+-----------+-----------------------+
+
++-----------------------------------------------------------------------------+
+| Processes:                                                                  |
+|  GPU   GI   CI        PID   Type   Process name                  GPU Memory |
+|=============================================================================|
+|  No running processes found                                                 |
++-----------------------------------------------------------------------------+
+"""
+
+# A 319-era driver: MB for what later drivers call MiB, two lines per GPU, "Compute processes".
+MB_TABLE = """\
++------------------------------------------------------+
+| NVIDIA-SMI 5.319.37   Driver Version: 319.37         |
+|-------------------------------+----------------------+----------------------+
+| GPU  Name        Persistence-M| Bus-Id        Disp.A | Volatile Uncorr. ECC |
+| Fan  Temp  Perf  Pwr:Usage/Cap|         Memory-Usage | GPU-Util  Compute M. |
+|===============================+======================+======================|
+|   0  Tesla K20m          Off  | 0000:02:00.0     Off |                    0 |
+| N/A   30C    P0    49W / 225W |       11MB /  4799MB |      0%      Default |
++-------------------------------+----------------------+----------------------+
+|   1  Tesla K20m          Off  | 0000:03:00.0     Off |                    0 |
+| N/A   32C    P0    50W / 225W |      112MB /  4799MB |     99%      Default |
++-------------------------------+----------------------+----------------------+
+
++-----------------------------------------------------------------------------+
+| Compute processes:                                               GPU Memory |
+|  GPU       PID  Process name                                     Usage      |
+|=============================================================================|
+|  No running compute processes found                                         |
++-----------------------------------------------------------------------------+
+"""
+
+MB_QUERY_TEXT = """\
+
+==============NVSMI LOG==============
+
+Timestamp                       : Mon Sep  2 10:00:00 2013
+Driver Version                  : 319.37
+
+Attached GPUs                   : 1
+GPU 0000:02:00.0
+    Product Name                : Tesla K20m
+    Display Mode                : Disabled
+    Persistence Mode            : Disabled
+    Serial Number               : 0000000000000
+    GPU UUID                    : GPU-0c5f8a3e-7d21-4b9a-a0e4-2f6b1d8c3a57
+    FB Memory Usage
+        Total                   : 4799 MB
+        Used                    : 11 MB
+        Free                    : 4788 MB
+    Compute Processes           : None
+"""
+
+# `nvidia-smi -q -d MEMORY`: a complete output of the sections asked for, which leave out the name.
+MEMORY_ONLY_QUERY_TEXT = """\
+
+==============NVSMI LOG==============
+
+Timestamp                                 : Mon Nov 24 10:00:00 2025
+Driver Version                            : 550.90.07
+CUDA Version                              : 12.4
+
+Attached GPUs                             : 1
+GPU 00000000:38:00.0
+    FB Memory Usage
+        Total                             : 23034 MiB
+        Free                              : 22599 MiB
+"""
+
+
+def _lab_q() -> str:
+    return (FIXTURES / "lab-2x-l4" / "q.txt").read_text()
+
+
+def test_grace_blackwell_table_reads_the_gpu_and_reports_memory_missing() -> None:
+    result = nvidia_smi.parse_recorded(GB10_TABLE)
+    (gpu,) = result.gpus
+    assert (result.driver_version, result.cuda_version) == ("580.95.05", "13.0")
+    assert (gpu.index, gpu.name, gpu.vram_total_bytes, gpu.vram_free_bytes) == (0, "NVIDIA GB10", None, None)
+    assert (gpu.persistence_mode, gpu.mig_mode, gpu.known_vram_total_bytes()) == ("Enabled", None, None)
+
+
+def test_grace_blackwell_query_reads_the_gpu_and_reports_memory_missing() -> None:
+    (gpu,) = nvidia_smi.parse_recorded(GB10_QUERY_CSV).gpus
+    assert (gpu.index, gpu.name, gpu.compute_capability) == (0, "NVIDIA GB10", "12.1")
+    assert (gpu.vram_total_bytes, gpu.vram_free_bytes, gpu.ecc_uncorrected) == (None, None, None)
+
+
+def test_query_text_reads_not_supported_memory_as_missing() -> None:
+    text = _lab_q().replace(": 23034 MiB", ": Not Supported").replace(": 22599 MiB", ": Not Supported")
+    result = nvidia_smi.parse_query_text(text)
+    assert [(g.index, g.name, g.vram_total_bytes, g.vram_free_bytes) for g in result.gpus] == [
+        (0, "NVIDIA L4", None, None),
+        (1, "NVIDIA L4", None, None),
+    ]
+
+
+def test_probe_on_grace_blackwell_reports_memory_missing_not_a_cut_off_output(monkeypatch, tmp_path) -> None:
+    (tmp_path / "query-gpu.csv").write_text(GB10_QUERY_CSV)
+    (tmp_path / "table.txt").write_text(GB10_TABLE)
+    monkeypatch.setenv("NVIDIA_SMI_STANDIN_FIXTURE", str(tmp_path))
+    result = nvidia_smi.probe(str(STANDIN))
+    assert (result.driver_version, result.cuda_version) == ("580.95.05", "13.0")
+    assert [(g.index, g.name, g.vram_total_bytes, g.compute_capability) for g in result.gpus] == [
+        (0, "NVIDIA GB10", None, "12.1")
+    ]
+
+
+def test_mig_table_whose_gpu_row_prints_na_reads_memory_from_its_mig_devices() -> None:
+    result = nvidia_smi.parse_recorded(MIG_NA_TABLE)
+    mig_gpu, plain_gpu = result.gpus
+    assert (mig_gpu.index, mig_gpu.name, mig_gpu.mig_mode, mig_gpu.vram_total_bytes) == (
+        0,
+        "A100-SXM4-40GB",
+        "Enabled",
+        None,
+    )
+    devices = [
+        (d["gpu_instance_id"], d["vram_total_bytes"], d["vram_free_bytes"]) for d in mig_gpu.mig_devices
+    ]
+    assert devices == [(1, 20096 * MIB, 20093 * MIB), (2, 20096 * MIB, 20083 * MIB)]
+    assert mig_gpu.known_vram_total_bytes() == 2 * 20096 * MIB
+    assert (plain_gpu.index, plain_gpu.vram_total_bytes, plain_gpu.mig_mode) == (1, 40537 * MIB, "Disabled")
+    assert plain_gpu.known_vram_total_bytes() == 40537 * MIB
+
+
+def test_old_driver_that_prints_mb_is_read_as_mib() -> None:
+    table = nvidia_smi.parse_recorded(MB_TABLE)
+    assert (table.driver_version, table.cuda_version) == ("319.37", None)
+    assert [(g.index, g.name, g.vram_total_bytes, g.mig_mode) for g in table.gpus] == [
+        (0, "Tesla K20m", 4799 * MIB, None),
+        (1, "Tesla K20m", 4799 * MIB, None),
+    ]
+    query = nvidia_smi.parse_recorded(MB_QUERY_TEXT)
+    (gpu,) = query.gpus
+    assert (query.driver_version, gpu.index, gpu.name) == ("319.37", 0, "Tesla K20m")
+    assert (gpu.vram_total_bytes, gpu.vram_free_bytes) == (4799 * MIB, 4788 * MIB)
+    fields = ["index", "name", "memory.total", "memory.free", "driver_version"]
+    csv_row = nvidia_smi.parse_query_csv("0, Tesla K20m, 4799 MB, 4788 MB, 319.37\n", fields=fields)
+    assert csv_row.gpus[0].vram_total_bytes == 4799 * MIB
+
+
+def test_csv_query_run_with_i_has_no_index_and_is_read() -> None:
+    text = (
+        "name, uuid, memory.total [MiB], memory.free [MiB], driver_version\n"
+        "NVIDIA L4, GPU-7c4e2f90-13ad-4b8e-a5c6-3d9f0b1e2a47, 23034 MiB, 22599 MiB, 550.90.07\n"
+    )
+    result = nvidia_smi.parse_recorded(text)
+    (gpu,) = result.gpus
+    assert (gpu.index, gpu.name, gpu.vram_total_bytes, gpu.vram_free_bytes) == (
+        None,
+        "NVIDIA L4",
+        23034 * MIB,
+        22599 * MIB,
+    )
+    assert result.driver_version == "550.90.07"
+
+
+def test_query_text_run_with_i_is_read_without_an_index() -> None:
+    full = _lab_q()
+    one_gpu = full[: full.index("GPU 00000000:3A:00.0")]  # "Attached GPUs: 2", one whole section
+    (gpu,) = nvidia_smi.parse_query_text(one_gpu).gpus
+    assert (gpu.index, gpu.uuid, gpu.vram_total_bytes) == (
+        None,
+        "GPU-1ab0c7d2-5e3f-4a61-9b8d-0c2f7e4a9b10",
+        23034 * MIB,
+    )
+
+
+def test_query_text_cut_inside_a_gpu_section_is_refused_as_cut_off() -> None:
+    full = _lab_q()
+    cut = full[: full.index("    Processes", full.index("GPU 00000000:3A:00.0"))]
+    with pytest.raises(NvidiaSmiError, match=r"cut off: the section of GPU 00000000:3A:00.0 stops") as caught:
+        nvidia_smi.parse_query_text(cut)
+    assert caught.value.kind == "garbled"
+
+
+def test_query_text_with_selected_sections_is_refused_for_its_missing_name_not_as_cut_off() -> None:
+    with pytest.raises(NvidiaSmiError) as caught:
+        nvidia_smi.parse_query_text(MEMORY_ONLY_QUERY_TEXT)
+    assert "no product name for GPU 00000000:38:00.0" in str(caught.value)
+    assert "cut" not in str(caught.value)
+
+
+def test_table_cut_inside_a_gpu_box_is_refused_as_cut_off() -> None:
+    cut = MB_TABLE[: MB_TABLE.index("| N/A   32C")]  # GPU 1's name row, then nothing
+    with pytest.raises(NvidiaSmiError, match=r"table is cut off: the box of GPU 1 \(Tesla K20m\)"):
+        nvidia_smi.parse_recorded(cut)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [GB10_TABLE, GB10_QUERY_CSV, MIG_NA_TABLE, MB_TABLE, MB_QUERY_TEXT],
+    ids=["gb10-table", "gb10-query-csv", "mig-na-table", "mb-table", "mb-q"],
+)
+def test_a_complete_output_is_read_not_refused(text: str) -> None:
+    result = nvidia_smi.parse_recorded(text)
+    assert result.gpus and all(gpu.name for gpu in result.gpus)
+
+
 # --- the stand-in itself -------------------------------------------------------------------------------
 
 
