@@ -601,6 +601,14 @@ def test_mig_table_whose_gpu_row_prints_na_reads_memory_from_its_mig_devices() -
     assert plain_gpu.known_vram_total_bytes() == 40537 * MIB
 
 
+def test_table_memory_cell_unknown_on_both_sides_is_missing_and_nonsense_is_named() -> None:
+    both_unknown = MIG_NA_TABLE.replace("|                  N/A |", "|          N/A /  N/A  |")
+    assert nvidia_smi.parse_table(both_unknown).gpus[0].vram_total_bytes is None
+    nonsense = MIG_NA_TABLE.replace("|                  N/A |", "|           12 parrots |")
+    with pytest.raises(NvidiaSmiError, match=r"GPU 0's memory from the nvidia-smi table: '12 parrots'"):
+        nvidia_smi.parse_table(nonsense)
+
+
 def test_old_driver_that_prints_mb_is_read_as_mib() -> None:
     table = nvidia_smi.parse_recorded(MB_TABLE)
     assert (table.driver_version, table.cuda_version) == ("319.37", None)

@@ -643,7 +643,8 @@ def _table_memory(cell: str, what: str) -> tuple[int, int] | None:
     memory = _TABLE_MEMORY.search(cell)
     if memory:
         return int(memory.group(1)) * MIB, int(memory.group(2)) * MIB
-    if _value(cell) is None:  # MIG-enabled GPUs on some drivers, unified memory (Grace-Blackwell)
+    # MIG-enabled GPUs on some drivers, unified memory (Grace-Blackwell): "N/A", "Not Supported".
+    if all(_value(part) is None for part in re.split(r"\s+/\s+", cell.strip())):  # also "N/A / N/A"
         return None
     raise NvidiaSmiError(
         f"could not read {what} from the nvidia-smi table: {quote_output(cell)} is not 'used / total'",
