@@ -65,6 +65,29 @@ def test_old_driver_is_read_without_the_field_it_rejects(tmp_path):
     assert facts["gpus"][0]["compute_capability"] is None
 
 
+def test_unified_memory_gpu_is_reported_with_its_vram_unknown_not_as_a_failure(tmp_path):
+    # A Grace-Blackwell GB10 (DGX Spark) has no VRAM of its own: nvidia-smi prints [N/A] for memory.total.
+    # The layout is what such machines print; the values are made up (no recording of one is shared).
+    machine = tmp_path / "gb10"
+    machine.mkdir()
+    (machine / "query-gpu.csv").write_text(
+        "index, uuid, name, driver_version, memory.total [MiB], memory.free [MiB], compute_cap, "
+        "mig.mode.current, persistence_mode, ecc.errors.uncorrected.volatile.total\n"
+        "0, GPU-6f1d0c2e-0b7a-4c59-8e21-5a3b9d7c4e10, NVIDIA GB10, 580.95.05, [N/A], [N/A], 12.1, [N/A], "
+        "Enabled, [N/A]\n"
+    )
+    (machine / "table.txt").write_text(
+        "| NVIDIA-SMI 580.95.05              Driver Version: 580.95.05      CUDA Version: 13.0     |\n"
+    )
+    rc, result = gpu_facts(str(machine), tmp_path=tmp_path)
+    facts = result["ansible_facts"]["nvidia_gpu"]
+    assert rc == 0 and facts["ok"] is True and facts["error"] is None
+    assert (facts["driver_version"], facts["cuda_version"], facts["gpu_count"]) == ("580.95.05", "13.0", 1)
+    (gpu,) = facts["gpus"]
+    assert (gpu["index"], gpu["name"], gpu["compute_capability"]) == (0, "NVIDIA GB10", "12.1")
+    assert (gpu["vram_total_bytes"], gpu["vram_free_bytes"]) == (None, None)
+
+
 def test_driver_mismatch_fails_with_a_message_that_says_reboot(tmp_path):
     rc, result = gpu_facts("driver-mismatch", tmp_path=tmp_path)
     assert rc != 0 and result["failed"] is True

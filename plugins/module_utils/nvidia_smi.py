@@ -15,8 +15,19 @@ API
     ``WARNING: ...`` lines nvidia-smi mixed into its output, e.g. a corrupt infoROM), ``as_dict()``.
 ``GpuInfo``: ``index``, ``uuid``, ``name``, ``vram_total_bytes``, ``vram_free_bytes``,
     ``compute_capability``, ``mig_mode`` ("Enabled"/"Disabled"/None), ``persistence_mode``
-    ("Enabled"/"Disabled"/None), ``ecc_uncorrected`` (int or None), ``mig_devices`` (list of dicts).
-    Unknown values (``[N/A]``, ``[Not Supported]``, ...) are None. VRAM bytes = MiB x 1,048,576.
+    ("Enabled"/"Disabled"/None), ``ecc_uncorrected`` (int or None), ``mig_devices`` (list of dicts), and
+    ``known_vram_total_bytes()`` (the GPU's total, else the sum of its MIG devices' totals, else None).
+    A value the output does not carry is None: printed as unknown (``N/A``, ``[Not Supported]``, ...) or
+    not printed at all. VRAM bytes = MiB x 1,048,576 (old drivers print ``MB`` for the same MiB).
+    What can be None besides the optional fields above:
+    - ``vram_total_bytes``: on unified-memory GPUs (Grace-Blackwell GB10/GB200 print "Not Supported" or
+      ``[N/A]``) and on MIG-enabled GPUs whose table row prints N/A (their MIG devices carry the memory).
+      ``probe()`` gives None here too: the driver does not know it.
+    - ``index``: only from recordings that do not say it (a CSV without the index column, ``-q``/XML
+      run with ``-i`` that show fewer GPUs than are attached). ``probe()`` always asks for the index.
+    - ``ProbeResult.driver_version``: only from a CSV recording without the driver_version column.
+    Only output that is cut off (a CSV row short of values, a ``-q`` GPU section without its end, a table
+    GPU box without its closing border, malformed XML) or that is not nvidia-smi output is refused.
 ``NvidiaSmiError(message, kind, output)``: ``kind`` is one of ERROR_KINDS; the message says "driver" or
     "GPU" and quotes what nvidia-smi printed.
 Parsers of recorded text: ``parse_query_csv`` (with or without header/units), ``parse_query_text`` (``-q``),
@@ -115,16 +126,28 @@ class NvidiaSmiError(Exception):
 
 @dataclass
 class GpuInfo:
-    index: int
+    index: int | None  # None only where a recording does not say it (see the module docstring)
     uuid: str | None
     name: str
-    vram_total_bytes: int
+    vram_total_bytes: int | None  # None where nvidia-smi does not know it (unified memory, some MIG rows)
     vram_free_bytes: int | None
     compute_capability: str | None = None
     mig_mode: str | None = None
     persistence_mode: str | None = None
     ecc_uncorrected: int | None = None
     mig_devices: list = field(default_factory=list)
+
+    def known_vram_total_bytes(self) -> int | None:
+        """The GPU's total VRAM; for a MIG GPU that does not print it, what its MIG devices hold together.
+
+        The MIG sum leaves out memory no MIG instance owns, which no engine can use anyway.
+        """
+        if self.vram_total_bytes is not None:
+            return self.vram_total_bytes
+        totals = [device.get("vram_total_bytes") for device in self.mig_devices]
+        if totals and all(total is not None for total in totals):
+            return sum(totals)
+        return None
 
 
 @dataclass
@@ -152,12 +175,18 @@ def quote_output(output: str, limit: int = 300) -> str:
     return "'" + text + "'"
 
 
+# How nvidia-smi says "unknown" outside brackets (the table and -q; the CSV brackets them: "[N/A]").
+_UNKNOWN_WORDS = frozenset(
+    ("n/a", "none", "not supported", "unknown error", "err!", "insufficient permissions")
+)
+
+
 def _value(raw: str | None) -> str | None:
     """A cell as a string, or None for the many ways nvidia-smi says 'unknown'."""
     if raw is None:
         return None
     text = raw.strip()
-    if not text or text in ("N/A", "None") or _BRACKETED.match(text):
+    if not text or text.lower() in _UNKNOWN_WORDS or _BRACKETED.match(text):
         return None
     # 610+ appends "[Deprecated; ...]" to some values: keep the value itself.
     text = re.sub(r"\s*\[[^\]]*\]$", "", text)
@@ -168,7 +197,8 @@ def _mib(raw: str | None, what: str) -> int | None:
     text = _value(raw)
     if text is None:
         return None
-    match = re.match(r"^([0-9]+(?:\.[0-9]+)?)\s*(MiB)?$", text)
+    # Drivers before ~340 print "MB" for the same binary megabytes that later ones call "MiB".
+    match = re.match(r"^([0-9]+(?:\.[0-9]+)?)\s*(MiB|MB)?$", text)
     if not match:
         raise NvidiaSmiError(f"could not read GPU {what}: {text!r} is not a number of MiB", kind="garbled")
     return int(float(match.group(1)) * MIB)
@@ -205,10 +235,11 @@ def parse_driver_version(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _need(value: Any, what: str, where: str) -> Any:
+def _need(value: Any, what: str, where: str, why: str = "") -> Any:
+    """`value`, or a refusal naming what is missing; `why` says what its absence means, when known."""
     if value is None:
         raise NvidiaSmiError(
-            f"nvidia-smi output gives no {what} {where} (cut-off or trimmed output?)", kind="garbled"
+            f"nvidia-smi output gives no {what} {where}" + (f" ({why})" if why else ""), kind="garbled"
         )
     return value
 
@@ -334,12 +365,12 @@ def parse_query_csv(text: str, fields: list | None = None) -> ProbeResult:
             "nvidia-smi GPU query output has no header line and no field list was given", kind="garbled"
         )
     fields = list(fields)
-    missing = [name for name in ("index", "name", "memory.total", "driver_version") if name not in fields]
-    if missing:
+    # A column that was not asked for is missing, not an error: `--query-gpu` prints what it was asked,
+    # and a query run with `-i` often leaves out the index. Only the name says which GPU a row is.
+    if "name" not in fields:
         raise NvidiaSmiError(
-            "nvidia-smi GPU query output lacks the column(s) " + ", ".join(missing) + f" (it has: "
-            f"{', '.join(fields[:12])}{', ...' if len(fields) > 12 else ''}): cannot tell the GPUs and "
-            "their VRAM from it",
+            f"nvidia-smi GPU query output has no name column (it has: {', '.join(fields[:12])}"
+            f"{', ...' if len(fields) > 12 else ''}): cannot tell which GPUs it describes",
             kind="garbled",
         )
     if not rows:
@@ -357,15 +388,15 @@ def parse_query_csv(text: str, fields: list | None = None) -> ProbeResult:
             )
         record = dict(zip(fields, row))  # noqa: B905 -- lengths checked above; strict= needs 3.10
         index = _int(record.get("index"))
-        label = record.get("index", "?").strip() or "?"
+        if "index" in record:  # asked for, so nvidia-smi printed it: a row without one is not a GPU row
+            index = _need(index, "GPU index", f"in row {number}", "the row is not a GPU's")
+        label = str(index) if index is not None else f"in row {number}"
         gpus.append(
             GpuInfo(
-                index=_need(index, "GPU index", f"in row {number}"),
+                index=index,
                 uuid=_value(record.get("uuid")),
                 name=_need(_value(record.get("name")), "name", f"for GPU {label}"),
-                vram_total_bytes=_need(
-                    _mib(record.get("memory.total"), "memory.total"), "memory.total", f"for GPU {label}"
-                ),
+                vram_total_bytes=_mib(record.get("memory.total"), "memory.total"),
                 vram_free_bytes=_mib(record.get("memory.free"), "memory.free"),
                 compute_capability=_value(record.get("compute_cap")),
                 mig_mode=_mode(record.get("mig.mode.current")),
@@ -374,8 +405,7 @@ def parse_query_csv(text: str, fields: list | None = None) -> ProbeResult:
             )
         )
         drivers.append(_value(record.get("driver_version")))
-    driver = _need(drivers[0], "driver version", "for GPU 0")
-    return ProbeResult(driver_version=driver, cuda_version=None, gpus=gpus, warnings=warnings)
+    return ProbeResult(driver_version=drivers[0], cuda_version=None, gpus=gpus, warnings=warnings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,9 +437,8 @@ def _first(entries: list, *path: str) -> str | None:
     return None
 
 
-def _gpu_from_text_block(index: int, lines: list) -> GpuInfo:
+def _gpu_from_text_block(index: int | None, label: str, lines: list) -> GpuInfo:
     entries = _indented_entries(lines)
-    label = str(index)
     mig_devices, current = [], None
     own = []  # entries of the GPU itself, not of its MIG devices
     for path, value in entries:
@@ -447,9 +476,8 @@ def _gpu_from_text_block(index: int, lines: list) -> GpuInfo:
         index=index,
         uuid=_value(_first(own, "GPU UUID")),
         name=_need(_value(_first(own, "Product Name")), "product name", f"for GPU {label}"),
-        vram_total_bytes=_need(
-            _mib(_first(own, "FB Memory Usage", "Total"), "memory"), "FB memory total", f"for GPU {label}"
-        ),
+        # "Not Supported" / "N/A" on unified-memory GPUs (Grace-Blackwell): missing, not an error.
+        vram_total_bytes=_mib(_first(own, "FB Memory Usage", "Total"), "memory"),
         vram_free_bytes=_mib(_first(own, "FB Memory Usage", "Free"), "memory"),
         compute_capability=None,  # -q does not print it
         mig_mode=_mode(_first(own, "MIG Mode", "Current")),
@@ -457,6 +485,15 @@ def _gpu_from_text_block(index: int, lines: list) -> GpuInfo:
         ecc_uncorrected=sum(ecc_known) if ecc_known else None,
         mig_devices=mig_devices,
     )
+
+
+def _text_block_is_whole(lines: list) -> bool:
+    """Whether a -q GPU section reaches its end: every driver prints a top-level Processes entry in it
+    ("Processes", "Compute Processes" on old drivers), after the memory and clock sections."""
+    entries = _indented_entries(lines)
+    if not any(path == ("Product Name",) for path, _ in entries):
+        return True  # a `-q -d ...` selection prints neither; the missing product name is refused instead
+    return any(len(path) == 1 and path[0].endswith("Processes") for path, _ in entries)
 
 
 def parse_query_text(text: str) -> ProbeResult:
@@ -467,10 +504,11 @@ def parse_query_text(text: str) -> ProbeResult:
     lines = (text or "").splitlines()
     if not any("NVSMI LOG" in line for line in lines[:5]):
         raise NvidiaSmiError(f"not nvidia-smi -q output: {quote_output(text)}", kind="garbled", output=text)
-    header, blocks = [], []
+    header, blocks, bus_ids = [], [], []
     for line in lines:
         if _GPU_BLOCK.match(line):
             blocks.append([])
+            bus_ids.append(line.split()[1])
         elif blocks:
             blocks[-1].append(line)
         else:
@@ -479,14 +517,32 @@ def parse_query_text(text: str) -> ProbeResult:
     attached = _int(_first(_indented_entries(header), "Attached GPUs"))
     if not blocks:
         raise NvidiaSmiError(f"nvidia-smi -q lists no GPU: {quote_output(text)}", kind="garbled", output=text)
-    if attached is not None and attached != len(blocks):
+    for bus_id, block in zip(bus_ids, blocks):  # noqa: B905 -- built together above; strict= needs 3.10
+        if not _text_block_is_whole(block):
+            raise NvidiaSmiError(
+                f"nvidia-smi -q output is cut off: the section of GPU {bus_id} stops before its Processes "
+                f"entry, which nvidia-smi always prints last (describes {len(blocks)} of "
+                f"{attached if attached is not None else '?'} attached GPUs)",
+                kind="garbled",
+            )
+    if attached is not None and attached < len(blocks):
         raise NvidiaSmiError(
-            f"nvidia-smi -q says {attached} GPUs are attached but describes {len(blocks)} (cut-off output?)",
-            kind="garbled",
+            f"nvidia-smi -q says {attached} GPUs are attached but describes {len(blocks)}", kind="garbled"
         )
-    gpus = [_gpu_from_text_block(index, block) for index, block in enumerate(blocks)]
+    # Every section is whole: fewer sections than attached GPUs is a run with -i, whose indices it does not
+    # print (GPUs are listed in index order only when all of them are).
+    every_gpu = attached is None or attached == len(blocks)
+    gpus = [
+        _gpu_from_text_block(position if every_gpu else None, bus_id, block)
+        for position, (bus_id, block) in enumerate(zip(bus_ids, blocks))  # noqa: B905 -- built together
+    ]
     return ProbeResult(
-        driver_version=_need(parse_driver_version(header_text), "driver version", "in its header"),
+        driver_version=_need(
+            parse_driver_version(header_text),
+            "driver version",
+            "in its header",
+            "nvidia-smi prints it always",
+        ),
         cuda_version=parse_cuda_version(header_text),
         gpus=gpus,
     )
@@ -501,8 +557,8 @@ def _xml_text(element: Any, path: str) -> str | None:
     return None if found is None else _value(found.text)
 
 
-def _gpu_from_xml(index: int, gpu: Any) -> GpuInfo:
-    label = str(index)
+def _gpu_from_xml(index: int | None, gpu: Any) -> GpuInfo:
+    label = gpu.get("id") or str(index)
     ecc_values = []
     volatile = gpu.find("ecc_errors/volatile")
     if volatile is not None:
@@ -525,9 +581,7 @@ def _gpu_from_xml(index: int, gpu: Any) -> GpuInfo:
         index=index,
         uuid=_xml_text(gpu, "uuid"),
         name=_need(_xml_text(gpu, "product_name"), "product name", f"for GPU {label}"),
-        vram_total_bytes=_need(
-            _mib(gpu.findtext("fb_memory_usage/total"), "memory"), "FB memory total", f"for GPU {label}"
-        ),
+        vram_total_bytes=_mib(gpu.findtext("fb_memory_usage/total"), "memory"),
         vram_free_bytes=_mib(gpu.findtext("fb_memory_usage/free"), "memory"),
         compute_capability=None,  # the XML does not carry it
         mig_mode=_mode(gpu.findtext("mig_mode/current_mig")),
@@ -552,13 +606,22 @@ def parse_query_xml(text: str) -> ProbeResult:
         ) from None
     if root.tag != "nvidia_smi_log":
         raise NvidiaSmiError(f"not nvidia-smi XML: the root element is <{root.tag}>", kind="garbled")
-    gpus = [_gpu_from_xml(index, gpu) for index, gpu in enumerate(root.findall("gpu"))]
-    if not gpus:
+    elements = root.findall("gpu")
+    if not elements:
         raise NvidiaSmiError("nvidia-smi XML output lists no GPU", kind="garbled", output=text)
+    attached = _int(root.findtext("attached_gpus"))
+    if attached is not None and attached < len(elements):
+        raise NvidiaSmiError(
+            f"nvidia-smi XML says {attached} GPUs are attached but describes {len(elements)}", kind="garbled"
+        )
+    # Fewer <gpu> elements than attached GPUs is a run with -i, which does not say their indices.
+    every_gpu = attached is None or attached == len(elements)
+    gpus = [_gpu_from_xml(index if every_gpu else None, gpu) for index, gpu in enumerate(elements)]
     driver = _xml_text(root, "kmd_version") or _xml_text(root, "driver_version")
     cuda = _xml_text(root, "cuda_umd_version") or _xml_text(root, "cuda_version")
     return ProbeResult(
-        driver_version=_need(driver, "driver version", "in its log header"),
+        # nvidia-smi always writes it into the log header: a file without one was edited down by hand.
+        driver_version=_need(driver, "driver version", "in its log header", "a trimmed recording"),
         cuda_version=cuda,
         gpus=gpus,
     )
@@ -568,8 +631,25 @@ def parse_query_xml(text: str) -> ProbeResult:
 # plain nvidia-smi (the table)
 
 _TABLE_GPU_CELL = re.compile(r"^\s*([0-9]+)\s+(.+?)\s+(\S+)\s*$")
-_TABLE_MEMORY = re.compile(r"([0-9]+)MiB\s*/\s*([0-9]+)MiB")
+# "59MiB / 81559MiB"; drivers before ~340 print "MB" for the same binary megabytes.
+_TABLE_MEMORY = re.compile(r"([0-9]+)\s*Mi?B\s*/\s*([0-9]+)\s*Mi?B")
 _TABLE_MIG_ROW = re.compile(r"^\s*([0-9]+)\s+([0-9]+)\s+([0-9]+)\s+([0-9]+)\s*$")
+# The line that closes a GPU's box ("+----+----+", "|====+====|" on some drivers).
+_TABLE_BORDER = re.compile(r"^\s*[+|][-=+|]*[-=][-=+|]*\s*$")
+
+
+def _table_memory(cell: str, what: str) -> tuple[int, int] | None:
+    """(used, total) bytes from a Memory-Usage cell; None where it prints N/A or Not Supported."""
+    memory = _TABLE_MEMORY.search(cell)
+    if memory:
+        return int(memory.group(1)) * MIB, int(memory.group(2)) * MIB
+    # MIG-enabled GPUs on some drivers, unified memory (Grace-Blackwell): "N/A", "Not Supported".
+    if all(_value(part) is None for part in re.split(r"\s+/\s+", cell.strip())):  # also "N/A / N/A"
+        return None
+    raise NvidiaSmiError(
+        f"could not read {what} from the nvidia-smi table: {quote_output(cell)} is not 'used / total'",
+        kind="garbled",
+    )
 
 
 def parse_table(text: str) -> ProbeResult:
@@ -582,36 +662,41 @@ def parse_table(text: str) -> ProbeResult:
     if header is None:
         raise NvidiaSmiError(f"not the nvidia-smi table: {quote_output(text)}", kind="garbled", output=text)
     gpus: list = []
-    section, pending = "gpus", None
+    section, pending, open_box = "gpus", None, None
     for line in lines:
         if "MIG devices:" in line:
             section = "mig"
             continue
-        if "Processes:" in line:
+        if "Processes:" in line or "processes:" in line:
             break
+        if _TABLE_BORDER.match(line):
+            open_box, pending = None, None  # the GPU's box is whole
+            continue
         cells = line.split("|")
         if len(cells) < 4:
             continue
         if section == "gpus":
             match = _TABLE_GPU_CELL.match(cells[1])
             if match and "." in cells[2]:  # the bus id sits in the second column
+                if open_box is not None:
+                    break  # a GPU row inside the previous box: the previous box was cut
                 pending = {
                     "gpu": GpuInfo(
                         index=int(match.group(1)),
                         uuid=None,
                         name=match.group(2),
-                        vram_total_bytes=0,
+                        vram_total_bytes=None,
                         vram_free_bytes=None,
                         persistence_mode=_mode(match.group(3)),
                         ecc_uncorrected=_int(cells[3]),
                     ),
                     "line": 1,
                 }
-                gpus.append(pending["gpu"])
+                open_box = pending["gpu"]
+                gpus.append(open_box)
             elif pending is not None and pending["line"] == 1:
-                memory = _TABLE_MEMORY.search(cells[2])
-                if memory:
-                    pending["gpu"].vram_total_bytes = int(memory.group(2)) * MIB
+                memory = _table_memory(cells[2], f"GPU {pending['gpu'].index}'s memory")
+                pending["gpu"].vram_total_bytes = memory[1] if memory else None
                 pending["line"] = 2
             elif pending is not None and pending["line"] == 2:
                 pending["gpu"].mig_mode = _mode(cells[3])
@@ -634,10 +719,19 @@ def parse_table(text: str) -> ProbeResult:
                     )
     if not gpus:
         raise NvidiaSmiError(f"the nvidia-smi table lists no GPU: {quote_output(header)}", kind="garbled")
-    for gpu in gpus:
-        _need(gpu.vram_total_bytes or None, "memory total", f"for GPU {gpu.index}")
+    if open_box is not None:
+        raise NvidiaSmiError(
+            f"the nvidia-smi table is cut off: the box of GPU {open_box.index} ({open_box.name}) has no "
+            "closing border",
+            kind="garbled",
+        )
     return ProbeResult(
-        driver_version=_need(parse_driver_version(header), "driver version", "in the table header"),
+        driver_version=_need(
+            parse_driver_version(header),
+            "driver version",
+            "in the table header",
+            "nvidia-smi prints it always",
+        ),
         cuda_version=parse_cuda_version(header),
         gpus=gpus,
     )
@@ -740,6 +834,8 @@ def probe(
                 raise
             asked.remove(rejected)  # an older driver: ask again without the optional field
     result = parse_query_csv(output, fields=asked)
+    # Asked for, so printed: the probe's answer always has the driver version and every GPU's index.
+    _need(result.driver_version, "driver version", "for GPU 0", "it was asked for")
     if not with_cuda:
         return result
     try:
