@@ -53,9 +53,10 @@ def registration(settings: Settings, gpus: ProbeResult | None, pools: tuple[Pool
     gpu_list = [
         GpuInfo(
             index=gpu.index,
-            # The parser reports a field the driver did not print as None; the daemon needs a value.
+            # The parser reports a field the driver did not print as None; the daemon needs a value. A MIG GPU
+            # that prints no total of its own holds what its MIG devices hold.
             name=gpu.name or UNKNOWN,
-            vram_total_bytes=gpu.vram_total_bytes or 0,
+            vram_total_bytes=gpu.known_vram_total_bytes() or 0,
             compute_capability=gpu.compute_capability or UNKNOWN,
             driver_version=driver_version,
             uuid=gpu.uuid or None,
@@ -95,7 +96,7 @@ def pool_statuses(
     for pool in pools:
         members = [by_index[index] for index in pool.gpus if index in by_index]
         ready = len(members) == len(pool.gpus) and (gpus_healthy or not pool.gpus)
-        total = sum(gpu.vram_total_bytes or 0 for gpu in members)
+        total = sum(gpu.known_vram_total_bytes() or 0 for gpu in members)
         statuses.append(
             PoolStatus(
                 pool_id=pool.pool_id,
