@@ -173,10 +173,10 @@ import errno
 import fcntl
 import hashlib
 import http.client
-import json
 import os
 import queue
 import re
+import stat
 import threading
 import time
 import urllib.error
@@ -184,9 +184,17 @@ import urllib.parse
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import Request
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (
+    MANIFEST_NAME,
+    ManifestError,
+    manifest_lock,
+    open_models_dir,
+    open_or_create_regular_at,
+    open_regular_at,
+    read_manifest_at,
+    write_manifest_at,
+)
 
-MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".manifest.lock"
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
 PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
@@ -250,67 +258,47 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
 
 
-def fsync_dir(path: str) -> None:
-    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # --- manifest -------------------------------------------------------------------------------------------
+#
+# Every file operation below is relative to the models folder's descriptor and follows no link: the folder
+# may once have belonged to a less trusted user than root, who runs this module (see the contract).
 
 
-def read_manifest(models_dir: str) -> dict:
-    path = os.path.join(models_dir, MANIFEST_NAME)
+def read_manifest(dir_fd: int, models_dir: str) -> dict:
+    """The manifest's valid entries; StageError when it cannot be read safely or is not a JSON object."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except ValueError as exc:
-        raise StageError(f"manifest {path} is not valid JSON ({exc}); fix or move it away") from exc
-    if not isinstance(data, dict):
-        raise StageError(f"manifest {path} must hold a JSON object of model ids, found {type(data).__name__}")
-    return data
+        entries, _problems = read_manifest_at(dir_fd)
+    except ManifestError as exc:
+        path = os.path.join(models_dir, MANIFEST_NAME)
+        raise StageError(f"manifest {path}: {exc}; fix or move it away") from None
+    return entries
 
 
-@contextlib.contextmanager
-def manifest_lock(models_dir: str):
-    """Exclusive lock for a read-modify-write of the manifest, shared by every task on the node."""
-    fd = os.open(os.path.join(models_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def write_manifest(models_dir: str, manifest: dict) -> None:
-    path = os.path.join(models_dir, MANIFEST_NAME)
-    tmp_path = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, path)
-    fsync_dir(models_dir)
-
-
-def update_manifest(models_dir: str, model_id: str, entry: dict | None) -> None:
+def update_manifest(dir_fd: int, models_dir: str, model_id: str, entry: dict | None) -> None:
     """Set (or with entry=None remove) one model's entry, keeping every other task's entries."""
-    with manifest_lock(models_dir):
-        manifest = read_manifest(models_dir)
+    with manifest_lock(dir_fd):
+        manifest = read_manifest(dir_fd, models_dir)
         if entry is None:
             manifest.pop(model_id, None)
         else:
             manifest[model_id] = entry
-        write_manifest(models_dir, manifest)
+        write_manifest_at(dir_fd, manifest)
 
 
-def is_staged(entry: dict | None, path: str, sha256: str, size_bytes: int | None) -> bool:
+def regular_stat(dir_fd: int, name: str) -> os.stat_result | None:
+    """stat of `name` in the folder when it is a regular, single-link file (a link is not followed)."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        return None
+    return info
+
+
+def is_staged(
+    entry: dict | None, dir_fd: int, dest: str, path: str, sha256: str, size_bytes: int | None
+) -> bool:
     """True when the manifest entry and the file's stat still agree; never reads the file."""
     if not isinstance(entry, dict):
         return False
@@ -318,21 +306,19 @@ def is_staged(entry: dict | None, path: str, sha256: str, size_bytes: int | None
         return False
     if size_bytes is not None and entry.get("size_bytes") != size_bytes:
         return False
-    try:
-        stat = os.stat(path)
-    except OSError:
+    info = regular_stat(dir_fd, dest)
+    if info is None:
         return False
-    return stat.st_size == entry.get("size_bytes") and stat.st_mtime_ns == entry.get("mtime_ns")
+    return info.st_size == entry.get("size_bytes") and info.st_mtime_ns == entry.get("mtime_ns")
 
 
-def manifest_entry(path: str, sha256: str, source: str) -> dict:
-    stat = os.stat(path)
+def manifest_entry(path: str, info: os.stat_result, sha256: str, source: str) -> dict:
     return {
         "path": path,
         "sha256": sha256,
-        "size_bytes": stat.st_size,
+        "size_bytes": info.st_size,
         "staged_at": utc_now(),
-        "mtime_ns": stat.st_mtime_ns,
+        "mtime_ns": info.st_mtime_ns,
         "source": public_url(source),
     }
 
@@ -442,11 +428,20 @@ class Stager:
         self.is_url = bool(self.source) and urllib.parse.urlsplit(self.source).scheme in ("http", "https")
         self.sha256: str = (params["sha256"] or "").lower()
         self.size_bytes: int | None = params["size_bytes"]
+        self.dir_fd: int | None = None
         self.result: dict = {
             "changed": False,
             "manifest": os.path.join(self.models_dir, MANIFEST_NAME),
             "removed_partials": [],
         }
+
+    def close(self) -> None:
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
+
+    def in_dir(self, name: str) -> str:
+        return os.path.join(self.models_dir, name)
 
     # -- validation
 
@@ -459,10 +454,14 @@ class Stager:
             )
         if not ID_PATTERN.fullmatch(self.model_id) or self.model_id in (".", ".."):
             raise StageError(f"id {self.model_id!r} may hold only letters, digits, '.', '_' and '-'")
-        # In check mode the directory may be one that an earlier task would have created.
-        self.dir_missing = not os.path.isdir(self.models_dir)
-        if self.dir_missing and not self.module.check_mode:
-            raise StageError(f"models_dir {self.models_dir} does not exist or is not a directory")
+        try:
+            self.dir_fd = open_models_dir(self.models_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            # In check mode the directory may be one that an earlier task would have created.
+            if not self.module.check_mode:
+                raise StageError(
+                    f"models_dir {self.models_dir} does not exist or is not a directory"
+                ) from None
         if params["state"] == "absent":
             return
         if not self.source:
@@ -494,8 +493,10 @@ class Stager:
             )
         if dest == MANIFEST_NAME:
             raise StageError(f"dest {dest!r} is reserved for the manifest")
-        self.path = os.path.join(self.models_dir, dest)
-        self.partial_path = self.path + PARTIAL_SUFFIX
+        self.dest = dest
+        self.partial_name = dest + PARTIAL_SUFFIX
+        self.path = self.in_dir(dest)
+        self.partial_path = self.in_dir(self.partial_name)
         self.result["path"] = self.path
 
     def default_dest(self) -> str:
@@ -507,51 +508,64 @@ class Stager:
             raise StageError(f"cannot take a file name from source {public_url(self.source)}; set dest")
         return name
 
+    def read_manifest(self) -> dict:
+        return read_manifest(self.dir_fd, self.models_dir)
+
+    def update_manifest(self, entry: dict | None) -> None:
+        update_manifest(self.dir_fd, self.models_dir, self.model_id, entry)
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
     # -- state=absent
 
     def remove(self) -> dict:
-        if self.dir_missing:
+        if self.dir_fd is None:
             self.result.update(
                 path="", msg=f"model {self.model_id} is not staged ({self.models_dir} does not exist)"
             )
             return self.result
-        manifest = read_manifest(self.models_dir)
+        manifest = self.read_manifest()
         entry = manifest.get(self.model_id)
-        targets = []
+        names = []
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
             path = entry["path"]
             # Only ever delete inside models_dir, whatever a hand-edited manifest says.
             if os.path.dirname(os.path.abspath(path)) == self.models_dir:
-                targets += [path, path + PARTIAL_SUFFIX]
+                name = os.path.basename(path)
+                names += [name, name + PARTIAL_SUFFIX]
             self.result["path"] = path
         if self.module.params["dest"]:
-            path = os.path.join(self.models_dir, self.module.params["dest"])
-            targets += [path, path + PARTIAL_SUFFIX]
-            self.result.setdefault("path", path)
+            name = self.module.params["dest"]
+            names += [name, name + PARTIAL_SUFFIX]
+            self.result.setdefault("path", self.in_dir(name))
         self.result.setdefault("path", "")
-        existing = sorted({t for t in targets if os.path.lexists(t)})
+        existing = sorted({name for name in names if self.exists(name)})
         if entry is None and not existing:
             self.result["msg"] = f"model {self.model_id} is not staged"
             return self.result
         self.result["changed"] = True
-        self.result["removed_partials"] = [t for t in existing if t.endswith(PARTIAL_SUFFIX)]
+        self.result["removed_partials"] = [self.in_dir(n) for n in existing if n.endswith(PARTIAL_SUFFIX)]
+        paths = ", ".join(self.in_dir(name) for name in existing)
         if self.module.check_mode:
-            self.result["msg"] = (
-                f"would remove model {self.model_id}: {', '.join(existing) or 'manifest entry'}"
-            )
+            self.result["msg"] = f"would remove model {self.model_id}: {paths or 'manifest entry'}"
             return self.result
-        update_manifest(self.models_dir, self.model_id, None)
-        for target in existing:
+        self.update_manifest(None)
+        for name in existing:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
-        fsync_dir(self.models_dir)
+                os.unlink(name, dir_fd=self.dir_fd)  # unlink removes a link itself, never its target
+        os.fsync(self.dir_fd)
         self.result["msg"] = f"removed model {self.model_id}"
         return self.result
 
     # -- state=present
 
     def stage(self) -> dict:
-        manifest = {} if self.dir_missing else read_manifest(self.models_dir)
+        manifest = {} if self.dir_fd is None else self.read_manifest()
         self.result.update(
             sha256=self.sha256,
             size_bytes=self.size_bytes or 0,
@@ -566,7 +580,7 @@ class Stager:
                     f"{self.path} already holds model {other_id}; give model {self.model_id} its own dest"
                 )
         force = self.module.params["force"]
-        if not force and is_staged(manifest.get(self.model_id), self.path, self.sha256, self.size_bytes):
+        if not force and self.already_staged(manifest):
             self.result["size_bytes"] = manifest[self.model_id]["size_bytes"]
             self.result["msg"] = f"model {self.model_id} is already staged at {self.path}"
             return self.result
@@ -579,15 +593,15 @@ class Stager:
         self.remove_stale_partials()
         with self.locked_partial() as fd:
             # Another task may have finished this model while we waited for the partial file.
-            manifest = read_manifest(self.models_dir)
-            if not force and is_staged(manifest.get(self.model_id), self.path, self.sha256, self.size_bytes):
-                os.unlink(self.partial_path)
+            manifest = self.read_manifest()
+            if not force and self.already_staged(manifest):
+                os.unlink(self.partial_name, dir_fd=self.dir_fd)
                 self.result["changed"] = False
                 self.result["size_bytes"] = manifest[self.model_id]["size_bytes"]
                 self.result["msg"] = f"model {self.model_id} was staged by another task at {self.path}"
                 return self.result
             if not force and self.adopt_existing_file():
-                os.unlink(self.partial_path)
+                os.unlink(self.partial_name, dir_fd=self.dir_fd)
                 return self.result
             if force:
                 os.ftruncate(fd, 0)
@@ -596,12 +610,14 @@ class Stager:
             seconds = time.monotonic() - started
             os.fsync(fd)
             os.fchmod(fd, 0o644)
-            os.replace(self.partial_path, self.path)
-        fsync_dir(self.models_dir)
-        update_manifest(self.models_dir, self.model_id, manifest_entry(self.path, self.sha256, self.source))
+            staged = os.fstat(fd)
+            # rename() replaces whatever is at the final name, a link included, and never follows it.
+            os.rename(self.partial_name, self.dest, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
+        self.update_manifest(manifest_entry(self.path, staged, self.sha256, self.source))
         downloaded = self.result["bytes_downloaded"]
         self.result.update(
-            size_bytes=os.stat(self.path).st_size,
+            size_bytes=staged.st_size,
             seconds=round(seconds, 3),
             mb_per_s=round(downloaded / seconds / 1e6, 1) if seconds > 0 else 0.0,
         )
@@ -613,12 +629,16 @@ class Stager:
         )
         return self.result
 
+    def already_staged(self, manifest: dict) -> bool:
+        entry = manifest.get(self.model_id)
+        return is_staged(entry, self.dir_fd, self.dest, self.path, self.sha256, self.size_bytes)
+
     def plan(self) -> dict:
         """Check mode: what a real run would fetch; reads nothing but stat results."""
         partial = self.partial_size()
         if self.module.params["force"]:
             partial = 0
-        if self.size_bytes is not None and not self.dir_missing:
+        if self.size_bytes is not None and self.dir_fd is not None:
             self.check_free_space(self.size_bytes - min(partial, self.size_bytes))
         resume = f", resuming at byte {partial}" if partial and self.is_url else ""
         self.result["resumed_from"] = partial if self.is_url else 0
@@ -628,14 +648,14 @@ class Stager:
         return self.result
 
     def partial_size(self) -> int:
-        try:
-            return os.stat(self.partial_path).st_size
-        except FileNotFoundError:
+        if self.dir_fd is None:
             return 0
+        info = regular_stat(self.dir_fd, self.partial_name)
+        return info.st_size if info is not None else 0
 
     def check_free_space(self, needed: int) -> None:
-        stat = os.statvfs(self.models_dir)
-        available = stat.f_bavail * stat.f_frsize
+        info = os.statvfs(self.dir_fd)
+        available = info.f_bavail * info.f_frsize
         if needed > available:
             raise StageError(
                 f"not enough free space in {self.models_dir} for model {self.model_id}: "
@@ -648,15 +668,15 @@ class Stager:
         if not max_age_hours or max_age_hours <= 0:
             return
         cutoff = time.time() - max_age_hours * 3600
-        for name in sorted(os.listdir(self.models_dir)):
-            path = os.path.join(self.models_dir, name)
-            if not name.endswith(PARTIAL_SUFFIX) or path == self.partial_path:
+        for name in sorted(os.listdir(self.dir_fd)):
+            if not name.endswith(PARTIAL_SUFFIX) or name == self.partial_name:
                 continue
+            info = regular_stat(self.dir_fd, name)
+            if info is None or info.st_mtime >= cutoff:
+                continue  # fresh, gone, or not a file staging made (a link is left alone)
             try:
-                if os.stat(path).st_mtime >= cutoff:
-                    continue
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
+                fd = open_regular_at(self.dir_fd, name)
+            except OSError:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a running download holds its lock: skip it
@@ -664,16 +684,32 @@ class Stager:
                 os.close(fd)
                 continue
             try:
-                os.unlink(path)
-                self.result["removed_partials"].append(path)
+                os.unlink(name, dir_fd=self.dir_fd)
+                self.result["removed_partials"].append(self.in_dir(name))
             finally:
                 os.close(fd)
 
     @contextlib.contextmanager
     def locked_partial(self):
-        """Open (or create) this model's partial file holding an exclusive lock on it."""
+        """Open (or create) this model's partial file holding an exclusive lock on it.
+
+        Never through a link planted at the name: that would make root write, chmod and rename whatever
+        the link points to."""
         for _ in range(5):
-            fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fd = open_or_create_regular_at(self.dir_fd, self.partial_name, 0o600)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise StageError(
+                        f"{self.partial_path} is a symbolic link, not a partial file staging made; "
+                        "remove it and run again"
+                    ) from None
+                if exc.errno in (errno.EINVAL, errno.EMLINK):
+                    raise StageError(
+                        f"{self.partial_path} is not a plain file staging made ({exc.strerror}); "
+                        "remove it and run again"
+                    ) from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -682,14 +718,11 @@ class Stager:
                     raise StageError(
                         f"another task is staging into {self.partial_path} right now; "
                         "run again when it is done"
-                    ) from exc
+                    ) from None
                 raise
             # The holder may have renamed the file between our open and our lock: then retry on the new one.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.partial_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            current = regular_stat(self.dir_fd, self.partial_name)
+            if current is not None and current.st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)
         else:
@@ -700,7 +733,7 @@ class Stager:
             # An empty partial file is no progress worth keeping for a resume.
             if os.fstat(fd).st_size == 0:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.partial_path)
+                    os.unlink(self.partial_name, dir_fd=self.dir_fd)
             raise
         finally:
             os.close(fd)
@@ -708,21 +741,21 @@ class Stager:
     def adopt_existing_file(self) -> bool:
         """A file already at the final name with the right content is recorded, not fetched again."""
         try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        if self.size_bytes is not None and stat.st_size != self.size_bytes:
-            return False
-        hasher = hashlib.sha256()
-        fd = os.open(self.path, os.O_RDONLY)
+            fd = open_regular_at(self.dir_fd, self.dest)
+        except OSError:
+            return False  # none, or a link or special file: the rename will replace it
         try:
-            hash_existing(fd, stat.st_size, hasher)
+            info = os.fstat(fd)
+            if self.size_bytes is not None and info.st_size != self.size_bytes:
+                return False
+            hasher = hashlib.sha256()
+            hash_existing(fd, info.st_size, hasher)
         finally:
             os.close(fd)
         if hasher.hexdigest() != self.sha256:
             return False
-        update_manifest(self.models_dir, self.model_id, manifest_entry(self.path, self.sha256, self.source))
-        self.result["size_bytes"] = stat.st_size
+        self.update_manifest(manifest_entry(self.path, info, self.sha256, self.source))
+        self.result["size_bytes"] = info.st_size
         self.result["msg"] = (
             f"recorded the existing file {self.path} for model {self.model_id} (sha256 verified)"
         )
@@ -752,26 +785,40 @@ class Stager:
         self.result["resumed_from"] = resumed_from
         digest = self.hasher.hexdigest()
         if digest != self.sha256:
-            os.unlink(self.partial_path)
+            os.unlink(self.partial_name, dir_fd=self.dir_fd)
             raise StageError(
                 f"sha256 mismatch for model {self.model_id} from {public_url(self.source)}: "
                 f"expected {self.sha256}, got {digest}; the partial file was deleted"
             )
 
+    def open_local_source(self) -> int:
+        """The source file on the node, read-only. Inside models_dir (the role's controller copies land
+        there) it is opened like every other file there: relative, no link followed."""
+        if os.path.dirname(self.source) == self.models_dir:
+            fd = open_regular_at(self.dir_fd, os.path.basename(self.source))
+        else:
+            fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return fd
+
     def copy_local(self, fd: int) -> int:
         try:
-            source = open(self.source, "rb", buffering=0)  # noqa: SIM115 - closed below, after streaming
+            source_fd = self.open_local_source()
         except OSError as exc:
             raise StageError(
-                f"cannot read source {self.source} for model {self.model_id}: {exc.strerror}"
-            ) from exc
-        with source:
-            size = os.fstat(source.fileno()).st_size
+                f"cannot read source {self.source} for model {self.model_id}: {exc.strerror or exc}"
+            ) from None
+        try:
+            size = os.fstat(source_fd).st_size
             if self.size_bytes is not None and size != self.size_bytes:
                 raise StageError(f"source {self.source} has {size} bytes, size_bytes says {self.size_bytes}")
             self.check_free_space(size)
             os.lseek(fd, 0, os.SEEK_SET)
-            return stream_into(source.readinto, fd, self.hasher)
+            return stream_into(lambda view: os.readv(source_fd, [view]), fd, self.hasher)
+        finally:
+            os.close(source_fd)
 
     def open_url(self, url: str, headers: dict):
         """One request, redirects not followed: the response, or the HTTPError for an error or redirect
@@ -936,16 +983,20 @@ def main() -> None:
     if url_password:
         module.no_log_values.add(url_password)  # masked in every result, the echoed arguments included
     stager = Stager(module)
+    failure = None
     try:
         stager.validate()
         result = stager.remove() if module.params["state"] == "absent" else stager.stage()
     except StageError as exc:
-        module.fail_json(msg=str(exc), **stager.result)
+        failure = str(exc)
     except OSError as exc:
         where = exc.filename or stager.models_dir
-        module.fail_json(
-            msg=f"staging model {stager.model_id} failed at {where}: {exc.strerror or exc}", **stager.result
-        )
+        failure = f"staging model {stager.model_id} failed at {where}: {exc.strerror or exc}"
+    finally:
+        stager.close()
+    if failure is not None:
+        # Outside the except block: an expected failure is one message, not an exception with a traceback.
+        module.fail_json(msg=failure, **stager.result)
     module.exit_json(**result)
 
 
