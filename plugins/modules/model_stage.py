@@ -285,6 +285,17 @@ def update_manifest(dir_fd: int, models_dir: str, model_id: str, entry: dict | N
         write_manifest_at(dir_fd, manifest)
 
 
+def is_plain_dest(dest: str) -> bool:
+    """A model file's name: one component, not hidden, neither a partial file nor the manifest."""
+    return (
+        bool(dest)
+        and "/" not in dest
+        and "\x00" not in dest
+        and not dest.startswith(".")
+        and not (dest.endswith(PARTIAL_SUFFIX) or dest == MANIFEST_NAME)
+    )
+
+
 def regular_stat(dir_fd: int, name: str) -> os.stat_result | None:
     """stat of `name` in the folder when it is a regular, single-link file (a link is not followed)."""
     try:
@@ -463,6 +474,8 @@ class Stager:
                     f"models_dir {self.models_dir} does not exist or is not a directory"
                 ) from None
         if params["state"] == "absent":
+            if params["dest"] is not None:
+                self.check_dest(params["dest"])
             return
         if not self.source:
             raise StageError("source is required with state=present")
@@ -486,18 +499,20 @@ class Stager:
                 "or an absolute path on the node"
             )
         dest = params["dest"] or self.default_dest()
-        if dest in ("", ".", "..") or "/" in dest or dest.endswith(PARTIAL_SUFFIX) or dest.startswith("."):
-            raise StageError(
-                f"dest {dest!r} for model {self.model_id} must be a plain file name "
-                f"(not hidden, not ending in {PARTIAL_SUFFIX})"
-            )
-        if dest == MANIFEST_NAME:
-            raise StageError(f"dest {dest!r} is reserved for the manifest")
+        self.check_dest(dest)
         self.dest = dest
         self.partial_name = dest + PARTIAL_SUFFIX
         self.path = self.in_dir(dest)
         self.partial_path = self.in_dir(self.partial_name)
         self.result["path"] = self.path
+
+    def check_dest(self, dest: str) -> None:
+        """One rule for every state: a plain name inside models_dir that no other staging file uses."""
+        if not is_plain_dest(dest):
+            raise StageError(
+                f"dest {dest!r} for model {self.model_id} must be a plain file name inside models_dir "
+                f"(no '/', not hidden, not ending in {PARTIAL_SUFFIX}, not {MANIFEST_NAME})"
+            )
 
     def default_dest(self) -> str:
         if self.is_url:
@@ -535,8 +550,8 @@ class Stager:
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
             path = entry["path"]
             # Only ever delete inside models_dir, whatever a hand-edited manifest says.
-            if os.path.dirname(os.path.abspath(path)) == self.models_dir:
-                name = os.path.basename(path)
+            name = os.path.basename(path)
+            if os.path.dirname(os.path.abspath(path)) == self.models_dir and is_plain_dest(name):
                 names += [name, name + PARTIAL_SUFFIX]
             self.result["path"] = path
         if self.module.params["dest"]:
