@@ -217,7 +217,9 @@ def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | 
     run_env.update(env or {})
     proc = subprocess.run(command, cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=120)
     try:
-        output = json.loads(proc.stdout)
+        # At -v Ansible prints "Using <config> as config file" before the callback's JSON.
+        start = 0 if proc.stdout.startswith("{") else proc.stdout.find("\n{") + 1
+        output = json.loads(proc.stdout[start:])
         result = first_task_result(output)
     except (ValueError, KeyError, IndexError) as exc:
         raise AssertionError(f"no JSON result from ansible:\n{proc.stdout}\n{proc.stderr}") from exc

@@ -19,6 +19,12 @@ description:
     computes sha256 while streaming (reading, hashing and writing overlap in three threads), fsyncs, renames
     atomically into place and updates the manifest atomically under a file lock, so parallel tasks keep each
     other's entries.
+  - Every file in O(models_dir) is opened relative to the folder, following no symbolic link, and a file
+    with more than one hard link is refused, so a link planted there never makes the module (root) write,
+    read or create another file. The manifest lock is taken on the folder itself.
+  - A source that sends more than O(size_bytes) (or its own C(Content-Length)) is stopped and its partial
+    file deleted; a source that announces no length needs O(size_bytes). O(total_timeout) bounds the whole
+    download.
   - Redirects are followed, at most 10 in a row (relative C(Location)s resolved, a resume's C(Range) sent
     again). O(headers) and credentials in the URL go only to the origin (scheme, host and port) of
     O(source). Once a redirect leaves it, as a model hub's download URL does for a CDN with a signed URL,
@@ -80,6 +86,19 @@ options:
     description: Seconds to wait for the server to connect or to send the next bytes.
     type: int
     default: 60
+  total_timeout:
+    description:
+      - Seconds the whole download may take, redirects included, however steadily the server sends; a
+        source that trickles a byte at a time never trips O(timeout). The partial file stays for a resume.
+      - V(0) turns the limit off.
+    type: int
+    default: 43200
+  allow_link_local_redirects:
+    description:
+      - Follow a redirect to a host that resolves to a link-local address (C(169.254.0.0/16), C(fe80::/10)),
+        where cloud metadata services answer. Refused by default; O(source) itself is not checked.
+    type: bool
+    default: false
   force:
     description: Fetch and verify the file again even when it is already staged; discards a partial file.
     type: bool
@@ -156,6 +175,13 @@ mb_per_s:
   description: Transfer rate of this run in MB (10^6 bytes) per second.
   returned: when state=present
   type: float
+source:
+  description:
+    - O(source) without credentials and with its query string shown as C(?...) (a signed URL's signature
+      lives there). In the echoed C(invocation), the password and query string of O(source) are masked.
+  returned: always
+  type: str
+  sample: https://cdn.example.com/models/tiny.gguf?...
 removed_partials:
   description: Partial files removed because they were stale (or, with state=absent, belonged to the model).
   returned: always
@@ -173,9 +199,11 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import ipaddress
 import os
 import queue
 import re
+import socket
 import stat
 import threading
 import time
@@ -206,6 +234,110 @@ CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 MAX_REDIRECTS = 10
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class SourceTooLarge(Exception):
+    """The source sent more bytes than it (or size_bytes) said the file has."""
+
+
+def bounded_reader(read_into, limit: int):
+    """`read_into` that raises SourceTooLarge once more than `limit` bytes arrived in all.
+
+    Each read asks for at most one byte past the limit, so a source that never ends costs limit + 1 bytes.
+    """
+    remaining = [limit]
+
+    def read(view) -> int:
+        count = read_into(view[: remaining[0] + 1])
+        remaining[0] -= count
+        if remaining[0] < 0:
+            raise SourceTooLarge()
+        return count
+
+    return read
+
+
+class Deadline:
+    """The overall deadline of a download: a watchdog shuts the connection when it passes, so a source
+    that trickles one byte at a time (never idle long enough for the read timeout) still ends."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds if seconds > 0 else None
+        self.passed = False
+        self._timer: threading.Timer | None = None
+
+    def remaining(self) -> float | None:
+        return None if self.ends is None else self.ends - time.monotonic()
+
+    def expired(self) -> bool:
+        remaining = self.remaining()
+        self.passed = self.passed or (remaining is not None and remaining <= 0)
+        return self.passed
+
+    @contextlib.contextmanager
+    def watching(self, response):
+        remaining = self.remaining()
+        if remaining is None:
+            yield
+            return
+        # A duplicate descriptor of the same socket: shutdown() acts on the connection, so the blocked read
+        # in the other thread returns at once (plain or TLS).
+        sock = socket.socket(fileno=os.dup(response.fileno()))
+
+        def expire() -> None:
+            self.passed = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        self._timer = threading.Timer(max(remaining, 0), expire)
+        self._timer.daemon = True
+        self._timer.start()
+        try:
+            yield
+        finally:
+            self._timer.cancel()
+            sock.close()
+
+
+def link_local_addresses(host: str, port: int | None) -> list[str]:
+    """The link-local addresses (169.254.0.0/16, fe80::/10: cloud metadata services live there) that
+    `host` resolves to; [] when it resolves to none or not at all (the request then fails on its own)."""
+    try:
+        infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    found = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_link_local and str(address) not in found:
+            found.append(str(address))
+    return found
+
+
+def source_secrets(source: str | None) -> list[str]:
+    """The parts of a source URL that may be credentials: its password and its query (a signed URL's
+    signature). Registered as no_log values, they are masked wherever they would show, the echoed
+    `invocation` included, while the rest of the URL stays readable."""
+    if not source:
+        return []
+    try:
+        parts = urllib.parse.urlsplit(source)
+        password = parts.password
+    except ValueError:
+        return []
+    return [value for value in (password, parts.query) if value]
+
+
+class StagingModule(AnsibleModule):
+    """AnsibleModule that masks a source URL's secrets from the start, in the node's log line of the
+    invocation too (that line is written inside AnsibleModule's constructor)."""
+
+    def _log_invocation(self) -> None:
+        self.no_log_values.update(source_secrets(self.params.get("source")))
+        super()._log_invocation()
 
 
 class StageError(Exception):
@@ -445,6 +577,9 @@ class Stager:
             "manifest": os.path.join(self.models_dir, MANIFEST_NAME),
             "removed_partials": [],
         }
+        if self.source:
+            self.result["source"] = public_url(self.source)
+        self.deadline = Deadline(module.params["total_timeout"])
 
     def close(self) -> None:
         if self.dir_fd is not None:
@@ -845,7 +980,7 @@ class Stager:
                 url,
                 headers=headers,
                 validate_certs=params["validate_certs"],
-                timeout=params["timeout"],
+                timeout=self.request_timeout(url),
                 # urllib would send every header, credentials included, to whatever host a redirect
                 # names; open_following() follows them itself.
                 follow_redirects="none",
@@ -858,6 +993,23 @@ class Stager:
             raise StageError(
                 f"cannot fetch model {self.model_id} from {self.describe(url)}: {reason}"
             ) from exc
+
+    def request_timeout(self, url: str) -> float:
+        """The read timeout, shortened to what is left of the overall deadline."""
+        if self.deadline.expired():
+            raise self.deadline_error(url, None)
+        remaining = self.deadline.remaining()
+        timeout = self.module.params["timeout"]
+        return timeout if remaining is None else max(min(timeout, remaining), 0.1)
+
+    def deadline_error(self, url: str, fd: int | None) -> StageError:
+        kept = ""
+        if fd is not None and os.fstat(fd).st_size:
+            kept = f"; the partial file keeps {os.fstat(fd).st_size} bytes for the next run to resume"
+        return StageError(
+            f"fetching model {self.model_id} from {self.describe(url)} did not finish within total_timeout "
+            f"{self.deadline.seconds:g} s{kept}"
+        )
 
     def describe(self, url: str) -> str:
         """The source for a message, and where a redirect led, without credentials or query strings."""
@@ -912,6 +1064,14 @@ class Stager:
                     f"refusing the redirect of {self.describe(url)} to {public_url(target)} for model "
                     f"{self.model_id}: it would downgrade https to plain http"
                 )
+            if not self.module.params["allow_link_local_redirects"]:
+                link_local = link_local_addresses(target_origin[1].strip("[]"), target_origin[2])
+                if link_local:
+                    raise StageError(
+                        f"refusing the redirect of {self.describe(url)} to {public_url(target)} for model "
+                        f"{self.model_id}: it names the link-local address {', '.join(link_local)} (where "
+                        "cloud metadata services answer); set allow_link_local_redirects to allow it"
+                    )
             trusted = trusted and target_origin == origin
             url = with_userinfo(target, userinfo(self.source) if trusted else "")
 
@@ -943,20 +1103,38 @@ class Stager:
                     f"{self.describe(url)} has {total} bytes, but size_bytes for model {self.model_id} "
                     f"says {self.size_bytes}"
                 )
-            if self.size_bytes is None and total is not None:
+            if self.size_bytes is None and total is None:
+                raise StageError(
+                    f"{self.describe(url)} announced no length for model {self.model_id} and size_bytes is "
+                    "not set: set size_bytes, so that a source that never ends cannot fill the disk"
+                )
+            if self.size_bytes is None:
                 self.check_free_space(total - existing)
+            expected = self.size_bytes if self.size_bytes is not None else total
             os.lseek(fd, existing, os.SEEK_SET)
             try:
-                written = stream_into(response.readinto, fd, self.hasher)
+                with self.deadline.watching(response):
+                    reader = bounded_reader(response.readinto, expected - existing)
+                    written = stream_into(reader, fd, self.hasher)
+            except SourceTooLarge:
+                os.unlink(self.partial_name, dir_fd=self.dir_fd)
+                raise StageError(
+                    f"{self.describe(url)} sent more than the {expected} bytes of model {self.model_id}; "
+                    "stopped, and the partial file was deleted"
+                ) from None
             except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:
+                if self.deadline.passed:
+                    raise self.deadline_error(url, fd) from None
                 raise StageError(
                     f"connection to {self.describe(url)} failed while fetching model {self.model_id} "
                     f"({exc!r}); the partial file keeps {os.fstat(fd).st_size} bytes "
                     "for the next run to resume"
                 ) from exc
-            if total is not None and existing + written != total:
+            if self.deadline.passed:
+                raise self.deadline_error(url, fd)
+            if existing + written != expected:
                 raise StageError(
-                    f"connection to {self.describe(url)} dropped after {existing + written} of {total} "
+                    f"connection to {self.describe(url)} dropped after {existing + written} of {expected} "
                     f"bytes of model {self.model_id}; the partial file stays for the next run to resume"
                 )
         return written, existing
@@ -976,7 +1154,7 @@ class Stager:
 
 
 def main() -> None:
-    module = AnsibleModule(
+    module = StagingModule(
         argument_spec={
             "id": {"type": "str", "required": True},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
@@ -988,15 +1166,16 @@ def main() -> None:
             "headers": {"type": "dict", "default": {}, "no_log": True},
             "validate_certs": {"type": "bool", "default": True},
             "timeout": {"type": "int", "default": 60},
+            "total_timeout": {"type": "int", "default": 43200},
+            "allow_link_local_redirects": {"type": "bool", "default": False},
             "force": {"type": "bool", "default": False},
             "partial_max_age_hours": {"type": "float", "default": 24},
         },
         required_if=[("state", "present", ("source", "sha256"))],
         supports_check_mode=True,
     )
-    url_password = urllib.parse.urlsplit(module.params["source"] or "").password
-    if url_password:
-        module.no_log_values.add(url_password)  # masked in every result, the echoed arguments included
+    # Masked in every result, the echoed arguments included (also when _log_invocation was not called).
+    module.no_log_values.update(source_secrets(module.params["source"]))
     stager = Stager(module)
     failure = None
     try:
