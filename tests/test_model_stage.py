@@ -302,7 +302,7 @@ def test_absent_removes_the_file_the_partial_and_the_manifest_entry(served, mode
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        ({"id": "../escape"}, "id"),
+        ({"id": "no spaces!"}, "id"),
         ({"sha256": "not-a-digest"}, "sha256"),
         ({"dest": "../../etc/passwd"}, "dest"),
         ({"source": "ftp://example.com/model.bin"}, "source"),
@@ -351,9 +351,11 @@ def test_the_module_keeps_to_python_38_syntax_for_older_nodes():
     # 3.8, 3.9 and 3.10: stage, drop, resume, re-run); this keeps the syntax there.
     import ast
 
-    source = (Path(__file__).resolve().parent.parent / "plugins" / "modules" / "model_stage.py").read_text()
-    ast.parse(source, feature_version=(3, 8))
-    assert "datetime.UTC" not in source  # 3.11+
+    plugins = Path(__file__).resolve().parent.parent / "plugins"
+    for path in (plugins / "modules" / "model_stage.py", plugins / "module_utils" / "llorch_staging.py"):
+        source = path.read_text()
+        ast.parse(source, feature_version=(3, 8))
+        assert "datetime.UTC" not in source  # 3.11+
 
 
 @pytest.mark.parametrize("state", ["present", "absent"])
@@ -396,3 +398,14 @@ def test_a_missing_models_dir_is_one_plain_failure(served, tmp_path):
     # ansible-core 2.19's controller adds `exception: (traceback unavailable)` to every failed module result
     # (ansible.builtin.file's too); what the module controls is one message and no traceback.
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_model_id_with_a_publisher_prefix_is_staged(served, models_dir):
+    # The id the README uses; the registry and the agent accept it (the contract's MODEL_ID_PATTERN).
+    model_id = "meta-llama/Llama-3.1-8B-Instruct"
+
+    result, _ = run_module(stage_args(served, models_dir, id=model_id))
+
+    assert result["changed"] is True, result
+    assert manifest(models_dir)[model_id]["path"] == str(models_dir / "tiny.gguf")
+    assert (models_dir / "tiny.gguf").read_bytes() == MODEL_BYTES
