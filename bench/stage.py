@@ -13,7 +13,6 @@ every child process has a time limit. Usage: python bench/stage.py [--size-mib N
 from __future__ import annotations
 
 import argparse
-import getpass
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from support import first_task_result, on_localhost  # noqa: E402 - the tests' helpers, so both run Ansible alike
-from support_staging import FileServer  # noqa: E402 - the tests' server, reused so both measure one thing
+from support_staging import FileServer, current_group  # noqa: E402 - the tests' server, reused so both measure one thing
 
 CHILD_TIMEOUT_S = 300
 RERUN_MODELS = 10
@@ -152,7 +151,7 @@ def bench_rerun(work: Path, server: FileServer) -> tuple[float, float, float]:
     def write_playbook(listed: list[dict]) -> None:
         role_vars = {
             "model_staging_dir": str(work / "rerun-models"),
-            "model_staging_owner": getpass.getuser(),
+            "model_staging_group": current_group(),
             "model_staging_models": listed,
         }
         play = {"name": "bench", "hosts": "localhost", "gather_facts": False}

@@ -42,6 +42,15 @@ class ServerRules:
     honour_range: bool = True
     redirects: dict[str, str] = field(default_factory=dict)  # path (without query) -> Location to send
     redirect_status: int = 302
+    endless: set[str] = field(default_factory=set)  # paths answered with bytes until the client hangs up
+    trickle_s: dict[str, float] = field(default_factory=dict)  # path -> seconds between single bytes
+    stall_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent, then wait for `release`
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+# Bounds that keep a misbehaving test server from outliving its test.
+ENDLESS_MAX_BYTES = 1 << 31
+MISBEHAVE_MAX_S = 60.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -67,6 +76,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if self.path in rules.endless:
+            return self._send_endless()
         file_path = self.server.root / self.path.lstrip("/").split("?", 1)[0]
         if not file_path.is_file():
             return self._error(404, "Not Found")
@@ -94,11 +105,45 @@ class _Handler(BaseHTTPRequestHandler):
         if drop_after is not None:
             count = max(min(count, drop_after - start), 0)
             self.close_connection = True
+        if self.path in rules.trickle_s:
+            return self._trickle(file_path.read_bytes()[start:], rules.trickle_s[self.path])
+        stall_after = rules.stall_after.get(self.path)
+        if stall_after is not None:
+            self.wfile.write(file_path.read_bytes()[start:stall_after])
+            self.wfile.flush()
+            rules.release.wait(MISBEHAVE_MAX_S)
+            self.close_connection = True
+            return
         with file_path.open("rb") as handle:
             if count:
                 self.connection.sendfile(handle, offset=start, count=count)
         if drop_after is not None:
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send_endless(self) -> None:
+        """No Content-Length, no end: the body lasts until the client hangs up (or a bound for the test)."""
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        block = bytes(1 << 20)
+        for _ in range(ENDLESS_MAX_BYTES // len(block)):
+            try:
+                self.wfile.write(block)
+            except OSError:
+                return
+
+    def _trickle(self, body: bytes, interval_s: float) -> None:
+        """One byte at a time, never idle long enough for a read timeout to fire."""
+        self.close_connection = True
+        wait = threading.Event()
+        for index in range(min(len(body), int(MISBEHAVE_MAX_S / interval_s))):
+            try:
+                self.wfile.write(body[index : index + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+            wait.wait(interval_s)
 
     def _error(self, status: int, reason: str) -> None:
         body = reason.encode()
@@ -150,6 +195,13 @@ def deterministic_bytes(size: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+def current_group() -> str:
+    """The name of this process's group: what the role's directory takes as the agent's group in tests."""
+    import grp
+
+    return grp.getgrgid(os.getgid()).gr_name
+
+
 def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | None = None):
     """Run `ansible localhost -m model_stage` from the repo root; returns (result dict, completed process)."""
     command = on_localhost("ansible", "localhost", "-m", "llorch.kit.model_stage", "-a", json.dumps(args))
@@ -165,7 +217,9 @@ def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | 
     run_env.update(env or {})
     proc = subprocess.run(command, cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=120)
     try:
-        output = json.loads(proc.stdout)
+        # At -v Ansible prints "Using <config> as config file" before the callback's JSON.
+        start = 0 if proc.stdout.startswith("{") else proc.stdout.find("\n{") + 1
+        output = json.loads(proc.stdout[start:])
         result = first_task_result(output)
     except (ValueError, KeyError, IndexError) as exc:
         raise AssertionError(f"no JSON result from ansible:\n{proc.stdout}\n{proc.stderr}") from exc

@@ -3,7 +3,6 @@ node reports the models, and fails naming the node and the model when it does no
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support import REPO_ROOT, sample_heartbeat, sample_registration
-from support_staging import FileServer, deterministic_bytes
+from support_staging import FileServer, current_group, deterministic_bytes
 
 MODEL = deterministic_bytes(512 * 1024, seed=3)
 NODE_ID = "stage-node-1"
@@ -46,7 +45,7 @@ def run_stage_models(tmp_path: Path, daemon, served: FileServer) -> subprocess.C
                             "llorch_controller_url": daemon.url + "/",
                             "llorch_api_token": daemon.token,
                             "model_staging_dir": str(tmp_path / "models"),
-                            "model_staging_owner": getpass.getuser(),
+                            "model_staging_group": current_group(),
                             "model_staging_models": [
                                 {
                                     "id": "tiny",

@@ -3,7 +3,6 @@ re-run, pruning and partial clean-up, against a real HTTP server on 127.0.0.1.""
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support import REPO_ROOT, on_localhost
-from support_staging import FileServer, deterministic_bytes
+from support_staging import FileServer, current_group, deterministic_bytes
 
 URL_MODEL = deterministic_bytes(3 * 1024 * 1024, seed=1)
 FILE_MODEL = deterministic_bytes(1024 * 1024 + 5, seed=2)
@@ -71,7 +70,7 @@ def test_role_stages_url_and_controller_files_then_reruns_without_changes(tmp_pa
     models_dir = tmp_path / "node" / "models"
     role_vars = {
         "model_staging_dir": str(models_dir),
-        "model_staging_owner": getpass.getuser(),
+        "model_staging_group": current_group(),
         "model_staging_models": [
             {
                 "id": "url-model",
@@ -96,9 +95,10 @@ def test_role_stages_url_and_controller_files_then_reruns_without_changes(tmp_pa
     manifest = json.loads((models_dir / "manifest.json").read_text())
     assert sorted(manifest) == ["file-model", "url-model"]
     assert (models_dir / "url-model.bin").read_bytes() == URL_MODEL
+    folder = models_dir.stat()  # root's, readable by the agent's group only: nobody else plants links there
+    assert (folder.st_uid, oct(folder.st_mode & 0o777)) == (0, "0o750")
     assert (models_dir / "file-model.bin").read_bytes() == FILE_MODEL
     assert sorted(p.name for p in models_dir.iterdir()) == [
-        ".manifest.lock",
         "file-model.bin",
         "manifest.json",
         "url-model.bin",
@@ -119,7 +119,7 @@ def test_role_prunes_models_that_left_the_list_and_their_partial_files(tmp_path,
     }
     (served.root / "old.bin").write_bytes(b"old model")
     old = {"id": "old", "source": f"{served.url}/old.bin", "sha256": hashlib.sha256(b"old model").hexdigest()}
-    base = {"model_staging_dir": str(models_dir), "model_staging_owner": getpass.getuser()}
+    base = {"model_staging_dir": str(models_dir), "model_staging_group": current_group()}
     stats, proc = run_role(tmp_path, dict(base, model_staging_models=[listed, old]))
     assert stats["failures"] == 0, proc.stdout[-3000:]
     (models_dir / "abandoned.bin.partial").write_bytes(b"half a model")
@@ -139,7 +139,7 @@ def test_role_rejects_a_model_without_sha256_before_touching_the_node(tmp_path, 
     models_dir = tmp_path / "models"
     role_vars = {
         "model_staging_dir": str(models_dir),
-        "model_staging_owner": getpass.getuser(),
+        "model_staging_group": current_group(),
         "model_staging_models": [{"id": "x", "source": f"{served.url}/url-model.bin"}],
     }
 
@@ -150,17 +150,17 @@ def test_role_rejects_a_model_without_sha256_before_touching_the_node(tmp_path, 
     assert not models_dir.exists()
 
 
-def test_role_names_a_missing_owner(tmp_path, served):
+def test_role_names_a_missing_group(tmp_path, served):
     role_vars = {
         "model_staging_dir": str(tmp_path / "models"),
-        "model_staging_owner": "no-such-user-llorch",
+        "model_staging_group": "no-such-group-llorch",
         "model_staging_models": [],
     }
 
     stats, proc = run_role(tmp_path, role_vars)
 
     assert stats["failures"] == 1
-    assert "no-such-user-llorch" in proc.stdout and "model_staging_owner" in proc.stdout
+    assert "no-such-group-llorch" in proc.stdout and "model_staging_group" in proc.stdout
 
 
 def run_role_verbose(tmp_path: Path, role_vars: dict, *flags: str) -> subprocess.CompletedProcess:
@@ -198,7 +198,7 @@ def test_a_failed_download_never_prints_its_headers(tmp_path, served, verbosity)
     over entries whose headers hold a token."""
     role_vars = {
         "model_staging_dir": str(tmp_path / "models"),
-        "model_staging_owner": getpass.getuser(),
+        "model_staging_group": current_group(),
         "model_staging_headers": {"X-Shared": SECRET},
         "model_staging_models": [
             {  # skipped by the URL task before the failure below
@@ -228,7 +228,7 @@ def test_a_verbose_successful_run_never_prints_headers(tmp_path, served):
     controller_file.write_bytes(FILE_MODEL)
     role_vars = {
         "model_staging_dir": str(tmp_path / "models"),
-        "model_staging_owner": getpass.getuser(),
+        "model_staging_group": current_group(),
         "model_staging_headers": {"X-Shared": SECRET},
         "model_staging_models": [
             {

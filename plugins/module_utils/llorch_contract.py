@@ -192,6 +192,34 @@ def open_regular_at(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> int:
     return fd
 
 
+def open_or_create_regular_at(dir_fd: int, name: str, mode: int = 0o600) -> int:
+    """A read-write descriptor for `name` inside `dir_fd`: the regular, single-link file already there, or a
+    new one created exclusively (O_CREAT|O_EXCL never follows or reuses a link planted at the name).
+
+    OSError(ELOOP) for a symbolic link, EINVAL for another kind of file, EMLINK for a hard-linked one.
+    """
+    for _ in range(3):
+        try:
+            return open_regular_at(dir_fd, name, os.O_RDWR)
+        except FileNotFoundError:
+            pass
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(name, flags, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            continue  # created by another process between the two opens: open that one
+    raise OSError(errno.EAGAIN, f"{name} keeps appearing and disappearing")
+
+
+def open_models_dir(path: str) -> int:
+    """A descriptor of the models folder, the anchor of every open, rename and lock inside it.
+
+    The folder itself is named by the operator and may be a link (e.g. to a data disk); what lies inside
+    it is opened relative to this descriptor, so a link planted inside is never followed.
+    """
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def read_manifest_at(dir_fd: int) -> tuple[dict, list[str]]:
     """(entries, problems) of the manifest in the folder `dir_fd`; ({}, []) when there is none."""
     try:

@@ -1,5 +1,6 @@
 #!/usr/bin/python
-"""Stage one model file into a node's models directory: verified, resumable, atomic."""
+# Copyright: llorch-kit contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # ruff: noqa: E402 - Ansible modules keep DOCUMENTATION, EXAMPLES and RETURN above the imports
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ description:
     computes sha256 while streaming (reading, hashing and writing overlap in three threads), fsyncs, renames
     atomically into place and updates the manifest atomically under a file lock, so parallel tasks keep each
     other's entries.
+  - Every file in O(models_dir) is opened relative to the folder, following no symbolic link, and a file
+    with more than one hard link is refused, so a link planted there never makes the module (root) write,
+    read or create another file. The manifest lock is taken on the folder itself.
+  - A source that sends more than O(size_bytes) (or its own C(Content-Length)) is stopped and its partial
+    file deleted; a source that announces no length needs O(size_bytes). O(total_timeout) bounds the whole
+    download.
   - Redirects are followed, at most 10 in a row (relative C(Location)s resolved, a resume's C(Range) sent
     again). O(headers) and credentials in the URL go only to the origin (scheme, host and port) of
     O(source). Once a redirect leaves it, as a model hub's download URL does for a CDN with a signed URL,
@@ -27,12 +34,13 @@ description:
     next run to resume. Partial files of other models older than O(partial_max_age_hours) are removed.
   - With O(state=absent) the model's file, its partial file and its manifest entry are removed.
 version_added: "0.1.0"
-author: llorch-kit
+author: [llorch-kit contributors (@llorch-kit)]
 options:
   id:
     description:
-      - Model id, as the registry reports it. Letters, digits, C(.), C(_) and C(-); at most 256 characters
-        (the longest id orchestratord accepts).
+      - Model id, as the registry reports it, with an optional publisher prefix as on model hubs
+        (C(meta-llama/Llama-3.1-8B-Instruct)). Letters, digits, C(.), C(_), C(:), C(/) and C(-); at most
+        256 characters (the registry's own rule).
     type: str
     required: true
   state:
@@ -80,6 +88,19 @@ options:
     description: Seconds to wait for the server to connect or to send the next bytes.
     type: int
     default: 60
+  total_timeout:
+    description:
+      - Seconds the whole download may take, redirects included, however steadily the server sends; a
+        source that trickles a byte at a time never trips O(timeout). The partial file stays for a resume.
+      - V(0) turns the limit off.
+    type: int
+    default: 43200
+  allow_link_local_redirects:
+    description:
+      - Follow a redirect to a host that resolves to a link-local address (C(169.254.0.0/16), C(fe80::/10)),
+        where cloud metadata services answer. Refused by default; O(source) itself is not checked.
+    type: bool
+    default: false
   force:
     description: Fetch and verify the file again even when it is already staged; discards a partial file.
     type: bool
@@ -96,8 +117,10 @@ notes:
     or can read O(models_dir).
 attributes:
   check_mode:
+    description: Reports what would be fetched or removed and touches nothing.
     support: full
   diff_mode:
+    description: No diff is returned.
     support: none
 """
 
@@ -156,6 +179,13 @@ mb_per_s:
   description: Transfer rate of this run in MB (10^6 bytes) per second.
   returned: when state=present
   type: float
+source:
+  description:
+    - O(source) without credentials and with its query string shown as C(?...) (a signed URL's signature
+      lives there). In the echoed C(invocation), the password and query string of O(source) are masked.
+  returned: always
+  type: str
+  sample: https://cdn.example.com/models/tiny.gguf?...
 removed_partials:
   description: Partial files removed because they were stale (or, with state=absent, belonged to the model).
   returned: always
@@ -167,754 +197,16 @@ manifest:
   type: str
 """
 
-import contextlib
-import datetime
-import errno
-import fcntl
-import hashlib
-import http.client
-import json
-import os
-import queue
-import re
-import threading
-import time
-import urllib.error
-import urllib.parse
-
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.urls import Request
-
-MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".manifest.lock"
-PARTIAL_SUFFIX = ".partial"
-CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
-PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
-WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of what it wrote
-ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")  # used with fullmatch: `$` would let a trailing newline in
-MAX_ID_LENGTH = 256  # what orchestratord accepts; a longer id in the manifest would fail every heartbeat
-SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
-CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-MAX_REDIRECTS = 10
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class StageError(Exception):
-    """A failure the user can act on; its text becomes the task's msg."""
-
-
-def public_url(source: str) -> str:
-    """The URL without user:password and without a query string (signed URLs carry tokens there)."""
-    parts = urllib.parse.urlsplit(source)
-    if not parts.scheme:
-        return source
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    query = "?..." if parts.query else ""
-    return f"{parts.scheme}://{host}{parts.path}{query}"
-
-
-def url_origin(url: str) -> tuple:
-    """(scheme, host, port) of a URL, the default port filled in; ValueError for a malformed port."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme)
-
-
-def userinfo(url: str) -> str:
-    """The `user:password` part of a URL as written (still percent-encoded), or ''."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    return netloc.rpartition("@")[0]
-
-
-def with_userinfo(url: str, info: str) -> str:
-    """The URL with its userinfo replaced by `info` ('' removes it)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{info}@{host}" if info else host))
-
-
-def human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{count} B"
-        value /= 1024
-    return f"{count} B"
-
-
-def utc_now() -> str:
-    # timezone.utc rather than the 3.11+ alias: nodes may run an older Python than the controller.
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017
-
-
-def fsync_dir(path: str) -> None:
-    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-# --- manifest -------------------------------------------------------------------------------------------
-
-
-def read_manifest(models_dir: str) -> dict:
-    path = os.path.join(models_dir, MANIFEST_NAME)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except ValueError as exc:
-        raise StageError(f"manifest {path} is not valid JSON ({exc}); fix or move it away") from exc
-    if not isinstance(data, dict):
-        raise StageError(f"manifest {path} must hold a JSON object of model ids, found {type(data).__name__}")
-    return data
-
-
-@contextlib.contextmanager
-def manifest_lock(models_dir: str):
-    """Exclusive lock for a read-modify-write of the manifest, shared by every task on the node."""
-    fd = os.open(os.path.join(models_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def write_manifest(models_dir: str, manifest: dict) -> None:
-    path = os.path.join(models_dir, MANIFEST_NAME)
-    tmp_path = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, path)
-    fsync_dir(models_dir)
-
-
-def update_manifest(models_dir: str, model_id: str, entry: dict | None) -> None:
-    """Set (or with entry=None remove) one model's entry, keeping every other task's entries."""
-    with manifest_lock(models_dir):
-        manifest = read_manifest(models_dir)
-        if entry is None:
-            manifest.pop(model_id, None)
-        else:
-            manifest[model_id] = entry
-        write_manifest(models_dir, manifest)
-
-
-def is_staged(entry: dict | None, path: str, sha256: str, size_bytes: int | None) -> bool:
-    """True when the manifest entry and the file's stat still agree; never reads the file."""
-    if not isinstance(entry, dict):
-        return False
-    if entry.get("path") != path or str(entry.get("sha256", "")).lower() != sha256:
-        return False
-    if size_bytes is not None and entry.get("size_bytes") != size_bytes:
-        return False
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    return stat.st_size == entry.get("size_bytes") and stat.st_mtime_ns == entry.get("mtime_ns")
-
-
-def manifest_entry(path: str, sha256: str, source: str) -> dict:
-    stat = os.stat(path)
-    return {
-        "path": path,
-        "sha256": sha256,
-        "size_bytes": stat.st_size,
-        "staged_at": utc_now(),
-        "mtime_ns": stat.st_mtime_ns,
-        "source": public_url(source),
-    }
-
-
-# --- streaming: read, hash and write overlap ------------------------------------------------------------
-
-
-def stream_into(read_into, fd: int, hasher) -> int:
-    """Copy everything `read_into(buffer) -> n` yields into `fd`, hashing it on the way.
-
-    The calling thread reads; one thread hashes and one writes, each on a different buffer, so a transfer
-    costs about its slowest stage rather than the sum of the three. Bytes already read are hashed and
-    written even when the read fails, so the partial file keeps them for a resume. Returns bytes written.
-    """
-    free_buffers: queue.Queue = queue.Queue()
-    for _ in range(PIPELINE_DEPTH):
-        free_buffers.put(bytearray(CHUNK_BYTES))
-    to_hash: queue.Queue = queue.Queue()
-    to_write: queue.Queue = queue.Queue()
-    failures: list[BaseException] = []
-    written = [0]
-
-    def hash_worker() -> None:
-        while (item := to_hash.get()) is not None:
-            buffer, length = item
-            if not failures:
-                hasher.update(memoryview(buffer)[:length])
-            to_write.put(item)
-        to_write.put(None)
-
-    def write_worker() -> None:
-        flushed_to = start = os.lseek(fd, 0, os.SEEK_CUR)
-        while (item := to_write.get()) is not None:
-            buffer, length = item
-            view = memoryview(buffer)[:length]
-            try:
-                while view and not failures:
-                    count = os.write(fd, view)
-                    view = view[count:]
-                    written[0] += count
-                if start + written[0] - flushed_to >= WRITEBACK_BYTES:
-                    # Start writeback of what is written so far (async, like sync_file_range), so the final
-                    # fsync waits for the last few MiB, not for the whole file.
-                    os.posix_fadvise(fd, flushed_to, start + written[0] - flushed_to, os.POSIX_FADV_DONTNEED)
-                    flushed_to = start + written[0]
-            except OSError as exc:
-                failures.append(exc)
-            free_buffers.put(buffer)
-
-    workers = [
-        threading.Thread(target=hash_worker, daemon=True),
-        threading.Thread(target=write_worker, daemon=True),
-    ]
-    for worker in workers:
-        worker.start()
-    read_error: BaseException | None = None
-    try:
-        while not failures:
-            buffer = free_buffers.get()
-            view = memoryview(buffer)
-            filled = 0
-            while filled < CHUNK_BYTES:
-                count = read_into(view[filled:])
-                if not count:
-                    break
-                filled += count
-            if filled:
-                to_hash.put((buffer, filled))
-            if filled < CHUNK_BYTES:
-                break
-    except BaseException as exc:  # keep what arrived; the caller reports the failure
-        read_error = exc
-    finally:
-        to_hash.put(None)
-        for worker in workers:
-            worker.join()
-    if failures:
-        raise failures[0]
-    if read_error is not None:
-        raise read_error
-    return written[0]
-
-
-def hash_existing(fd: int, length: int, hasher) -> None:
-    os.lseek(fd, 0, os.SEEK_SET)
-    remaining = length
-    while remaining:
-        block = os.read(fd, min(CHUNK_BYTES, remaining))
-        if not block:
-            raise StageError(
-                f"partial file shrank while it was being read ({length - remaining} of {length})"
-            )
-        hasher.update(block)
-        remaining -= len(block)
-
-
-# --- the staging job ------------------------------------------------------------------------------------
-
-
-class Stager:
-    def __init__(self, module: AnsibleModule):
-        self.module = module
-        params = module.params
-        self.model_id: str = params["id"]
-        self.models_dir: str = os.path.abspath(params["models_dir"])
-        self.source: str | None = params["source"]
-        self.is_url = bool(self.source) and urllib.parse.urlsplit(self.source).scheme in ("http", "https")
-        self.sha256: str = (params["sha256"] or "").lower()
-        self.size_bytes: int | None = params["size_bytes"]
-        self.result: dict = {
-            "changed": False,
-            "manifest": os.path.join(self.models_dir, MANIFEST_NAME),
-            "removed_partials": [],
-        }
-
-    # -- validation
-
-    def validate(self) -> None:
-        params = self.module.params
-        if len(self.model_id) > MAX_ID_LENGTH:
-            raise StageError(
-                f"id {self.model_id[:40]!r}... has {len(self.model_id)} characters; the registry accepts "
-                f"model ids of at most {MAX_ID_LENGTH}"
-            )
-        if not ID_PATTERN.fullmatch(self.model_id) or self.model_id in (".", ".."):
-            raise StageError(f"id {self.model_id!r} may hold only letters, digits, '.', '_' and '-'")
-        # In check mode the directory may be one that an earlier task would have created.
-        self.dir_missing = not os.path.isdir(self.models_dir)
-        if self.dir_missing and not self.module.check_mode:
-            raise StageError(f"models_dir {self.models_dir} does not exist or is not a directory")
-        if params["state"] == "absent":
-            return
-        if not self.source:
-            raise StageError("source is required with state=present")
-        if not SHA256_PATTERN.match(self.sha256):
-            raise StageError(
-                f"sha256 for model {self.model_id} must be 64 hex digits, got {params['sha256']!r}"
-            )
-        if self.size_bytes is not None and self.size_bytes < 0:
-            raise StageError(f"size_bytes for model {self.model_id} must not be negative")
-        scheme = urllib.parse.urlsplit(self.source).scheme
-        if self.is_url:
-            try:
-                url_origin(self.source)
-            except ValueError as exc:
-                raise StageError(
-                    f"source {public_url(self.source)} for model {self.model_id} is not a valid URL ({exc})"
-                ) from exc
-        if not self.is_url and (scheme or not os.path.isabs(self.source)):
-            raise StageError(
-                f"source {public_url(self.source)} for model {self.model_id} must be an http(s):// URL "
-                "or an absolute path on the node"
-            )
-        dest = params["dest"] or self.default_dest()
-        if dest in ("", ".", "..") or "/" in dest or dest.endswith(PARTIAL_SUFFIX) or dest.startswith("."):
-            raise StageError(
-                f"dest {dest!r} for model {self.model_id} must be a plain file name "
-                f"(not hidden, not ending in {PARTIAL_SUFFIX})"
-            )
-        if dest == MANIFEST_NAME:
-            raise StageError(f"dest {dest!r} is reserved for the manifest")
-        self.path = os.path.join(self.models_dir, dest)
-        self.partial_path = self.path + PARTIAL_SUFFIX
-        self.result["path"] = self.path
-
-    def default_dest(self) -> str:
-        if self.is_url:
-            name = urllib.parse.unquote(urllib.parse.urlsplit(self.source).path.rsplit("/", 1)[-1])
-        else:
-            name = os.path.basename(self.source)
-        if not name:
-            raise StageError(f"cannot take a file name from source {public_url(self.source)}; set dest")
-        return name
-
-    # -- state=absent
-
-    def remove(self) -> dict:
-        if self.dir_missing:
-            self.result.update(
-                path="", msg=f"model {self.model_id} is not staged ({self.models_dir} does not exist)"
-            )
-            return self.result
-        manifest = read_manifest(self.models_dir)
-        entry = manifest.get(self.model_id)
-        targets = []
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            path = entry["path"]
-            # Only ever delete inside models_dir, whatever a hand-edited manifest says.
-            if os.path.dirname(os.path.abspath(path)) == self.models_dir:
-                targets += [path, path + PARTIAL_SUFFIX]
-            self.result["path"] = path
-        if self.module.params["dest"]:
-            path = os.path.join(self.models_dir, self.module.params["dest"])
-            targets += [path, path + PARTIAL_SUFFIX]
-            self.result.setdefault("path", path)
-        self.result.setdefault("path", "")
-        existing = sorted({t for t in targets if os.path.lexists(t)})
-        if entry is None and not existing:
-            self.result["msg"] = f"model {self.model_id} is not staged"
-            return self.result
-        self.result["changed"] = True
-        self.result["removed_partials"] = [t for t in existing if t.endswith(PARTIAL_SUFFIX)]
-        if self.module.check_mode:
-            self.result["msg"] = (
-                f"would remove model {self.model_id}: {', '.join(existing) or 'manifest entry'}"
-            )
-            return self.result
-        update_manifest(self.models_dir, self.model_id, None)
-        for target in existing:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
-        fsync_dir(self.models_dir)
-        self.result["msg"] = f"removed model {self.model_id}"
-        return self.result
-
-    # -- state=present
-
-    def stage(self) -> dict:
-        manifest = {} if self.dir_missing else read_manifest(self.models_dir)
-        self.result.update(
-            sha256=self.sha256,
-            size_bytes=self.size_bytes or 0,
-            bytes_downloaded=0,
-            resumed_from=0,
-            seconds=0.0,
-            mb_per_s=0.0,
-        )
-        for other_id, other in manifest.items():
-            if other_id != self.model_id and isinstance(other, dict) and other.get("path") == self.path:
-                raise StageError(
-                    f"{self.path} already holds model {other_id}; give model {self.model_id} its own dest"
-                )
-        force = self.module.params["force"]
-        if not force and is_staged(manifest.get(self.model_id), self.path, self.sha256, self.size_bytes):
-            self.result["size_bytes"] = manifest[self.model_id]["size_bytes"]
-            self.result["msg"] = f"model {self.model_id} is already staged at {self.path}"
-            return self.result
-        self.result["changed"] = True
-        if self.module.check_mode:
-            return self.plan()
-        if self.size_bytes is not None:
-            # Before any file is created; fetch() checks again once it knows what the partial file holds.
-            self.check_free_space(self.size_bytes - min(self.partial_size(), self.size_bytes))
-        self.remove_stale_partials()
-        with self.locked_partial() as fd:
-            # Another task may have finished this model while we waited for the partial file.
-            manifest = read_manifest(self.models_dir)
-            if not force and is_staged(manifest.get(self.model_id), self.path, self.sha256, self.size_bytes):
-                os.unlink(self.partial_path)
-                self.result["changed"] = False
-                self.result["size_bytes"] = manifest[self.model_id]["size_bytes"]
-                self.result["msg"] = f"model {self.model_id} was staged by another task at {self.path}"
-                return self.result
-            if not force and self.adopt_existing_file():
-                os.unlink(self.partial_path)
-                return self.result
-            if force:
-                os.ftruncate(fd, 0)
-            started = time.monotonic()
-            self.fetch(fd)
-            seconds = time.monotonic() - started
-            os.fsync(fd)
-            os.fchmod(fd, 0o644)
-            os.replace(self.partial_path, self.path)
-        fsync_dir(self.models_dir)
-        update_manifest(self.models_dir, self.model_id, manifest_entry(self.path, self.sha256, self.source))
-        downloaded = self.result["bytes_downloaded"]
-        self.result.update(
-            size_bytes=os.stat(self.path).st_size,
-            seconds=round(seconds, 3),
-            mb_per_s=round(downloaded / seconds / 1e6, 1) if seconds > 0 else 0.0,
-        )
-        verb = "downloaded" if self.is_url else "copied"
-        resumed = f", resumed at byte {self.result['resumed_from']}" if self.result["resumed_from"] else ""
-        self.result["msg"] = (
-            f"{verb} {human_bytes(downloaded)} for model {self.model_id} in {seconds:.1f} s "
-            f"({self.result['mb_per_s']} MB/s{resumed}); sha256 verified"
-        )
-        return self.result
-
-    def plan(self) -> dict:
-        """Check mode: what a real run would fetch; reads nothing but stat results."""
-        partial = self.partial_size()
-        if self.module.params["force"]:
-            partial = 0
-        if self.size_bytes is not None and not self.dir_missing:
-            self.check_free_space(self.size_bytes - min(partial, self.size_bytes))
-        resume = f", resuming at byte {partial}" if partial and self.is_url else ""
-        self.result["resumed_from"] = partial if self.is_url else 0
-        self.result["msg"] = (
-            f"would stage model {self.model_id} from {public_url(self.source)} to {self.path}{resume}"
-        )
-        return self.result
-
-    def partial_size(self) -> int:
-        try:
-            return os.stat(self.partial_path).st_size
-        except FileNotFoundError:
-            return 0
-
-    def check_free_space(self, needed: int) -> None:
-        stat = os.statvfs(self.models_dir)
-        available = stat.f_bavail * stat.f_frsize
-        if needed > available:
-            raise StageError(
-                f"not enough free space in {self.models_dir} for model {self.model_id}: "
-                f"need {needed} bytes ({human_bytes(needed)}), "
-                f"{available} bytes ({human_bytes(available)}) available"
-            )
-
-    def remove_stale_partials(self) -> None:
-        max_age_hours = self.module.params["partial_max_age_hours"]
-        if not max_age_hours or max_age_hours <= 0:
-            return
-        cutoff = time.time() - max_age_hours * 3600
-        for name in sorted(os.listdir(self.models_dir)):
-            path = os.path.join(self.models_dir, name)
-            if not name.endswith(PARTIAL_SUFFIX) or path == self.partial_path:
-                continue
-            try:
-                if os.stat(path).st_mtime >= cutoff:
-                    continue
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a running download holds its lock: skip it
-            except OSError:
-                os.close(fd)
-                continue
-            try:
-                os.unlink(path)
-                self.result["removed_partials"].append(path)
-            finally:
-                os.close(fd)
-
-    @contextlib.contextmanager
-    def locked_partial(self):
-        """Open (or create) this model's partial file holding an exclusive lock on it."""
-        for _ in range(5):
-            fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise StageError(
-                        f"another task is staging into {self.partial_path} right now; "
-                        "run again when it is done"
-                    ) from exc
-                raise
-            # The holder may have renamed the file between our open and our lock: then retry on the new one.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.partial_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:
-            raise StageError(f"could not lock {self.partial_path}")
-        try:
-            yield fd
-        except BaseException:
-            # An empty partial file is no progress worth keeping for a resume.
-            if os.fstat(fd).st_size == 0:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.partial_path)
-            raise
-        finally:
-            os.close(fd)
-
-    def adopt_existing_file(self) -> bool:
-        """A file already at the final name with the right content is recorded, not fetched again."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        if self.size_bytes is not None and stat.st_size != self.size_bytes:
-            return False
-        hasher = hashlib.sha256()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            hash_existing(fd, stat.st_size, hasher)
-        finally:
-            os.close(fd)
-        if hasher.hexdigest() != self.sha256:
-            return False
-        update_manifest(self.models_dir, self.model_id, manifest_entry(self.path, self.sha256, self.source))
-        self.result["size_bytes"] = stat.st_size
-        self.result["msg"] = (
-            f"recorded the existing file {self.path} for model {self.model_id} (sha256 verified)"
-        )
-        return True
-
-    def fetch(self, fd: int) -> None:
-        """Fill the partial file and verify it; on return it holds exactly the expected bytes."""
-        existing = os.fstat(fd).st_size
-        if not self.is_url or (self.size_bytes is not None and existing > self.size_bytes):
-            # A local copy is fast, so it starts over rather than trusting a stale partial file.
-            os.ftruncate(fd, 0)
-            existing = 0
-        if self.size_bytes is not None:
-            self.check_free_space(self.size_bytes - existing)
-        self.hasher = hashlib.sha256()
-        if self.is_url:
-            hash_existing(fd, existing, self.hasher)
-            headers = {str(k): str(v) for k, v in (self.module.params["headers"] or {}).items()}
-            if existing and existing == self.size_bytes:
-                # A run that stopped after the last byte but before the rename: only the check is left.
-                written, resumed_from = 0, existing
-            else:
-                written, resumed_from = self.download(fd, existing, headers)
-        else:
-            written, resumed_from = self.copy_local(fd), 0
-        self.result["bytes_downloaded"] = written
-        self.result["resumed_from"] = resumed_from
-        digest = self.hasher.hexdigest()
-        if digest != self.sha256:
-            os.unlink(self.partial_path)
-            raise StageError(
-                f"sha256 mismatch for model {self.model_id} from {public_url(self.source)}: "
-                f"expected {self.sha256}, got {digest}; the partial file was deleted"
-            )
-
-    def copy_local(self, fd: int) -> int:
-        try:
-            source = open(self.source, "rb", buffering=0)  # noqa: SIM115 - closed below, after streaming
-        except OSError as exc:
-            raise StageError(
-                f"cannot read source {self.source} for model {self.model_id}: {exc.strerror}"
-            ) from exc
-        with source:
-            size = os.fstat(source.fileno()).st_size
-            if self.size_bytes is not None and size != self.size_bytes:
-                raise StageError(f"source {self.source} has {size} bytes, size_bytes says {self.size_bytes}")
-            self.check_free_space(size)
-            os.lseek(fd, 0, os.SEEK_SET)
-            return stream_into(source.readinto, fd, self.hasher)
-
-    def open_url(self, url: str, headers: dict):
-        """One request, redirects not followed: the response, or the HTTPError for an error or redirect
-        status (it carries status and headers too)."""
-        params = self.module.params
-        try:
-            return Request().open(
-                "GET",
-                url,
-                headers=headers,
-                validate_certs=params["validate_certs"],
-                timeout=params["timeout"],
-                # urllib would send every header, credentials included, to whatever host a redirect
-                # names; open_following() follows them itself.
-                follow_redirects="none",
-                decompress=False,
-            )
-        except urllib.error.HTTPError as exc:
-            return exc
-        except Exception as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise StageError(
-                f"cannot fetch model {self.model_id} from {self.describe(url)}: {reason}"
-            ) from exc
-
-    def describe(self, url: str) -> str:
-        """The source for a message, and where a redirect led, without credentials or query strings."""
-        if url == self.source:
-            return public_url(self.source)
-        return f"{public_url(self.source)} (redirected to {public_url(url)})"
-
-    def open_following(self, user_headers: dict, extra_headers: dict):
-        """Request the source, following up to MAX_REDIRECTS redirects; returns (response or HTTPError, url).
-
-        The user's headers and URL credentials go only to the source's own origin (scheme, host, port):
-        once a redirect leaves it (a model hub sending the download on to a CDN with a signed URL), every
-        later request carries neither. curl and requests drop only Authorization and Cookie there; every
-        user header goes here, since `headers` is no_log and any of them may hold a secret (X-Api-Key...).
-        A redirect from https to http is refused.
-        `extra_headers` (Range) go to every hop.
-        """
-        url = self.source
-        origin = url_origin(url)
-        trusted = True
-        redirects = 0
-        while True:
-            headers = dict(user_headers, **extra_headers) if trusted else dict(extra_headers)
-            response = self.open_url(url, headers)
-            if not isinstance(response, urllib.error.HTTPError) or response.code not in REDIRECT_STATUSES:
-                return response, url
-            location = response.headers.get("Location") if response.headers else None
-            response.close()
-            if redirects == MAX_REDIRECTS:
-                raise StageError(
-                    f"too many redirects (more than {MAX_REDIRECTS}) fetching model {self.model_id} from "
-                    f"{self.describe(url)}"
-                )
-            redirects += 1
-            if not location:
-                raise StageError(
-                    f"HTTP {response.code} without a Location fetching model {self.model_id} "
-                    f"from {self.describe(url)}"
-                )
-            target = urllib.parse.urljoin(url, location.strip().replace(" ", "%20"))
-            try:
-                target_origin = url_origin(target)
-            except ValueError:
-                target_origin = None
-            if target_origin is None or target_origin[0] not in ("http", "https"):
-                raise StageError(
-                    f"{self.describe(url)} redirected model {self.model_id} to {public_url(target)}, "
-                    "which is not an http(s) URL"
-                )
-            if urllib.parse.urlsplit(url).scheme == "https" and target_origin[0] == "http":
-                raise StageError(
-                    f"refusing the redirect of {self.describe(url)} to {public_url(target)} for model "
-                    f"{self.model_id}: it would downgrade https to plain http"
-                )
-            trusted = trusted and target_origin == origin
-            url = with_userinfo(target, userinfo(self.source) if trusted else "")
-
-    def download(self, fd: int, existing: int, headers: dict) -> tuple[int, int]:
-        """Fetch the rest of the file after `existing` bytes; returns (bytes fetched, resumed_from)."""
-        response, url = self.open_following(headers, {"Range": f"bytes={existing}-"} if existing else {})
-        if isinstance(response, urllib.error.HTTPError):
-            response.close()
-            if response.code == 416 and existing:
-                # The server will not resume at this offset (the file changed?): start from the beginning.
-                os.ftruncate(fd, 0)
-                self.hasher = hashlib.sha256()
-                return self.download(fd, 0, headers)
-            keep = " (the partial file stays for the next run)" if existing else ""
-            raise StageError(
-                f"HTTP {response.code} {response.reason} fetching model {self.model_id} from "
-                f"{self.describe(url)}{keep}"
-            )
-        with response:
-            status = response.status
-            total = self.announced_total(response, status, existing, url)
-            if status != 206 and existing:
-                # The server ignored Range and sends the whole file: drop what the partial file held.
-                os.ftruncate(fd, 0)
-                self.hasher = hashlib.sha256()
-                existing = 0
-            if self.size_bytes is not None and total is not None and total != self.size_bytes:
-                raise StageError(
-                    f"{self.describe(url)} has {total} bytes, but size_bytes for model {self.model_id} "
-                    f"says {self.size_bytes}"
-                )
-            if self.size_bytes is None and total is not None:
-                self.check_free_space(total - existing)
-            os.lseek(fd, existing, os.SEEK_SET)
-            try:
-                written = stream_into(response.readinto, fd, self.hasher)
-            except (OSError, ValueError, EOFError, http.client.HTTPException) as exc:
-                raise StageError(
-                    f"connection to {self.describe(url)} failed while fetching model {self.model_id} "
-                    f"({exc!r}); the partial file keeps {os.fstat(fd).st_size} bytes "
-                    "for the next run to resume"
-                ) from exc
-            if total is not None and existing + written != total:
-                raise StageError(
-                    f"connection to {self.describe(url)} dropped after {existing + written} of {total} "
-                    f"bytes of model {self.model_id}; the partial file stays for the next run to resume"
-                )
-        return written, existing
-
-    def announced_total(self, response, status: int, existing: int, url: str) -> int | None:
-        """The full file size the server announced, from Content-Range (206) or Content-Length (200)."""
-        if status == 206:
-            match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-            if not match or int(match.group(1)) != existing:
-                raise StageError(
-                    f"{self.describe(url)} answered a resume at byte {existing} with Content-Range "
-                    f"{response.headers.get('Content-Range')!r}; delete {self.partial_path} and run again"
-                )
-            return int(match.group(3)) if match.group(3) != "*" else None
-        length = response.headers.get("Content-Length")
-        return int(length) if length and length.isdigit() else None
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_staging import (
+    StageError,
+    Stager,
+    StagingModule,
+    source_secrets,
+)
 
 
 def main() -> None:
-    module = AnsibleModule(
+    module = StagingModule(
         argument_spec={
             "id": {"type": "str", "required": True},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
@@ -926,26 +218,31 @@ def main() -> None:
             "headers": {"type": "dict", "default": {}, "no_log": True},
             "validate_certs": {"type": "bool", "default": True},
             "timeout": {"type": "int", "default": 60},
+            "total_timeout": {"type": "int", "default": 43200},
+            "allow_link_local_redirects": {"type": "bool", "default": False},
             "force": {"type": "bool", "default": False},
             "partial_max_age_hours": {"type": "float", "default": 24},
         },
         required_if=[("state", "present", ("source", "sha256"))],
         supports_check_mode=True,
     )
-    url_password = urllib.parse.urlsplit(module.params["source"] or "").password
-    if url_password:
-        module.no_log_values.add(url_password)  # masked in every result, the echoed arguments included
+    # Masked in every result, the echoed arguments included (also when _log_invocation was not called).
+    module.no_log_values.update(source_secrets(module.params["source"]))
     stager = Stager(module)
+    failure = None
     try:
         stager.validate()
         result = stager.remove() if module.params["state"] == "absent" else stager.stage()
     except StageError as exc:
-        module.fail_json(msg=str(exc), **stager.result)
+        failure = str(exc)
     except OSError as exc:
         where = exc.filename or stager.models_dir
-        module.fail_json(
-            msg=f"staging model {stager.model_id} failed at {where}: {exc.strerror or exc}", **stager.result
-        )
+        failure = f"staging model {stager.model_id} failed at {where}: {exc.strerror or exc}"
+    finally:
+        stager.close()
+    if failure is not None:
+        # Outside the except block: an expected failure is one message, not an exception with a traceback.
+        module.fail_json(msg=failure, **stager.result)
     module.exit_json(**result)
 
 
