@@ -58,14 +58,21 @@ def visible_files(models_dir: Path) -> list[str]:
 
 
 def test_first_stage_downloads_verifies_and_records_the_manifest(served, models_dir):
+    started = time.monotonic()
     result, _ = run_module(stage_args(served, models_dir))
+    module_wall_s = time.monotonic() - started
 
     assert result["changed"] is True, result
     assert result["bytes_downloaded"] == len(MODEL_BYTES)
     assert result["resumed_from"] == 0
     assert result["sha256"] == MODEL_SHA256
     assert result["size_bytes"] == len(MODEL_BYTES)
-    assert result["seconds"] > 0 and result["mb_per_s"] > 0
+    # The transfer's own time lies inside the whole module run, and the rate is the bytes over that time.
+    assert 0 < result["seconds"] <= module_wall_s
+    # Both are rounded (seconds to 1 ms, the rate to 0.1 MB/s): bound the rate by the seconds' rounding.
+    fastest = len(MODEL_BYTES) / max(result["seconds"] - 0.0005, 1e-9) / 1e6
+    slowest = len(MODEL_BYTES) / (result["seconds"] + 0.0005) / 1e6
+    assert slowest - 0.05 <= result["mb_per_s"] <= fastest + 0.05
     path = models_dir / "tiny.gguf"
     assert result["path"] == str(path)
     assert path.read_bytes() == MODEL_BYTES
