@@ -60,6 +60,8 @@ write_inventory() {
     echo "    lab_prefix: $prefix"
     echo "    lab_state_dir: $state_dir"
     echo "    llorch_controller_url: http://${address[$prefix-control]}:9200"
+    # The services' units may exchange packets with the lab's network only (IPAddressAllow=).
+    echo "    llorch_networks: [$subnet]"
     echo "  children:"
     echo "    control:"
     echo "      hosts:"

@@ -4,7 +4,13 @@ import os
 
 import pytest
 import testinfra.utils.ansible_runner
-from service_checks import main_process, registry_get, unit_properties
+from service_checks import (
+    assert_hardening_in_effect,
+    assert_ip_filtering_in_effect,
+    main_process,
+    registry_get,
+    unit_properties,
+)
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -28,7 +34,21 @@ def test_orchestratord_runs_as_its_own_unprivileged_user(host):
 
 def test_orchestratord_hardening_is_configured_and_in_effect(host):
     props = unit_properties(
-        host, "orchestratord", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "Restart"
+        host,
+        "orchestratord",
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "Restart",
+        "RestartPreventExitStatus",
+        "PrivateDevices",
+        "ProtectProc",
+        "ProcSubset",
+        "RemoveIPC",
+        "PrivateMounts",
+        "MemoryMax",
+        "TasksMax",
     )
     assert props == {
         "NoNewPrivileges": "yes",
@@ -36,11 +56,23 @@ def test_orchestratord_hardening_is_configured_and_in_effect(host):
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
         "Restart": "on-failure",
+        # Exit 2 is "fix the configuration or the database": no restart loop.
+        "RestartPreventExitStatus": "2",
+        "PrivateDevices": "yes",
+        "ProtectProc": "invisible",
+        "ProcSubset": "pid",
+        "RemoveIPC": "yes",
+        "PrivateMounts": "yes",
+        "MemoryMax": str(2 * 1024**3),
+        "TasksMax": "512",
     }
-    process = main_process(host, "orchestratord")
-    assert process["no_new_privs"] == "1"
-    # ProtectSystem=strict: the service sees / read-only.
-    assert process["root_mount_options"].startswith("ro")
+    process = assert_hardening_in_effect(host, "orchestratord", proc_subset_pid=True)
+    # PrivateDevices: its own read-only /dev with the pseudo devices only (no /dev/console, /dev/kmsg, ...).
+    assert process["dev_mount_options"].startswith("ro")
+
+
+def test_orchestratord_talks_only_to_the_inventory_networks(host):
+    assert_ip_filtering_in_effect(host, "orchestratord", allowed=("10.89.240.11", 22))
 
 
 def test_token_file_is_private_to_the_service_user(host):

@@ -3,7 +3,12 @@
 import os
 
 import testinfra.utils.ansible_runner
-from service_checks import main_process, unit_properties
+from service_checks import (
+    assert_hardening_in_effect,
+    assert_ip_filtering_in_effect,
+    main_process,
+    unit_properties,
+)
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -26,17 +31,51 @@ def test_pool_managerd_runs_as_its_own_unprivileged_user(host):
 
 def test_pool_managerd_hardening_is_configured_and_in_effect(host):
     props = unit_properties(
-        host, "pool-managerd", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"
+        host,
+        "pool-managerd",
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "RestartPreventExitStatus",
+        "DevicePolicy",
+        "ProtectProc",
+        "ProcSubset",
+        "RemoveIPC",
+        "PrivateMounts",
+        "MemoryMax",
+        "TasksMax",
     )
     assert props == {
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
+        "RestartPreventExitStatus": "2",
+        "DevicePolicy": "closed",
+        "ProtectProc": "invisible",
+        # NVML reads /proc/driver/nvidia.
+        "ProcSubset": "all",
+        "RemoveIPC": "yes",
+        "PrivateMounts": "yes",
+        "MemoryMax": str(512 * 1024**2),
+        "TasksMax": "128",
     }
-    process = main_process(host, "pool-managerd")
-    assert process["no_new_privs"] == "1"
-    assert process["root_mount_options"].startswith("ro")
+    allowed = host.check_output("systemctl show pool-managerd -p DeviceAllow").splitlines()
+    assert {"DeviceAllow=char-nvidia-frontend rw", "DeviceAllow=char-nvidia-uvm rw"} <= set(allowed)
+    assert_hardening_in_effect(host, "pool-managerd", proc_subset_pid=False)
+
+
+def test_pool_managerd_talks_only_to_the_inventory_networks(host):
+    assert_ip_filtering_in_effect(host, "pool-managerd", allowed=("10.89.240.10", 9200))
+
+
+def test_models_folder_belongs_to_root_and_is_read_only_to_the_agent(host):
+    models = host.file("/var/lib/llorch/models")
+    assert (models.user, models.group, models.mode) == ("root", "pool-managerd", 0o750)
+    config = host.file("/etc/systemd/system/pool-managerd.service").content_string
+    assert "ReadOnlyPaths=/var/lib/llorch/models" in config
+    assert "/var/lib/llorch/models" not in config.split("ReadWritePaths=")[1].splitlines()[0]
 
 
 def test_token_file_is_private_to_the_agent_user(host):
