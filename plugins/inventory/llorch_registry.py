@@ -86,10 +86,11 @@ from urllib.parse import urlsplit  # noqa: E402
 from ansible.errors import AnsibleParserError  # noqa: E402
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable  # noqa: E402
 from ansible_collections.llorch.kit.plugins.module_utils import llorch_api  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import NODE_STATUSES  # noqa: E402
 
 BASE_GROUP = "llorch_nodes"
 CACHE_FORMAT = 2  # 2: ansible_host is no longer in the cached records (set_ansible_host adds it on reading)
-STATUS_GROUPS = {status: f"llorch_{status}" for status in llorch_api.NODE_STATUSES}
+STATUS_GROUPS = {status: f"llorch_{status}" for status in NODE_STATUSES}
 _UNSAFE_IN_GROUP = re.compile(r"[^A-Za-z0-9_]")
 
 

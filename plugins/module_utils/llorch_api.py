@@ -25,7 +25,6 @@ from urllib.parse import quote
 
 from ansible.module_utils.basic import env_fallback
 from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (
-    NODE_STATUSES,  # noqa: F401 - the modules and the inventory plugin read the statuses from here
     SecretFileError,
     read_secret_file,
 )

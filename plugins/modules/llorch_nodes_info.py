@@ -153,12 +153,12 @@ nodes:
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (  # noqa: E402
     LLORCH_ARGUMENT_SPEC,
-    NODE_STATUSES,
     LlorchApiError,
     LlorchClient,
     node_summary,
     wait_for_node,
 )
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import NODE_STATUSES  # noqa: E402
 
 
 def node_matches(node: dict, statuses: list[str] | None, models: list[str] | None) -> bool:
