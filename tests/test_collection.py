@@ -73,8 +73,12 @@ def test_the_artifact_holds_the_collection_and_leaves_out_tests_and_the_lab(inst
         assert not any(name == left_out or name.startswith(left_out + "/") for name in names), left_out
 
 
-def test_a_playbook_outside_the_repo_uses_the_installed_modules_and_test_plugins(installed, daemon, tmp_path):
+def test_a_playbook_outside_the_repo_uses_the_installed_modules_and_test_plugins(
+    installed, daemon_factory, tmp_path
+):
     _, collections = installed
+    # The node stays online however slowly Ansible starts on a busy machine.
+    daemon = daemon_factory(node_timeout_ms=120_000)
     add_node(daemon, "gpu-7", ["meta-llama/Llama-3.1-8B-Instruct"])
     project = tmp_path / "elsewhere"
     project.mkdir()
