@@ -98,7 +98,7 @@ def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metric
         allowed: set[str] = set()
         for resource in request.app.router.resources():
             if resource is not fallback:
-                _, methods = await resource.resolve(request)
+                _match, methods = await resource.resolve(request)
                 allowed |= methods
         if request.path.startswith("/v2/") and not auth.allows(request.headers.get("Authorization")):
             response = _envelope(*UNAUTHORIZED)

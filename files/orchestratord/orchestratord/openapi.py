@@ -42,7 +42,7 @@ NODE_ID_PARAM = {
 
 
 def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(
+    _schemas, components = msgspec.json.schema_components(
         [
             schemas.Registration,
             schemas.Heartbeat,

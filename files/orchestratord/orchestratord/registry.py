@@ -625,7 +625,7 @@ class Registry:
         if not ordered:
             return None
         stale: list[str] = []
-        for _ in range(RANDOM_TRIES):
+        for _try in range(RANDOM_TRIES):
             key = ordered[self.random.randrange(len(ordered))]
             if self._fits(key, vram_needed, now, stale):
                 self._evict(stale)
