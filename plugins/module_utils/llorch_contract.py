@@ -1,5 +1,5 @@
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The rules every llorch process agrees on, in one place.
 
 orchestratord, pool-managerd, the modules, the inventory plugin and the roles' checks all take their id
@@ -198,7 +198,7 @@ def open_or_create_regular_at(dir_fd: int, name: str, mode: int = 0o600) -> int:
 
     OSError(ELOOP) for a symbolic link, EINVAL for another kind of file, EMLINK for a hard-linked one.
     """
-    for _ in range(3):
+    for _attempt in range(3):
         try:
             return open_regular_at(dir_fd, name, os.O_RDWR)
         except FileNotFoundError:

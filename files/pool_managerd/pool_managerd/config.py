@@ -103,8 +103,8 @@ def _plain(node: Any) -> tuple[Any, str | None]:
 
 def _explain(error: msgspec.ValidationError, raw: dict) -> str:
     """A msgspec error as a person reads it: which key, what it must be, what it is."""
-    detail, _, at = str(error).partition(" - at `")
-    node, _ = _plain(msgspec.inspect.type_info(Settings))
+    detail, _sep, at = str(error).partition(" - at `")
+    node, _definitions = _plain(msgspec.inspect.type_info(Settings))
     where, value = "", raw
     wanted: tuple[str, str, Any] | None = None  # (where, description, value) of the deepest described key
     for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at.rstrip("`")):
