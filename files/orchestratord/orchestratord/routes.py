@@ -70,29 +70,42 @@ def _whole_floats_as_ints(value: Any) -> Any:
     return value
 
 
-def _too_deep(schema: type) -> ApiError:
-    return ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: body nested too deeply")
+def _refusal(exc: Exception, schema: type) -> ApiError:
+    """The 400 for a body that does not decode, whichever decoder met the problem first."""
+    if isinstance(exc, msgspec.ValidationError):
+        return ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}")
+    if isinstance(exc, UnicodeDecodeError):  # msgspec checks the bytes of each string it reads
+        detail = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        return ApiError(400, "INVALID_PARAMS", f"malformed JSON body: not UTF-8 text, {detail}")
+    if isinstance(exc, RecursionError):  # msgspec's own depth guard: arrays in arrays thousands deep
+        return ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: body nested too deeply")
+    return ApiError(400, "INVALID_PARAMS", f"malformed JSON body: {exc}")
+
+
+# What decoding a peer's bytes may raise; anything else is a bug in the daemon and stays a 500.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 async def decode_body(request: web.Request, schema: type) -> Any:
     body = await request.read()
     try:
+        if not body.isascii():
+            # JSON is UTF-8 (RFC 8259); msgspec checks only the strings it keeps, not those it skips.
+            body.decode()
         return _decoders[schema].decode(body)
     except msgspec.ValidationError as exc:
         if "got `float`" not in str(exc):
-            raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "INVALID_PARAMS", f"malformed JSON body: {exc}") from None
-    except RecursionError:  # msgspec's own depth guard, met by arrays in arrays a few thousand deep
-        raise _too_deep(schema) from None
+            raise _refusal(exc, schema) from None
+    except DECODE_ERRORS as exc:
+        raise _refusal(exc, schema) from None
     # JSON Schema counts 4.0 as an integer, so the published document promises to accept it; the fast
-    # strict decoder does not, so such bodies take this slower path. Strings are still no numbers.
+    # strict decoder does not, so such bodies take this slower path. Strings are still no numbers. The
+    # strict decoder stopped at the first float: the rest of the body may still be malformed, hold
+    # numbers out of range or bytes that are not UTF-8, so this path refuses all the same errors.
     try:
         return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), schema, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
-    except RecursionError:
-        raise _too_deep(schema) from None
+    except DECODE_ERRORS as exc:
+        raise _refusal(exc, schema) from None
 
 
 def check(rule, body):
