@@ -56,6 +56,14 @@ def shown(value: str, limit: int = 40) -> str:
 NODE_STATUSES = ("registering", "online", "draining", "offline")
 
 
+# --- what one node may claim ---------------------------------------------------------------------------
+
+# orchestratord's defaults for its max_pools_per_node and max_models_per_node settings (distinct model ids
+# over all of a node's pools); an agent can hold itself to the same numbers before it reports.
+DEFAULT_MAX_POOLS_PER_NODE = 64
+DEFAULT_MAX_MODELS_PER_NODE = 1024
+
+
 # --- secret files ---------------------------------------------------------------------------------------
 
 MIN_TOKEN_LENGTH = 32

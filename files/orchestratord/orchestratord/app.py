@@ -15,6 +15,7 @@ from aiohttp import web
 from . import schemas
 from .auth import BearerAuth
 from .config import Settings
+from .limits import Limits
 from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
@@ -165,7 +166,7 @@ async def _sweep(registry: Registry) -> None:
 
 def create_app(settings: Settings, token: str) -> web.Application:
     store = SqliteStore(settings.db_path)
-    registry = Registry(store, settings.node_timeout_ms, settings.heartbeat_interval_ms)
+    registry = Registry(store, settings.node_timeout_ms, settings.heartbeat_interval_ms, Limits(settings))
     metrics = Metrics(registry.count_by_status, registry.pools_ready) if settings.metrics_enabled else None
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[REGISTRY] = registry

@@ -14,6 +14,7 @@ ERROR_ANSWERS = {
     "400": "Invalid body or parameter; the message names the field",
     "401": "Missing or wrong bearer token",
     "404": "No such node",
+    "409": "CLUSTER_FULL: a new node would pass max_nodes",
     "413": "Body larger than max_body_bytes",
 }
 
@@ -93,7 +94,10 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
             "post": {
                 "summary": "Register a node, or update its registration",
                 "requestBody": _body("Registration"),
-                "responses": {"200": _json("RegisterAnswer", "Registered"), **_errors("400", "401", "413")},
+                "responses": {
+                    "200": _json("RegisterAnswer", "Registered"),
+                    **_errors("400", "401", "409", "413"),
+                },
             }
         },
         "/v2/nodes/{node_id}/heartbeat": {

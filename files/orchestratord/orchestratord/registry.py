@@ -22,6 +22,7 @@ import msgspec
 from sortedcontainers import SortedList
 
 from . import schemas
+from .limits import Limits
 from .store import HeartbeatRow, SqliteStore, StoredNode
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ def _same_models(pools: list[schemas.PoolStatus], before: list[schemas.PoolStatu
     )
 
 
+def _pool_ids(registration: schemas.Registration) -> frozenset[str]:
+    return frozenset(pool.pool_id for pool in registration.pools)
+
+
 class NodeNotFound(KeyError):
     pass
 
@@ -64,6 +69,7 @@ class NodeState:
     node_id: str
     registration: schemas.Registration
     registered_at: str
+    pool_ids: frozenset[str]  # the registered pools: a heartbeat may report only these
     drain: bool = False
     pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
     applied_pools: list[schemas.PoolStatus] | None = None  # the readings the index holds
@@ -145,9 +151,11 @@ class Registry:
         store: SqliteStore,
         node_timeout_ms: int,
         heartbeat_interval_ms: int,
+        limits: Limits,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.limits = limits
         self.node_timeout_s = node_timeout_ms / 1000
         self.node_timeout_ms = node_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
@@ -222,7 +230,11 @@ class Registry:
             )
             return None
         node = NodeState(
-            node_id=row.node_id, registration=registration, registered_at=row.registered_at, drain=row.drain
+            node_id=row.node_id,
+            registration=registration,
+            registered_at=row.registered_at,
+            pool_ids=_pool_ids(registration),
+            drain=row.drain,
         )
         if row.pools is not None and row.last_heartbeat_at is not None:
             try:
@@ -272,6 +284,8 @@ class Registry:
         node_id = body.node_id
         registered_at = utc_now()
         node = self.nodes.get(node_id)
+        if node is None:
+            self.limits.check_new_node(len(self.nodes))
         contact_before = None if node is None else node.last_contact
         # The record below forgets the node's readings. One still waiting for the write-back would be taken
         # by a write-back during the await and land after the record, under the new registration: drop it
@@ -285,12 +299,15 @@ class Registry:
             raise
         now = self.clock()
         if node is None:
-            node = NodeState(node_id=node_id, registration=body, registered_at=registered_at)
+            node = NodeState(
+                node_id=node_id, registration=body, registered_at=registered_at, pool_ids=_pool_ids(body)
+            )
             self.nodes[node_id] = node
             log.info("node %s registered from %s with %d pool(s)", node_id, body.address, len(body.pools))
         else:
             node.registration = body
             node.registered_at = registered_at
+            node.pool_ids = _pool_ids(body)
             log.info("node %s registered again from %s", node_id, body.address)
         # A heartbeat that came in during the write is newer than the registration: its readings stay, in
         # memory as on disk, where its write-back (queued after the record) puts them. Otherwise the node
@@ -316,6 +333,7 @@ class Registry:
         node = self.nodes.get(node_id)
         if node is None:
             raise NodeNotFound(node_id)
+        self.limits.check_heartbeat(node.pool_ids, body)
         now = self.clock()
         # An offline node has left the index; its first heartbeat back must re-enter it even unchanged.
         came_back = not self.is_live(node, now)

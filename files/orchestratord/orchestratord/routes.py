@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from . import __version__, schemas
+from .limits import ClusterFull
 from .metrics import CONTENT_TYPE
 from .registry import NodeNotFound, NoPlacement, Registry
 
@@ -177,7 +178,12 @@ async def metrics(request: web.Request) -> web.Response:
 @endpoint("POST", "/v2/nodes/register")
 async def register(request: web.Request) -> web.Response:
     body = check(schemas.check_registration, await decode_body(request, schemas.Registration))
-    answer = await request.app[REGISTRY].register(body)
+    registry = request.app[REGISTRY]
+    check(registry.limits.check_registration, body)
+    try:
+        answer = await registry.register(body)
+    except ClusterFull as exc:
+        raise ApiError(409, "CLUSTER_FULL", str(exc)) from None
     if request.app[METRICS] is not None:
         request.app[METRICS].registrations += 1
     return json_response(answer)
@@ -192,11 +198,15 @@ async def heartbeat(request: web.Request) -> web.Response:
         node_id_of(request)
     try:
         body = check(schemas.check_heartbeat, await decode_body(request, schemas.Heartbeat))
-        answer = registry.heartbeat(node_id, body)
+        answer = registry.heartbeat(node_id, body)  # checks the body against the node's registration
     except ApiError:
         if metrics is not None:
             metrics.heartbeats["invalid"] += 1
         raise
+    except schemas.ValidationProblem as exc:
+        if metrics is not None:
+            metrics.heartbeats["invalid"] += 1
+        raise ApiError(400, "INVALID_PARAMS", str(exc)) from None
     except NodeNotFound:
         if metrics is not None:
             metrics.heartbeats["unknown_node"] += 1
