@@ -1,4 +1,9 @@
-"""`python -m orchestratord --config FILE`: read the settings and the token, then serve."""
+"""`python -m orchestratord --config FILE`: read the settings and the token, then serve.
+
+Exit codes: 0 after a clean stop; 1 when it cannot serve now but a restart may help (the port taken, the
+database's folder not there yet); 2 when a person must act first: a configuration or token problem, or a
+damaged or empty database file. The unit sets RestartPreventExitStatus=2 so it does not loop on those.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ from aiohttp import web
 
 from . import __version__
 from .config import ConfigError, load_settings, load_token, token_fingerprint
-from .store import StoreError
+from .store import StoreDamaged, StoreError
+
+EXIT_CANNOT_SERVE = 1
+EXIT_PERSON_MUST_ACT = 2
 
 log = logging.getLogger("orchestratord")
 
@@ -25,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         token = load_token(settings)
     except ConfigError as exc:
         print(f"orchestratord: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_PERSON_MUST_ACT
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stderr,
@@ -52,14 +60,17 @@ def main(argv: list[str] | None = None) -> int:
             print=None,
             handle_signals=True,
         )
+    except StoreDamaged as exc:
+        log.error("%s", exc)
+        return EXIT_PERSON_MUST_ACT
     except StoreError as exc:
         log.error("%s", exc)
-        return 1
+        return EXIT_CANNOT_SERVE
     except OSError as exc:
         log.error(
             "cannot serve on %s:%d: %s", settings.listen_host, settings.listen_port, exc.strerror or exc
         )
-        return 1
+        return EXIT_CANNOT_SERVE
     return 0
 
 

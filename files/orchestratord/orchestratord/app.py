@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
 from .routes import ENDPOINTS, METRICS, OPENAPI, REGISTRY, ApiError, Endpoint
-from .store import SqliteStore
+from .store import SqliteStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ UNAUTHORIZED = (401, "UNAUTHORIZED", "missing or wrong bearer token", {"WWW-Auth
 def _error_response(exc: Exception, request: web.Request) -> web.Response:
     if isinstance(exc, ApiError):
         return _envelope(exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, StoreUnavailable):  # logged once by the store when writes start failing
+        return _envelope(503, "STORE_UNAVAILABLE", str(exc))
     if isinstance(exc, web.HTTPException) and exc.status >= 400:  # aiohttp's own, e.g. 413 from read()
         code = HTTP_CODES.get(exc.status, "HTTP_ERROR")
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
@@ -146,7 +148,9 @@ async def _write_back(registry: Registry) -> None:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         try:
             await _flush_heartbeats(registry)
-        except Exception as exc:  # a full disk must not stop liveness tracking; the next flush retries
+        except StoreUnavailable:  # logged once by the store; liveness goes on, the next flush retries
+            pass
+        except Exception as exc:
             log.error("writing heartbeats to the database failed: %s", exc)
 
 

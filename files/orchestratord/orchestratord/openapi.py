@@ -16,6 +16,7 @@ ERROR_ANSWERS = {
     "404": "No such node",
     "409": "CLUSTER_FULL: a new node would pass max_nodes",
     "413": "Body larger than max_body_bytes",
+    "503": "STORE_UNAVAILABLE: the database cannot take writes (e.g. a full disk); nothing changed",
 }
 
 
@@ -96,7 +97,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "requestBody": _body("Registration"),
                 "responses": {
                     "200": _json("RegisterAnswer", "Registered"),
-                    **_errors("400", "401", "409", "413"),
+                    **_errors("400", "401", "409", "413", "503"),
                 },
             }
         },
@@ -137,7 +138,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
             "delete": {
                 "summary": "Deregister a node",
                 "parameters": [NODE_ID_PARAM],
-                "responses": {"204": {"description": "Deregistered"}, **_errors("400", "401", "404")},
+                "responses": {"204": {"description": "Deregistered"}, **_errors("400", "401", "404", "503")},
             },
         },
         "/v2/nodes/{node_id}/drain": {
@@ -145,7 +146,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "summary": "Drain (true) or undrain (false) a node; placement skips a draining node",
                 "parameters": [NODE_ID_PARAM],
                 "requestBody": _body("DrainRequest"),
-                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404", "413")},
+                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404", "413", "503")},
             }
         },
         "/v2/catalog/availability": {

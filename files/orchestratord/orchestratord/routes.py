@@ -15,6 +15,7 @@ from . import __version__, schemas
 from .limits import ClusterFull
 from .metrics import CONTENT_TYPE
 from .registry import NodeNotFound, NoPlacement, Registry
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ async def ready(request: web.Request) -> web.Response:
     try:
         if await request.app[REGISTRY].store.ping():
             return json_response(schemas.Ready(status="ready"))
+    except StoreUnavailable as exc:  # the store logged it once when writes began to fail
+        raise ApiError(503, "DATABASE_UNAVAILABLE", f"the database does not take writes: {exc}") from None
     except Exception as exc:  # any database failure means not ready
         log.warning("readiness check failed: %s", exc)
     raise ApiError(503, "DATABASE_UNAVAILABLE", "the database does not answer")
