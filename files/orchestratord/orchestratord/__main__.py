@@ -8,13 +8,15 @@ damaged or empty database file. The unit sets RestartPreventExitStatus=2 so it d
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 
 from aiohttp import web
 
 from . import __version__
-from .config import ConfigError, load_settings, load_token, token_fingerprint
+from .config import ConfigError, Settings, load_settings, load_token, token_fingerprint
 from .store import StoreDamaged, StoreError
 
 EXIT_CANNOT_SERVE = 1
@@ -52,14 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.node_timeout_ms,
     )
     try:
-        web.run_app(
-            create_app(settings, token),
-            host=settings.listen_host,
-            port=settings.listen_port,
-            access_log=None,
-            print=None,
-            handle_signals=True,
-        )
+        asyncio.run(serve(create_app(settings, token), settings))
     except StoreDamaged as exc:
         log.error("%s", exc)
         return EXIT_PERSON_MUST_ACT
@@ -72,6 +67,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CANNOT_SERVE
     return 0
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """What web.run_app does, plus the connection guard on the server it builds, until SIGTERM/SIGINT."""
+    from .routes import CONNECTIONS
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    try:
+        await runner.setup()  # opens the store: a damaged database stops the start here
+        guard = app[CONNECTIONS]
+        guard.attach(runner.server)
+        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        guard.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        await guard.stop()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from aiohttp import web
 from . import schemas
 from .auth import BearerAuth
 from .config import Settings
+from .connections import ConnectionGuard
 from .limits import Limits
 from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
-from .routes import ENDPOINTS, METRICS, OPENAPI, REGISTRY, ApiError, Endpoint
+from .routes import CONNECTIONS, ENDPOINTS, METRICS, OPENAPI, REGISTRY, ApiError, Endpoint
 from .store import SqliteStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _error_response(exc: Exception, request: web.Request) -> web.Response:
     return _envelope(500, "INTERNAL", "internal error; see the daemon's log")
 
 
-def _guarded(endpoint: Endpoint, auth: BearerAuth, metrics: Metrics | None):
+def _guarded(endpoint: Endpoint, auth: BearerAuth, metrics: Metrics | None, connections: ConnectionGuard):
     """The handler wrapped in what every request gets: auth, query check, the error envelope, timing.
 
     A wrapper per route rather than an aiohttp middleware: in aiohttp 3.14 any middleware adds two
@@ -74,8 +75,10 @@ def _guarded(endpoint: Endpoint, auth: BearerAuth, metrics: Metrics | None):
     async def guarded(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            if needs_token and not auth.allows(request.headers.get("Authorization")):
-                raise ApiError(*UNAUTHORIZED)
+            if needs_token:
+                if not auth.allows(request.headers.get("Authorization")):
+                    raise ApiError(*UNAUTHORIZED)
+                connections.trust(request.protocol)
             if request.query_string:
                 # A misspelt filter (?stauts=offline) must not silently answer everything.
                 for name in request.query:
@@ -122,12 +125,15 @@ def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metric
     return unmatched
 
 
-def add_endpoints(app: web.Application, auth: BearerAuth, metrics: Metrics | None) -> None:
+def add_endpoints(
+    app: web.Application, auth: BearerAuth, metrics: Metrics | None, connections: ConnectionGuard
+) -> None:
     for endpoint in ENDPOINTS:
+        guarded = _guarded(endpoint, auth, metrics, connections)
         if endpoint.method == "GET":
-            app.router.add_get(endpoint.path, _guarded(endpoint, auth, metrics))
+            app.router.add_get(endpoint.path, guarded)
         else:
-            app.router.add_route(endpoint.method, endpoint.path, _guarded(endpoint, auth, metrics))
+            app.router.add_route(endpoint.method, endpoint.path, guarded)
     # Last: tried only after every route above (aiohttp resolves the most specific path first).
     fallback = app.router.add_resource("/{unmatched_path:.*}")
     fallback.add_route("*", _unmatched(fallback, auth, metrics))
@@ -176,7 +182,8 @@ def create_app(settings: Settings, token: str) -> web.Application:
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[OPENAPI] = json.dumps(build_document(settings.metrics_enabled)).encode()
-    add_endpoints(app, BearerAuth(token), metrics)
+    app[CONNECTIONS] = guard = ConnectionGuard(settings.max_connections, settings.connection_idle_timeout_ms)
+    add_endpoints(app, BearerAuth(token), metrics, guard)
 
     async def state(app: web.Application) -> AsyncIterator[None]:
         await store.open()

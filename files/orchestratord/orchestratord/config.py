@@ -43,6 +43,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_nodes: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     max_pools_per_node: Annotated[int, msgspec.Meta(ge=1, le=256)] = DEFAULT_MAX_POOLS_PER_NODE
     max_models_per_node: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = DEFAULT_MAX_MODELS_PER_NODE
+    # Connections: each agent keeps one open, so max_connections must exceed max_nodes. One that has not
+    # presented the token within connection_idle_timeout_ms of opening is closed; at max_connections a
+    # new one pushes out the oldest such. The open-files limit is raised to fit (see connections.py).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 16_384
+    connection_idle_timeout_ms: PositiveMs = 10_000
     metrics_enabled: bool = True
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 

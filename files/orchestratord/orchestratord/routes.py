@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from . import __version__, schemas
+from .connections import ConnectionGuard
 from .limits import ClusterFull
 from .metrics import CONTENT_TYPE
 from .registry import NodeNotFound, NoPlacement, Registry
@@ -26,6 +27,7 @@ STATUSES = ("registering", "online", "draining", "offline")
 REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", object)  # a metrics.Metrics, or None when turned off
 OPENAPI = web.AppKey("openapi", bytes)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 
 _decoders = {
     schemas.Registration: msgspec.json.Decoder(schemas.Registration),
