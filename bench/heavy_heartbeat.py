@@ -1,7 +1,7 @@
 """Do heartbeats with large model lists from a few nodes delay everyone else's?
 
 1,000 ordinary nodes (2 pools, 3 models each) heartbeat through wrk (one thread, 16 connections) while, in
-the second phase of each round, a dozen heavy nodes each report 2 pools holding max_models_per_node (1,024)
+the second phase of each round, a dozen heavy nodes each report 2 pools holding max_models_per_node (4,096)
 models, as fast as one connection per node allows, with their free slots changing on every heartbeat, and
 a placement for one of their models after each (every placement brings the index up to date, so the heavy
 nodes' index work is done in full, not coalesced). Prints the ordinary nodes' p50/p99 without and with the
@@ -31,7 +31,7 @@ from _orchestratord import harness
 NODES = 1000
 CONNECTIONS = 16
 MODELS = ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b"]
-HEAVY_MODELS = [f"org-{n // 64}/model-{n}:q4_k_m" for n in range(1024)]
+HEAVY_MODELS = [f"org-{n // 64}/model-{n}:q4_k_m" for n in range(4096)]  # max_models_per_node's default
 
 
 def ordinary_body(step: int) -> dict:
