@@ -95,11 +95,16 @@ class PlacementIndex:
         self._push(load, models)
 
     def _push(self, load: LoadKey, models: frozenset[str]) -> None:
+        # The hot loop of a load change: once per model the pool holds. The size check runs at every
+        # 64th entry only, as counting a SortedList costs more than the push itself; a heap thus grows
+        # at most 63 stale entries past its bound before it is rebuilt.
+        by_load = self.by_load
         for model in (ANY_MODEL, *models):
-            heap = self.by_load[model]
+            heap = by_load[model]
             heappush(heap, load)
-            if len(heap) > 2 * len(self.by_id[model]) + 64:
-                self.by_load[model] = heap = [self.entries[key][0] for key in self.by_id[model]]
+            size = len(heap)
+            if not size & 63 and size > 2 * len(self.by_id[model]) + 64:
+                by_load[model] = heap = [self.entries[key][0] for key in self.by_id[model]]
                 heapify(heap)
 
     def is_current(self, model: str, load: LoadKey) -> bool:
