@@ -2,12 +2,13 @@
 
 1,000 ordinary nodes (2 pools, 3 models each) heartbeat through wrk (one thread, 16 connections) while, in
 the second phase of each round, a dozen heavy nodes each report 2 pools holding max_models_per_node (4,096)
-models, as fast as one connection per node allows, with their free slots changing on every heartbeat, and
-a placement for one of their models after each (every placement brings the index up to date, so the heavy
-nodes' index work is done in full, not coalesced). Prints the ordinary nodes' p50/p99 without and with the
-heavy nodes, round by round, and the heavy nodes' own rate. Server pinned to CPU 0, load to CPU 1.
+models, as fast as one connection per node allows (or every --heavy-interval-ms), their free slots
+changing on every heartbeat, with a placement for one of their models after each (every placement brings
+the index up to date, so the heavy nodes' index work is done in full, not coalesced). Prints the ordinary
+nodes' p50/p99 without and with the heavy nodes, round by round, and the heavy nodes' own rate. Server
+pinned to CPU 0, load to CPU 1.
 
-    python bench/heavy_heartbeat.py [--duration 4] [--rounds 3] [--heavy-nodes 12]
+    python bench/heavy_heartbeat.py [--duration 4] [--rounds 3] [--heavy-nodes 12] [--heavy-interval-ms 0]
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ end
 class HeavySender:
     """The heavy nodes' heartbeats (and a placement after each) from a thread, until stopped."""
 
-    def __init__(self, url: str, token: str, node_ids: list[str]) -> None:
-        self.url, self.node_ids = url, node_ids
+    def __init__(self, url: str, token: str, node_ids: list[str], interval_s: float) -> None:
+        self.url, self.node_ids, self.interval_s = url, node_ids, interval_s
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.bodies = [heavy_body(step) for step in range(8)]
         self.sent = 0
@@ -110,6 +111,8 @@ class HeavySender:
                 self.failed += answer.status != 200
             async with session.post(f"{self.url}/v2/placement", data=placement) as answer:
                 await answer.read()
+            if self.interval_s:
+                await asyncio.sleep(self.interval_s)
 
 
 def main() -> None:
@@ -119,6 +122,12 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=4, help="seconds per measured run (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="quiet/heavy round pairs (default 3)")
     parser.add_argument("--heavy-nodes", type=int, default=12, help="nodes with large model lists")
+    parser.add_argument(
+        "--heavy-interval-ms",
+        type=int,
+        default=0,
+        help="pause between one heavy node's heartbeats (default 0: as fast as it can; agents use 5000)",
+    )
     args = parser.parse_args()
     harness.require_tools()
     os.sched_setaffinity(0, {int(harness.LOAD_CPU)})  # the heavy sender shares the load generator's core
@@ -143,7 +152,7 @@ def main() -> None:
             quiet, loaded, heavy_rates = [], [], []
             for round_number in range(1, args.rounds + 1):
                 quiet.append(harness.run_wrk(daemon.url, script, args.duration, CONNECTIONS, daemon.proc.pid))
-                with HeavySender(daemon.url, daemon.token, heavy_ids) as heavy:
+                with HeavySender(daemon.url, daemon.token, heavy_ids, args.heavy_interval_ms / 1000) as heavy:
                     loaded.append(
                         harness.run_wrk(daemon.url, script, args.duration, CONNECTIONS, daemon.proc.pid)
                     )
