@@ -56,6 +56,16 @@ def shown(value: str, limit: int = 40) -> str:
 NODE_STATUSES = ("registering", "online", "draining", "offline")
 
 
+# --- what one node may claim ---------------------------------------------------------------------------
+
+# orchestratord's defaults for its max_pools_per_node and max_models_per_node settings (distinct model ids
+# over all of a node's pools); an agent can hold itself to the same numbers before it reports. The models
+# default is MAX_MANIFEST_ENTRIES (below): a node reports what its manifest lists, so every manifest this
+# contract accepts fits, and an operator who lowers the setting must keep each node's manifest under it.
+DEFAULT_MAX_POOLS_PER_NODE = 64
+DEFAULT_MAX_MODELS_PER_NODE = 4096
+
+
 # --- secret files ---------------------------------------------------------------------------------------
 
 MIN_TOKEN_LENGTH = 32
