@@ -7,7 +7,6 @@ import contextlib
 import json
 import signal
 import sqlite3
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,10 +104,18 @@ def database_thread_busy(daemon) -> bool:
     return False
 
 
-def past(seconds: float) -> float:
-    deadline = time.monotonic() + seconds
-    wait_until(lambda: time.monotonic() > deadline, timeout=seconds + 5, what=f"{seconds} s to pass")
-    return deadline
+def writebacks(daemon) -> int:
+    """How many heartbeat write-back passes the daemon has begun (its /metrics counter)."""
+    text = http("GET", daemon.url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith("orchestratord_heartbeat_writeback_passes_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no orchestratord_heartbeat_writeback_passes_total in /metrics")
+
+
+def a_writeback_after(daemon, count: int) -> None:
+    """Wait until the daemon begins a heartbeat write-back pass after the first `count` ones."""
+    wait_until(lambda: writebacks(daemon) > count, timeout=10, what="a heartbeat write-back to come due")
 
 
 def test_a_write_back_never_puts_old_readings_under_a_new_registration(daemon):
@@ -116,10 +123,11 @@ def test_a_write_back_never_puts_old_readings_under_a_new_registration(daemon):
     registration = online_node(daemon, "gpu-1", ["llama"])
     wait_until(lambda: stored_readings(db_path, "gpu-1")[0], what="the first write-back")
     with ThreadPoolExecutor(max_workers=1) as pool, database_write_locked(db_path):
+        taken = writebacks(daemon)
         beat(daemon, registration, ["qwen"])  # a reading not yet written back...
-        # ...when the agent registers again; its record waits on the lock while write-backs come due.
+        # ...when the agent registers again; its record waits on the lock while a write-back comes due.
         registering = pool.submit(daemon.api, "POST", "/v2/nodes/register", registration)
-        past(1.5)  # more than one write-back interval
+        a_writeback_after(daemon, taken)
     assert registering.result().status == 200
     node = daemon.api("GET", "/v2/nodes/gpu-1").body
     assert node["status"] == "registering" and node["last_heartbeat_at"] is None
@@ -136,8 +144,9 @@ def test_a_heartbeat_during_a_registration_is_kept_in_memory_and_on_disk_alike(d
     with ThreadPoolExecutor(max_workers=1) as pool, database_write_locked(db_path):
         registering = pool.submit(daemon.api, "POST", "/v2/nodes/register", registration)
         wait_until(lambda: database_thread_busy(daemon), what="the registration waiting on the database")
+        taken = writebacks(daemon)
         beat(daemon, registration, ["qwen"])  # arrives while the registration is being written
-        past(1.5)  # a write-back comes due meanwhile and takes this reading
+        a_writeback_after(daemon, taken)  # a write-back comes due meanwhile and takes this reading
     assert registering.result().status == 200
     node = daemon.api("GET", "/v2/nodes/gpu-1").body
     daemon.stop()

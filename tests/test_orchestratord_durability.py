@@ -95,20 +95,23 @@ def test_node_silent_longer_than_the_timeout_is_offline_at_once_after_a_restart(
 
 def test_restored_node_keeps_only_the_rest_of_its_timeout(daemon_factory):
     timeout_s = 4.0
+    downtime_s = 2.5
     daemon = daemon_factory(node_timeout_ms=int(timeout_s * 1000))
     before_beat = time.time()
     online_node(daemon, "gpu-1", ["llama"])
-    after_beat = time.time()
     daemon.stop()
-    wait_until(lambda: time.time() > after_beat + 1.5, timeout=5, what="1.5 s of downtime")
+    wait_until(lambda: time.time() > before_beat + downtime_s, timeout=10, what="the downtime")
+    restarted_at = time.time()
     daemon.start()
-    # Heard 1.5 s (plus the start) before: still within its timeout, so it serves placements at once.
+    # Heard less than a timeout before: still online, so it serves placements at once.
     assert status_of(daemon, "gpu-1") == "online"
     assert place(daemon, model_id="llama").body["node_id"] == "gpu-1"
-    wait_until(lambda: status_of(daemon, "gpu-1") == "offline", timeout=timeout_s + 5, what="gpu-1 offline")
+    wait_until(lambda: status_of(daemon, "gpu-1") == "offline", timeout=timeout_s + 10, what="gpu-1 offline")
     offline_at = time.time()
-    # One timeout after its last heartbeat, not one timeout after the restart.
-    assert before_beat + timeout_s - 0.1 <= offline_at <= after_beat + timeout_s + 0.5
+    # One timeout after its last heartbeat, not one timeout after the restart: a timeout counted from the
+    # restart could not end before restarted_at + timeout_s, which lies downtime_s (2.5 s) after the right
+    # moment, a margin no scheduling delay on a busy machine eats; and never before the heartbeat's timeout.
+    assert before_beat + timeout_s - 0.1 <= offline_at < restarted_at + timeout_s
 
 
 def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):

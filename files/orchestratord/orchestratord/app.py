@@ -63,7 +63,11 @@ def create_app(settings: Settings, token: str) -> web.Application:
         Limits(settings),
     )
     metrics = (
-        Metrics(lambda: count_by_status(registry), lambda: pools_ready(registry))
+        Metrics(
+            lambda: count_by_status(registry),
+            lambda: pools_ready(registry),
+            lambda: registry.heartbeat_writeback_passes,
+        )
         if settings.metrics_enabled
         else None
     )

@@ -28,9 +28,15 @@ class _Latency:
 
 
 class Metrics(Collector):
-    def __init__(self, count_by_status: Callable[[], dict[str, int]], pools_ready: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        count_by_status: Callable[[], dict[str, int]],
+        pools_ready: Callable[[], int],
+        heartbeat_writeback_passes: Callable[[], int],
+    ) -> None:
         self._count_by_status = count_by_status
         self._pools_ready = pools_ready
+        self._heartbeat_writeback_passes = heartbeat_writeback_passes
         self.registrations = 0
         self.heartbeats = dict.fromkeys(HEARTBEAT_OUTCOMES, 0)
         self.placements = dict.fromkeys(PLACEMENT_OUTCOMES, 0)
@@ -60,6 +66,11 @@ class Metrics(Collector):
         )
         yield CounterMetricFamily(
             "orchestratord_registrations", "Node registrations accepted", value=self.registrations
+        )
+        yield CounterMetricFamily(
+            "orchestratord_heartbeat_writeback_passes",
+            "Passes of the heartbeat write-back begun (about one a second; stalls while the database hangs)",
+            value=self._heartbeat_writeback_passes(),
         )
         for name, help_text, counts in (
             ("orchestratord_heartbeats", "Heartbeats by outcome", self.heartbeats),

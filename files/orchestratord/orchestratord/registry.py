@@ -88,6 +88,7 @@ class Registry:
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
         self.placer = Placer(self.index, self.nodes, self.model_nodes, self.is_live)
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
+        self.heartbeat_writeback_passes = 0  # flushes begun, with or without heartbeats to write
         # Registrations, drains and deletions one at a time, each checking the state it changes only once
         # it holds the lock, so that two of them never interleave around their database write. They are
         # rare; heartbeats never take it.
@@ -191,6 +192,9 @@ class Registry:
 
     async def flush(self) -> None:
         """Write the heartbeats since the last flush in one transaction; on failure they go with the next."""
+        # Counted as the pass takes its batch, before any write: /metrics shows the write-back running even
+        # while a slow or locked database holds it up.
+        self.heartbeat_writeback_passes += 1
         dirty, self.dirty = self.dirty, {}
         rows = [
             HeartbeatRow(node.node_id, rfc3339(node.last_heartbeat_epoch), msgspec.json.encode(node.pools))
