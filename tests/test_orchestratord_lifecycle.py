@@ -12,9 +12,11 @@ TIMEOUT_MS = 600
 
 def test_node_goes_offline_after_the_timeout_and_online_at_the_next_heartbeat(daemon_factory):
     daemon = daemon_factory(node_timeout_ms=TIMEOUT_MS)
+    # Taken before gpu-1's last heartbeat is sent: the daemon hears it later, so a timeout counted from
+    # that heartbeat cannot end before started + timeout (a start taken after it proves nothing).
+    started = time.monotonic()
     registration = online_node(daemon, "gpu-1", ["llama"])
     online_node(daemon, "gpu-2", ["llama"])
-    started = time.monotonic()
 
     # Keep gpu-2 alive while gpu-1 falls silent.
     def gpu1_offline():
