@@ -68,3 +68,29 @@ def test_health_says_ok_and_version(shared_daemon):
 def test_token_never_logged(shared_daemon):
     shared_daemon.api("GET", "/v2/nodes", token="z" * len(TEST_TOKEN))
     assert TEST_TOKEN not in shared_daemon.log()
+
+
+def test_the_token_check_compares_equal_length_digests_in_constant_time(monkeypatch):
+    """Timing cannot be asserted on a shared machine; what makes it constant can: every offered token,
+    whatever its length, reaches hmac.compare_digest as a 32-byte digest beside the token's digest."""
+    from support import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "files" / "orchestratord"))
+    from orchestratord import auth
+
+    compared: list[tuple[bytes, bytes]] = []
+    real_compare = auth.hmac.compare_digest
+
+    def recording_compare(a, b):
+        compared.append((a, b))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", recording_compare)
+    check = auth.BearerAuth(TEST_TOKEN)
+    offered = ["short", "z" * len(TEST_TOKEN), TEST_TOKEN + "-and-more", TEST_TOKEN]
+    answers = [check.allows(f"Bearer {token}") for token in offered]
+
+    assert answers == [False, False, False, True]
+    assert len(compared) == len(offered)
+    assert all(len(a) == len(b) == 32 for a, b in compared)
+    assert all(TEST_TOKEN.encode() not in (a, b) for a, b in compared)  # never the raw token
