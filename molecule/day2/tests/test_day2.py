@@ -143,11 +143,12 @@ def changed(report: dict[str, Any], host: str) -> int:
 
 
 def task_results(report: dict[str, Any], task_name: str, host: str) -> list[dict[str, Any]]:
+    """One host's results of a task, found by its name (a role's tasks are named "<role> : <name>")."""
     return [
         task["hosts"][host]
         for play in report["plays"]
         for task in play["tasks"]
-        if task["task"]["name"] == task_name and host in task["hosts"]
+        if task["task"]["name"].split(" : ")[-1] == task_name and host in task["hosts"]
     ]
 
 
