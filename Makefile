@@ -12,13 +12,14 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_ROLES_PATH := $(CURDIR)/roles
 
-.PHONY: help venv lint test unit molecule lab lab-down bench system-deps
+.PHONY: help venv lint sanity test unit molecule lab lab-down bench system-deps
 
 help:
 	@echo "make lab        bring up the podman lab (1 control host, 2 GPU nodes) and print its state"
 	@echo "make lab-down   remove the lab"
 	@echo "make test       lint + pytest + molecule (what CI runs)"
 	@echo "make unit       pytest only;  make lint  linters only;  make molecule  molecule only"
+	@echo "make sanity     ansible-test sanity on the built collection (part of make lint)"
 	@echo "make bench      run the benchmarks in bench/ (prints figures)"
 
 venv: $(VENV)/.stamp
@@ -38,6 +39,22 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint -q
+	$(MAKE) --no-print-directory sanity
+
+# ansible-test sanity on what users install: the collection is built and installed into a temporary
+# collections path, and every test that needs no container runs there. ansible-test keeps one venv per
+# test under ~/.ansible/test/venv (outside the clone, so a second run reuses them). Its pip bootstrap
+# script is downloaded from ci-files.testing.ansible.com; tests/sanity/get_pip.py stands in for it where
+# that host cannot be reached.
+ANSIBLE_TEST_CACHE := $(HOME)/.ansible/test/cache
+sanity: venv
+	@pip_version=$$(grep -oP "pip='\K[0-9.]+" $(VENV)/lib/python3*/site-packages/ansible_test/_internal/python_requirements.py); \
+	get_pip="$(ANSIBLE_TEST_CACHE)/get_pip_$${pip_version//./_}.py"; \
+	if [[ ! -s "$$get_pip" ]]; then mkdir -p "$(ANSIBLE_TEST_CACHE)"; cp tests/sanity/get_pip.py "$$get_pip"; fi; \
+	work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	$(BIN)/ansible-galaxy collection build --output-path "$$work" . >/dev/null; \
+	$(BIN)/ansible-galaxy collection install --force -p "$$work" "$$work"/llorch-kit-*.tar.gz >/dev/null; \
+	cd "$$work/ansible_collections/llorch/kit" && $(CURDIR)/$(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no
 
 unit: venv
 	$(BIN)/pytest -q tests

@@ -2,8 +2,9 @@
 # Installs what a fresh Debian 12 machine lacks for the tests and the lab:
 # podman with runc (crun fails in this sandbox), debootstrap for the lab image,
 # an ssh client for the lab's connection, python3-venv for the dev venv.
+# It also installs the shell linter that ansible-test sanity runs on scripts.
 set -euo pipefail
-wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns)
+wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck)
 missing=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

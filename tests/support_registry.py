@@ -15,6 +15,9 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +220,65 @@ class TlsProxy:
         self._server.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+class _ReadHookHandler(BaseHTTPRequestHandler):
+    server: ReadHookRelay
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def relay(self) -> None:
+        relay = self.server
+        if self.command == "GET":
+            with relay.lock:
+                relay.reads += 1
+                hook = relay.hooks.pop(relay.reads, None)
+            if hook is not None:
+                hook()  # before the read is answered: this read already sees what the hook changed
+        length = int(self.headers.get("Content-Length") or 0)
+        request = urllib.request.Request(
+            relay.daemon.url + self.path,
+            data=self.rfile.read(length) if length else None,
+            method=self.command,
+            headers={k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                status, body = answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = relay
+
+
+class ReadHookRelay(ThreadingHTTPServer):
+    """Relays to a daemon and runs `hooks[n]` when the n-th GET arrives, before answering it.
+
+    A wait that polls the registry then meets a change made while it waits, at a known point (after it
+    has seen the old state at least once) and without the test sleeping: `hooks={2: go_online}`.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, daemon: Daemon, hooks: dict[int, Any]):
+        super().__init__(("127.0.0.1", 0), _ReadHookHandler)
+        self.daemon = daemon
+        self.hooks = dict(hooks)
+        self.reads = 0
+        self.lock = threading.Lock()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> ReadHookRelay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+        self.server_close()

@@ -11,8 +11,17 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from support import free_port
-from support_registry import TlsProxy, add_node, ansible_env, node_record, run, run_tasks
+from support import free_port, sample_registration
+from support_registry import (
+    ReadHookRelay,
+    TlsProxy,
+    add_node,
+    ansible_env,
+    node_record,
+    run,
+    run_tasks,
+    send_heartbeat,
+)
 
 URL_AND_TOKEN_FROM_ENV: dict = {}  # the modules read LLORCH_URL / LLORCH_API_TOKEN themselves
 
@@ -115,6 +124,118 @@ def test_drain_wait_fails_with_the_busy_slot_count_and_succeeds_when_idle(slow_d
     assert "node gpu-a still had 6 busy slot(s) after 1 s" in busy["msg"]
     assert node_record(slow_daemon, "gpu-a")["drain"] is True  # the drain itself stays
     assert not idle.get("failed") and idle["changed"] and idle["busy_slots"] == 0
+
+
+def wait_task(node_id: str, **waits) -> dict:
+    return {"llorch.kit.llorch_nodes_info": {"node_id": node_id, **waits}, "ignore_errors": True}
+
+
+def test_nodes_info_waits_for_a_node_that_registers_and_comes_online_during_the_wait(slow_daemon, tmp_path):
+    registration = sample_registration("gpu-late", pools=2)
+
+    def register_and_beat() -> None:
+        assert slow_daemon.api("POST", "/v2/nodes/register", registration).status == 200
+        send_heartbeat(slow_daemon, registration, ["m1"])
+
+    # The first read finds no node (404); the node registers and beats before the second is answered.
+    with ReadHookRelay(slow_daemon, {2: register_and_beat}) as relay:
+        env = ansible_env(slow_daemon, tmp_path, LLORCH_URL=relay.url)
+        (waited,) = run_tasks(env, tmp_path, [wait_task("gpu-late", wait_status=["online"], wait_timeout=60)])
+        reads = relay.reads
+
+    assert not waited.get("failed"), waited
+    assert waited["count"] == 1 and waited["nodes"][0]["status"] == "online"
+    assert reads >= 2
+
+
+def test_nodes_info_waits_for_models_listed_during_the_wait_also_in_check_mode(slow_daemon, tmp_path):
+    registration = add_node(slow_daemon, "gpu-a", ["m1"])
+    staged = ["m1", "meta-llama/Llama-3.1-8B-Instruct"]
+    with ReadHookRelay(slow_daemon, {2: lambda: send_heartbeat(slow_daemon, registration, staged)}) as relay:
+        env = ansible_env(slow_daemon, tmp_path, LLORCH_URL=relay.url)
+        task = wait_task("gpu-a", wait_status=["online", "draining"], wait_models=staged, wait_timeout=60)
+        (waited,) = run_tasks(env, tmp_path, [{**task, "check_mode": True}])
+        reads = relay.reads
+
+    assert not waited.get("failed"), waited
+    assert sorted(waited["nodes"][0]["models"]) == sorted(staged)
+    assert reads >= 2
+
+
+def test_nodes_info_wait_returns_at_once_when_the_node_already_matches(slow_daemon, tmp_path):
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    with ReadHookRelay(slow_daemon, {}) as relay:
+        env = ansible_env(slow_daemon, tmp_path, LLORCH_URL=relay.url)
+        (waited,) = run_tasks(
+            env, tmp_path, [wait_task("gpu-a", wait_status=["online"], wait_models=["m1"], wait_timeout=60)]
+        )
+        reads = relay.reads
+    assert not waited.get("failed") and waited["nodes"][0]["node_id"] == "gpu-a", waited
+    assert reads == 1
+
+
+def test_nodes_info_wait_times_out_saying_what_it_last_saw(slow_daemon, tmp_path):
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    env = ansible_env(slow_daemon, tmp_path)
+    missing_models, unknown_node, no_node_id, negative = run_tasks(
+        env,
+        tmp_path,
+        [
+            wait_task("gpu-a", wait_status=["online"], wait_models=["m1", "m2", "m3"], wait_timeout=1),
+            wait_task("gpu-never", wait_status=["online"], wait_timeout=1),
+            {"llorch.kit.llorch_nodes_info": {"wait_status": ["online"]}, "ignore_errors": True},
+            wait_task("gpu-a", wait_status=["online"], wait_timeout=-1),
+        ],
+    )
+    assert missing_models["msg"] == (
+        f"node gpu-a did not reach status online and models m1, m2, m3 listed at {slow_daemon.url} "
+        "within 1 s; last seen: status online, models not listed: m2, m3"
+    )
+    assert unknown_node["msg"] == (
+        f"node gpu-never did not reach status online at {slow_daemon.url} within 1 s; "
+        "last seen: the registry does not know the node"
+    )
+    assert missing_models["nodes"][0]["models"] == ["m1"]  # the last record seen travels with the failure
+    assert unknown_node["nodes"] == [] and unknown_node["count"] == 0
+    assert no_node_id["failed"] and "node_id" in no_node_id["msg"] and "wait_status" in no_node_id["msg"]
+    assert negative["msg"] == "wait_timeout must be 0 or more seconds, got -1"
+
+
+def test_present_with_wait_returns_once_the_node_comes_online_during_the_wait(slow_daemon, tmp_path):
+    # Registered, never heard from: "registering" until its first heartbeat, as after a fresh start.
+    registration = add_node(slow_daemon, "gpu-a", heartbeat=False)
+    add_node(slow_daemon, "gpu-quiet", heartbeat=False)
+    with ReadHookRelay(slow_daemon, {3: lambda: send_heartbeat(slow_daemon, registration, ["m1"])}) as relay:
+        env = ansible_env(slow_daemon, tmp_path, LLORCH_URL=relay.url)
+        came_online, stayed_quiet = run_tasks(
+            env,
+            tmp_path,
+            [
+                node_task("present", wait=True, wait_timeout=60),
+                {
+                    **node_task("present", wait=True, wait_timeout=1, node_id="gpu-quiet"),
+                    "ignore_errors": True,
+                },
+            ],
+        )
+
+    assert not came_online.get("failed"), came_online
+    assert not came_online["changed"] and came_online["node"]["status"] == "online"
+    assert stayed_quiet["msg"] == (
+        f"node gpu-quiet was not online at {relay.url} after 1 s of waiting; last seen: status registering"
+    )
+
+
+def test_drain_wait_returns_once_the_last_request_finishes_during_the_wait(slow_daemon, tmp_path):
+    registration = add_node(slow_daemon, "gpu-a", ["m1"], slots_free=1)
+    finish = {3: lambda: send_heartbeat(slow_daemon, registration, ["m1"])}  # every slot free again
+    with ReadHookRelay(slow_daemon, finish) as relay:
+        env = ansible_env(slow_daemon, tmp_path, LLORCH_URL=relay.url)
+        (drained,) = run_tasks(env, tmp_path, [node_task("drained", wait=True, wait_timeout=60)])
+        reads = relay.reads
+
+    assert not drained.get("failed"), drained
+    assert drained["changed"] and drained["busy_slots"] == 0 and reads >= 3
 
 
 class _RacingHandler(BaseHTTPRequestHandler):
@@ -313,6 +434,53 @@ def test_errors_name_the_registry_and_never_show_the_token(daemon, tmp_path):
     for output in (json.dumps(results), verbose.stdout + verbose.stderr):
         assert wrong_token not in output
         assert daemon.token not in output
+
+
+def test_a_token_file_others_could_read_or_swap_is_refused_as_the_services_refuse_it(daemon, tmp_path):
+    """The controller reads token_file with the contract's reader: owner-only, no link, UTF-8, not empty."""
+    good = tmp_path / "token"
+    good.write_text(daemon.token + "\n")
+    good.chmod(0o600)
+    group_readable = tmp_path / "group-readable"
+    group_readable.write_text(daemon.token + "\n")
+    group_readable.chmod(0o640)
+    world_readable = tmp_path / "world-readable"
+    world_readable.write_text(daemon.token + "\n")
+    world_readable.chmod(0o604)
+    link = tmp_path / "link-to-token"
+    link.symlink_to(good)
+    not_utf8 = tmp_path / "latin1"
+    not_utf8.write_bytes(b"\xe9" * 40 + b"\n")
+    not_utf8.chmod(0o600)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    cases = [good, group_readable, world_readable, link, not_utf8, empty]
+    # The env token is right: a refused file must fail the task, never fall back to it.
+    env = ansible_env(daemon, tmp_path)
+    results = run_tasks(
+        env,
+        tmp_path,
+        [
+            {"llorch.kit.llorch_nodes_info": {"token_file": str(path)}, "ignore_errors": True}
+            for path in cases
+        ],
+    )
+    by_name = dict(zip([path.name for path in cases], results, strict=True))
+    assert not by_name["token"].get("failed") and by_name["token"]["count"] == 0, by_name["token"]
+    assert by_name["group-readable"]["msg"] == (
+        f"cannot read token_file {group_readable}: readable by group or others (mode 0640): "
+        f"run chmod 600 {group_readable}"
+    )
+    assert "readable by group or others (mode 0604)" in by_name["world-readable"]["msg"]
+    assert by_name["link-to-token"]["msg"] == (
+        f"cannot read token_file {link}: a symbolic link; name the file itself"
+    )
+    assert by_name["latin1"]["msg"] == f"cannot read token_file {not_utf8}: not UTF-8 text (at byte 0)"
+    assert by_name["empty"]["msg"] == f"cannot read token_file {empty}: empty"
+    for result in results:
+        assert "Traceback" not in json.dumps(result)
+        assert daemon.token not in json.dumps(result)
 
 
 class RawTcpServer:

@@ -71,8 +71,16 @@ def no_server_error(ctx: CheckContext, response, case) -> bool | None:
     return not_a_server_error(ctx, response, case)
 
 
-# Rules across fields that JSON Schema cannot state; the document describes them in words.
-CROSS_FIELD_RULES = ("duplicate pool_id", "must not exceed slots_total")
+# Rules across fields, or against the node's registration and the daemon's limits, that JSON Schema cannot
+# state; the document describes them in words.
+CROSS_FIELD_RULES = (
+    "duplicate pool_id",
+    "must not exceed slots_total",
+    "must not exceed vram_total_bytes",
+    "not in the node's registration",
+    "max_pools_per_node",
+    "max_models_per_node",
+)
 
 
 def accepts_valid_data(ctx: CheckContext, response, case) -> bool | None:

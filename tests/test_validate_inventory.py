@@ -90,3 +90,30 @@ def test_bad_rolling_batch_is_refused(tmp_path):
     rc, message = validate(tmp_path, inventory(llorch_node_serial="lots"))
     assert rc != 0
     assert "llorch_node_serial is 'lots'" in message
+
+
+def test_a_node_id_the_registry_refuses_is_refused_naming_the_host(tmp_path):
+    inv = inventory()
+    inv["all"]["children"]["gpu_nodes"]["hosts"]["gpu-1"]["pool_managerd_node_id"] = ".."
+    rc, message = validate(tmp_path, inv)
+    assert rc != 0
+    assert 'The node id of gpu-1 is ".."' in message
+
+
+def test_model_ids_are_checked_with_the_contract_rule_hub_ids_included(tmp_path):
+    good = inventory()
+    good["all"]["children"]["gpu_nodes"]["hosts"]["gpu-1"]["model_staging_models"] = [
+        {"id": "meta-llama/Llama-3.1-8B-Instruct", "source": "/srv/m.gguf", "sha256": "0" * 64}
+    ]
+    rc, message = validate(tmp_path, good)
+    assert rc == 0, message
+
+    bad = inventory()
+    bad["all"]["children"]["gpu_nodes"]["hosts"]["gpu-1"]["model_staging_models"] = [
+        {"id": "ok-model", "source": "/srv/m.gguf", "sha256": "0" * 64},
+        {"id": "has space", "source": "/srv/n.gguf", "sha256": "0" * 64},
+    ]
+    (tmp_path / "bad").mkdir()
+    rc, message = validate(tmp_path / "bad", bad)
+    assert rc != 0
+    assert 'model_staging_models of gpu-1 has the model ids ["has space"]' in message

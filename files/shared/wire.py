@@ -122,6 +122,12 @@ def check_heartbeat(body: Heartbeat) -> Heartbeat:
                 f"$.pools[{number}].slots_free",
                 f"slots_free ({pool.slots_free}) must not exceed slots_total ({pool.slots_total})",
             )
+        if pool.vram_free_bytes > pool.vram_total_bytes:
+            raise ValidationProblem(
+                f"$.pools[{number}].vram_free_bytes",
+                f"vram_free_bytes ({pool.vram_free_bytes}) must not exceed vram_total_bytes "
+                f"({pool.vram_total_bytes})",
+            )
         if pool.pool_id in seen:
             raise ValidationProblem(f"$.pools[{number}].pool_id", f"duplicate pool_id {pool.pool_id!r}")
         seen.add(pool.pool_id)

@@ -1,34 +1,21 @@
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The connection options shared by the llorch_registry inventory plugin and the llorch_* modules."""
 
 from __future__ import annotations
 
 
 class ModuleDocFragment:
-    # The env entries drive the inventory plugin's option resolution; the modules read the same
-    # variables through the argument spec's fallbacks in module_utils/llorch_api.py.
+    # llorch.kit.llorch: the options every llorch module and the inventory plugin take, but url and token.
+    # Each of those two has an environment fallback, which only a plugin may declare as `env:` (Ansible
+    # resolves a plugin's options from it; validate-modules refuses it in module docs, where the argument
+    # spec's fallbacks in module_utils/llorch_api.py read the same variables). So they are documented in
+    # two small fragments, MODULE and PLUGIN, that differ only by the env entries: keep them in step.
     DOCUMENTATION = r"""
 options:
-  url:
-    description:
-      - Base URL of orchestratord, the registry, as the Ansible controller reaches it
-        (for example C(http://llorch-control:9200)).
-      - Falls back to the E(LLORCH_URL) environment variable.
-    type: str
-    env:
-      - name: LLORCH_URL
-  token:
-    description:
-      - Bearer token for the registry's C(/v2) API.
-      - Falls back to the E(LLORCH_API_TOKEN) environment variable.
-      - Prefer O(token_file) or the environment over writing the token into a playbook; it is never logged.
-    type: str
-    env:
-      - name: LLORCH_API_TOKEN
   token_file:
     description:
-      - Path to a file (mode 0600) that holds the token.
+      - Path to a file that holds the token, readable by its owner only (mode 0600), not a symbolic link.
       - When set, it wins over O(token) and E(LLORCH_API_TOKEN).
     type: path
   validate_certs:
@@ -48,4 +35,42 @@ options:
 notes:
   - Errors name the registry URL and what failed (for example
     C(token rejected by http://ctl:9200 (401))) and never contain the token.
+"""
+
+    # llorch.kit.llorch.module: url and token for the modules.
+    MODULE = r"""
+options:
+  url:
+    description:
+      - Base URL of orchestratord, the registry, as the Ansible controller reaches it
+        (for example C(http://llorch-control:9200)).
+      - Falls back to the E(LLORCH_URL) environment variable.
+    type: str
+  token:
+    description:
+      - Bearer token for the registry's C(/v2) API.
+      - Falls back to the E(LLORCH_API_TOKEN) environment variable.
+      - Prefer O(token_file) or the environment over writing the token into a playbook; it is never logged.
+    type: str
+"""
+
+    # llorch.kit.llorch.plugin: url and token for the inventory plugin, with their env entries.
+    PLUGIN = r"""
+options:
+  url:
+    description:
+      - Base URL of orchestratord, the registry, as the Ansible controller reaches it
+        (for example C(http://llorch-control:9200)).
+      - Falls back to the E(LLORCH_URL) environment variable.
+    type: str
+    env:
+      - name: LLORCH_URL
+  token:
+    description:
+      - Bearer token for the registry's C(/v2) API.
+      - Falls back to the E(LLORCH_API_TOKEN) environment variable.
+      - Prefer O(token_file) or the environment over writing the token into a playbook; it is never logged.
+    type: str
+    env:
+      - name: LLORCH_API_TOKEN
 """

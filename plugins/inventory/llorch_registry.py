@@ -1,14 +1,6 @@
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
-
-import json
-import re
-from urllib.parse import urlsplit
-
-from ansible.errors import AnsibleParserError
-from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
-from ansible_collections.llorch.kit.plugins.module_utils import llorch_api
 
 DOCUMENTATION = r"""
 name: llorch_registry
@@ -28,6 +20,7 @@ extends_documentation_fragment:
   - constructed
   - inventory_cache
   - llorch.kit.llorch
+  - llorch.kit.llorch.plugin
 options:
   plugin:
     description: The name of this plugin; it marks the file as one for this plugin.
@@ -85,10 +78,19 @@ cache_connection: ~/.cache/llorch-inventory
 cache_timeout: 60
 """
 
+# Below the documentation blocks, where ansible-test's validate-modules wants imports.
+import json  # noqa: E402
+import re  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+from ansible.errors import AnsibleParserError  # noqa: E402
+from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils import llorch_api  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import NODE_STATUSES  # noqa: E402
 
 BASE_GROUP = "llorch_nodes"
 CACHE_FORMAT = 2  # 2: ansible_host is no longer in the cached records (set_ansible_host adds it on reading)
-STATUS_GROUPS = {status: f"llorch_{status}" for status in llorch_api.NODE_STATUSES}
+STATUS_GROUPS = {status: f"llorch_{status}" for status in NODE_STATUSES}
 _UNSAFE_IN_GROUP = re.compile(r"[^A-Za-z0-9_]")
 
 

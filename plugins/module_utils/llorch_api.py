@@ -1,5 +1,5 @@
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The one client for the orchestratord registry, shared by the inventory plugin and every module.
 
 It sits on Ansible's own ``open_url`` so that proxies, CA bundles and ``validate_certs`` behave as
@@ -18,11 +18,16 @@ import json
 import os
 import socket
 import ssl
+import time
 from datetime import UTC, datetime
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 
 from ansible.module_utils.basic import env_fallback
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (
+    SecretFileError,
+    read_secret_file,
+)
 
 # The options every llorch module takes; documented once in plugins/doc_fragments/llorch.py.
 LLORCH_ARGUMENT_SPEC = {
@@ -34,7 +39,9 @@ LLORCH_ARGUMENT_SPEC = {
     "timeout": {"type": "int", "default": 10},
 }
 
-NODE_STATUSES = ("registering", "online", "draining", "offline")
+# How often a wait re-reads a node: one GET per poll is cheap for the registry, and a person waiting on a
+# playbook notices half a second at most.
+POLL_INTERVAL_S = 0.5
 
 # Short phrases for the errno values an operator meets most; anything else falls back to strerror.
 _ERRNO_PHRASES = {
@@ -56,15 +63,18 @@ class LlorchApiError(Exception):
 
 
 def read_token_file(path: str) -> str:
-    """The token stored in `path` (surrounding whitespace stripped)."""
+    """The token stored in `path`, read the way the services read theirs (the contract's reader).
+
+    The file may sit in a folder another user can write: no link is followed, and a file that group or
+    others can read is refused, as orchestratord and pool-managerd refuse it.
+    """
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as handle:
-            token = handle.read().strip()
-    except OSError as exc:
-        raise LlorchApiError(f"cannot read token_file {path}: {exc.strerror or exc}") from None
-    if not token:
-        raise LlorchApiError(f"token_file {path} is empty")
-    return token
+        return read_secret_file(path, what="token_file")
+    except SecretFileError as exc:
+        # "token_file P is readable by group ..." -> "cannot read token_file P: readable by group ..."
+        prefix = f"token_file {os.path.expanduser(path)}"
+        reason = str(exc).removeprefix(prefix).lstrip(":").strip().removeprefix("is ")
+        raise LlorchApiError(f"cannot read token_file {path}: {reason}") from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -253,6 +263,21 @@ class LlorchClient:
     def catalog_models(self) -> list[dict]:
         answer = self.request("GET", "/v2/catalog/models")
         return answer.get("models", []) if isinstance(answer, dict) else []
+
+
+def wait_for_node(client: LlorchClient, node_id: str, ready, timeout_s: float) -> tuple[dict | None, bool]:
+    """Re-read the node until `ready(node)` holds: (node, True), or (the last record seen, False) once
+    `timeout_s` runs out. The record is None while the registry does not know the node (an agent that has
+    not registered yet, or registers again after a restart), which is waited out like any other state."""
+    deadline = time.monotonic() + max(timeout_s, 0)
+    while True:
+        node = client.get_node(node_id)
+        if node is not None and ready(node):
+            return node, True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return node, False
+        time.sleep(min(POLL_INTERVAL_S, remaining))
 
 
 def busy_slots(node: dict) -> int:

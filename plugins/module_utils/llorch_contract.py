@@ -1,5 +1,5 @@
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The rules every llorch process agrees on, in one place.
 
 orchestratord, pool-managerd, the modules, the inventory plugin and the roles' checks all take their id
@@ -54,6 +54,16 @@ def shown(value: str, limit: int = 40) -> str:
 # --- node statuses --------------------------------------------------------------------------------------
 
 NODE_STATUSES = ("registering", "online", "draining", "offline")
+
+
+# --- what one node may claim ---------------------------------------------------------------------------
+
+# orchestratord's defaults for its max_pools_per_node and max_models_per_node settings (distinct model ids
+# over all of a node's pools); an agent can hold itself to the same numbers before it reports. The models
+# default is MAX_MANIFEST_ENTRIES (below): a node reports what its manifest lists, so every manifest this
+# contract accepts fits, and an operator who lowers the setting must keep each node's manifest under it.
+DEFAULT_MAX_POOLS_PER_NODE = 64
+DEFAULT_MAX_MODELS_PER_NODE = 4096
 
 
 # --- secret files ---------------------------------------------------------------------------------------
@@ -198,7 +208,7 @@ def open_or_create_regular_at(dir_fd: int, name: str, mode: int = 0o600) -> int:
 
     OSError(ELOOP) for a symbolic link, EINVAL for another kind of file, EMLINK for a hard-linked one.
     """
-    for _ in range(3):
+    for _attempt in range(3):
         try:
             return open_regular_at(dir_fd, name, os.O_RDWR)
         except FileNotFoundError:

@@ -291,7 +291,7 @@ def stream_into(read_into, fd: int, hasher) -> int:
     written even when the read fails, so the partial file keeps them for a resume. Returns bytes written.
     """
     free_buffers: queue.Queue = queue.Queue()
-    for _ in range(PIPELINE_DEPTH):
+    for _buffer in range(PIPELINE_DEPTH):
         free_buffers.put(bytearray(CHUNK_BYTES))
     to_hash: queue.Queue = queue.Queue()
     to_write: queue.Queue = queue.Queue()
@@ -657,7 +657,7 @@ class Stager:
 
         Never through a link planted at the name: that would make root write, chmod and rename whatever
         the link points to."""
-        for _ in range(5):
+        for _attempt in range(5):
             try:
                 fd = open_or_create_regular_at(self.dir_fd, self.partial_name, 0o600)
             except OSError as exc:

@@ -1,4 +1,5 @@
 # Copyright: llorch-kit contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # The one nvidia-smi parser of the kit: the pool-managerd agent and the nvidia_gpu_facts module both use it.
 """Run nvidia-smi and read what it prints, defensively.
 
@@ -42,10 +43,10 @@ import contextlib
 import csv
 import re
 import subprocess
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from xml.etree import ElementTree
 
 MIB = 1024 * 1024
 
@@ -423,7 +424,7 @@ def _indented_entries(lines: list) -> list:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         key = key.strip()
-        path = (*(name for _, name in stack), key)
+        path = (*(name for _indent, name in stack), key)
         entries.append((path, value.strip() if sep else None))
         if not sep:
             stack.append((indent, key))
@@ -491,9 +492,9 @@ def _text_block_is_whole(lines: list) -> bool:
     """Whether a -q GPU section reaches its end: every driver prints a top-level Processes entry in it
     ("Processes", "Compute Processes" on old drivers), after the memory and clock sections."""
     entries = _indented_entries(lines)
-    if not any(path == ("Product Name",) for path, _ in entries):
+    if not any(path == ("Product Name",) for path, _value in entries):
         return True  # a `-q -d ...` selection prints neither; the missing product name is refused instead
-    return any(len(path) == 1 and path[0].endswith("Processes") for path, _ in entries)
+    return any(len(path) == 1 and path[0].endswith("Processes") for path, _value in entries)
 
 
 def parse_query_text(text: str) -> ProbeResult:

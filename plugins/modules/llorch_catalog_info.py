@@ -1,14 +1,7 @@
 #!/usr/bin/python
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
-
-from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (
-    LLORCH_ARGUMENT_SPEC,
-    LlorchApiError,
-    LlorchClient,
-)
 
 DOCUMENTATION = r"""
 module: llorch_catalog_info
@@ -20,6 +13,7 @@ description:
     C(GET /v2/catalog/availability), counted per online node.
 extends_documentation_fragment:
   - llorch.kit.llorch
+  - llorch.kit.llorch.module
 options:
   model:
     description:
@@ -33,7 +27,7 @@ attributes:
     support: none
     description: Nothing to compare; the module changes nothing.
 author:
-  - llorch-kit contributors
+  - llorch-kit contributors (@llorch-kit)
 """
 
 EXAMPLES = r"""
@@ -109,6 +103,14 @@ availability:
       models: [meta-llama/Llama-3.1-8B-Instruct]
       pools: [{pool_id: pool-0, ready: true, models: [meta-llama/Llama-3.1-8B-Instruct]}]
 """
+
+# Below the documentation blocks, where ansible-test's validate-modules wants imports.
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (  # noqa: E402
+    LLORCH_ARGUMENT_SPEC,
+    LlorchApiError,
+    LlorchClient,
+)
 
 
 def main():

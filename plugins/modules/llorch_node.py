@@ -1,18 +1,7 @@
 #!/usr/bin/python
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
-
-import time
-
-from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (
-    LLORCH_ARGUMENT_SPEC,
-    LlorchApiError,
-    LlorchClient,
-    busy_slots,
-    is_drained,
-)
 
 DOCUMENTATION = r"""
 module: llorch_node
@@ -21,12 +10,14 @@ description:
   - Sets a registered node's place in the llorch registry (orchestratord).
   - C(drained) asks the registry to stop placing work on the node; with O(wait) the module then waits until
     the node's pools report no busy slots.
-  - C(present) undrains a drained node. It cannot create one, because nodes join the registry themselves when
+  - C(present) undrains a drained node; with O(wait) the module then waits until the node is online. It cannot
+    create one, because nodes join the registry themselves when
     their pool-managerd starts.
   - C(absent) removes the node's record. A node whose agent still runs registers again at its next heartbeat;
     stop pool-managerd first to remove a node for good.
 extends_documentation_fragment:
   - llorch.kit.llorch
+  - llorch.kit.llorch.module
 options:
   node_id:
     description: The node's id in the registry.
@@ -39,12 +30,14 @@ options:
     default: present
   wait:
     description:
-      - With O(state=drained), wait until the node's pools report no busy slots, and fail if O(wait_timeout)
-        runs out first. Ignored for other states and in check mode.
+      - With O(state=drained), wait until the node's pools report no busy slots (its requests finished).
+      - With O(state=present), wait until the node is C(online), the way a restarted or undrained node comes
+        back at its agent's next heartbeat (an agent that registers again after a restart is waited for too).
+      - Fail if O(wait_timeout) runs out first. Ignored for O(state=absent) and in check mode.
     type: bool
     default: false
   wait_timeout:
-    description: Seconds to wait for the node to become idle.
+    description: Seconds to wait for the node to become idle (drained) or online (present).
     type: int
     default: 300
 attributes:
@@ -55,12 +48,12 @@ attributes:
     support: full
     description: Shows the node's state (present, drained, absent) before and after.
 author:
-  - llorch-kit contributors
+  - llorch-kit contributors (@llorch-kit)
 """
 
 EXAMPLES = r"""
 - name: Drain gpu-3 and wait up to ten minutes for its requests to finish
-  llorch_node:
+  llorch.kit.llorch_node:
     url: "{{ llorch_controller_url }}"
     token: "{{ llorch_api_token }}"
     node_id: gpu-3
@@ -69,13 +62,15 @@ EXAMPLES = r"""
     wait_timeout: 600
   no_log: true
 
-- name: Put gpu-3 back into service (url and token from LLORCH_URL / LLORCH_API_TOKEN)
-  llorch_node:
+- name: Put gpu-3 back into service and wait until it is online (url and token from the environment)
+  llorch.kit.llorch_node:
     node_id: gpu-3
     state: present
+    wait: true
+    wait_timeout: 120
 
 - name: Forget gpu-3 after its agent was stopped
-  llorch_node:
+  llorch.kit.llorch_node:
     node_id: gpu-3
     state: absent
 """
@@ -103,9 +98,21 @@ state_before:
   sample: present
 """
 
+# Below the documentation blocks, where ansible-test's validate-modules wants imports.
+import time  # noqa: E402
 
-# How often to re-read the node while waiting; one GET per poll is cheap for the registry.
-POLL_INTERVAL_S = 0.5
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (  # noqa: E402
+    LLORCH_ARGUMENT_SPEC,
+    POLL_INTERVAL_S,
+    LlorchApiError,
+    LlorchClient,
+    busy_slots,
+    is_drained,
+    wait_for_node,
+)
+
+ONLINE = "online"
 
 
 def node_state(node: dict | None) -> str:
@@ -127,6 +134,17 @@ def wait_until_idle(client: LlorchClient, node_id: str, node: dict, timeout_s: i
         node = client.get_node(node_id)
         if node is None:
             raise LlorchApiError(f"node {node_id} left the registry at {client.url} while draining")
+    return node
+
+
+def wait_until_online(client: LlorchClient, node_id: str, timeout_s: int) -> dict:
+    """Re-read the node until it is online; raise with what was last seen once `timeout_s` runs out."""
+    node, online = wait_for_node(client, node_id, lambda node: node.get("status") == ONLINE, timeout_s)
+    if not online:
+        seen = f"status {node.get('status')}" if node else "the registry does not know it"
+        raise LlorchApiError(
+            f"node {node_id} was not online at {client.url} after {timeout_s} s of waiting; last seen: {seen}"
+        )
     return node
 
 
@@ -165,8 +183,11 @@ def main():
                 node = client.set_drain(node_id, wanted == "drained")
         elif result["changed"]:
             node = None if wanted == "absent" else expected_node(node, wanted)
-        if wanted == "drained" and module.params["wait"] and not module.check_mode:
-            node = wait_until_idle(client, node_id, node, module.params["wait_timeout"])
+        if module.params["wait"] and not module.check_mode:
+            if wanted == "drained":
+                node = wait_until_idle(client, node_id, node, module.params["wait_timeout"])
+            elif wanted == "present":
+                node = wait_until_online(client, node_id, module.params["wait_timeout"])
     except LlorchApiError as exc:
         module.fail_json(msg=str(exc), **result)
 

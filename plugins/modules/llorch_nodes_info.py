@@ -1,16 +1,7 @@
 #!/usr/bin/python
 # Copyright: llorch-kit contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
-
-from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (
-    LLORCH_ARGUMENT_SPEC,
-    NODE_STATUSES,
-    LlorchApiError,
-    LlorchClient,
-    node_summary,
-)
 
 DOCUMENTATION = r"""
 module: llorch_nodes_info
@@ -20,8 +11,12 @@ description:
     node by id.
   - Each node comes back as the registry sends it, plus a C(summary) of figures a person or a C(when:) reads
     directly (pools ready, free slots, free VRAM, seconds since the last heartbeat).
+  - With O(node_id) and O(wait_status) or O(wait_models), it waits until the registry knows the node and the
+    node matches (for example until a restarted node is online again, or lists the models just staged), and
+    fails after O(wait_timeout) seconds with what it last saw.
 extends_documentation_fragment:
   - llorch.kit.llorch
+  - llorch.kit.llorch.module
 options:
   node_id:
     description:
@@ -37,20 +32,37 @@ options:
     description:
       - Return only nodes that hold this model.
     type: str
+  wait_status:
+    description:
+      - With O(node_id), wait until the node is in one of these states.
+    type: list
+    elements: str
+    choices: [registering, online, draining, offline]
+  wait_models:
+    description:
+      - With O(node_id), wait until the node lists every one of these model ids (its agent reports the models
+        staged on it at its next heartbeat).
+    type: list
+    elements: str
+  wait_timeout:
+    description:
+      - Seconds to wait for O(wait_status) and O(wait_models) before the task fails.
+    type: int
+    default: 120
 attributes:
   check_mode:
     support: full
-    description: The module only reads; it runs the same in check mode.
+    description: The module only reads; it runs the same in check mode, waits included.
   diff_mode:
     support: none
     description: Nothing to compare; the module changes nothing.
 author:
-  - llorch-kit contributors
+  - llorch-kit contributors (@llorch-kit)
 """
 
 EXAMPLES = r"""
 - name: Read the online nodes that hold Llama 3.1 8B
-  llorch_nodes_info:
+  llorch.kit.llorch_nodes_info:
     url: "{{ llorch_controller_url }}"
     token: "{{ llorch_api_token }}"
     status: [online]
@@ -58,24 +70,25 @@ EXAMPLES = r"""
   register: llama_nodes
   no_log: true
 
-- name: Wait until gpu-1 is online again (url and token from LLORCH_URL / LLORCH_API_TOKEN)
-  llorch_nodes_info:
+- name: Wait until gpu-1 is online and lists the models just staged (url and token from the environment)
+  llorch.kit.llorch_nodes_info:
     node_id: gpu-1
-  register: gpu1
-  until: gpu1.nodes | selectattr('status', 'eq', 'online') | list | length == 1
-  retries: 30
-  delay: 2
+    wait_status: [online]
+    wait_models: [meta-llama/Llama-3.1-8B-Instruct]
+    wait_timeout: 300
 """
 
 RETURN = r"""
 count:
   description: How many nodes were returned.
-  returned: success
+  returned: success, and when a wait runs out
   type: int
   sample: 2
 nodes:
-  description: The nodes, sorted by node id, each as C(GET /v2/nodes) returns it plus C(summary).
-  returned: success
+  description:
+    - The nodes, sorted by node id, each as C(GET /v2/nodes) returns it plus C(summary).
+    - When a wait runs out, the node as last seen (empty when the registry did not know it).
+  returned: success, and when a wait runs out
   type: list
   elements: dict
   contains:
@@ -136,6 +149,49 @@ nodes:
         heartbeat_age_s: 3
 """
 
+# Below the documentation blocks, where ansible-test's validate-modules wants imports.
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (  # noqa: E402
+    LLORCH_ARGUMENT_SPEC,
+    LlorchApiError,
+    LlorchClient,
+    node_summary,
+    wait_for_node,
+)
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import NODE_STATUSES  # noqa: E402
+
+
+def node_matches(node: dict, statuses: list[str] | None, models: list[str] | None) -> bool:
+    return (not statuses or node.get("status") in statuses) and not missing_models(node, models)
+
+
+def missing_models(node: dict, models: list[str] | None) -> list[str]:
+    listed = set(node.get("models") or [])
+    return [model for model in models or [] if model not in listed]
+
+
+def last_seen(node: dict | None, models: list[str] | None) -> str:
+    """What the wait saw last, for the failure message."""
+    if node is None:
+        return "the registry does not know the node"
+    seen = f"status {node.get('status')}"
+    missing = missing_models(node, models)
+    if missing:
+        seen += ", models not listed: " + ", ".join(missing)
+    return seen
+
+
+def wait_message(client: LlorchClient, node_id: str, statuses, models, timeout_s: int, node) -> str:
+    wanted = []
+    if statuses:
+        wanted.append("status " + " or ".join(statuses))
+    if models:
+        wanted.append("models " + ", ".join(models) + " listed")
+    return (
+        f"node {node_id} did not reach {' and '.join(wanted)} at {client.url} within {timeout_s} s; "
+        f"last seen: {last_seen(node, models)}"
+    )
+
 
 def main():
     module = AnsibleModule(
@@ -144,13 +200,32 @@ def main():
             "node_id": {"type": "str"},
             "status": {"type": "list", "elements": "str", "choices": list(NODE_STATUSES)},
             "model": {"type": "str"},
+            "wait_status": {"type": "list", "elements": "str", "choices": list(NODE_STATUSES)},
+            "wait_models": {"type": "list", "elements": "str"},
+            "wait_timeout": {"type": "int", "default": 120},
         },
+        required_by={"wait_status": "node_id", "wait_models": "node_id"},
         supports_check_mode=True,
     )
+    params = module.params
+    node_id, statuses, model = params["node_id"], params["status"], params["model"]
+    wait_status, wait_models = params["wait_status"], params["wait_models"]
+    wait_timeout = params["wait_timeout"]
+    if wait_timeout < 0:
+        module.fail_json(msg=f"wait_timeout must be 0 or more seconds, got {wait_timeout}")
     client = LlorchClient.from_module(module)
-    node_id, statuses, model = (module.params[name] for name in ("node_id", "status", "model"))
     try:
-        if node_id:
+        if node_id and (wait_status or wait_models):
+            node, matched = wait_for_node(
+                client, node_id, lambda node: node_matches(node, wait_status, wait_models), wait_timeout
+            )
+            if not matched:
+                # The last record goes with the failure, so a rescue or an assert can tell what is missing.
+                seen = [{**node, "summary": node_summary(node)}] if node else []
+                message = wait_message(client, node_id, wait_status, wait_models, wait_timeout, node)
+                module.fail_json(msg=message, nodes=seen, count=len(seen))
+            nodes = [node]
+        elif node_id:
             node = client.get_node(node_id)
             nodes = [node] if node else []
         else:

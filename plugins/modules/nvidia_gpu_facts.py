@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: llorch-kit contributors
-# Apache License 2.0
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ansible module: read the NVIDIA driver and GPUs of a host through nvidia-smi."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ description:
     instead of failing the task, so a caller can explain the failure (M(ansible.builtin.assert) in the
     C(gpu_preflight) role does).
 version_added: "0.1.0"
-author: llorch-kit contributors
+author: llorch-kit contributors (@llorch-kit)
 options:
   nvidia_smi:
     description: Path or name (looked up in C(PATH)) of C(nvidia-smi).
@@ -44,10 +44,13 @@ options:
 attributes:
   check_mode:
     support: full
+    description: The module only reads; it runs the same in check mode.
   diff_mode:
     support: none
+    description: Nothing to compare; the module changes nothing.
   facts:
     support: full
+    description: Sets RV(ansible_facts.nvidia_gpu).
 notes:
   - The tests and the lab point O(nvidia_smi) at C(nvidia-smi-standin), a stand-in that replays recorded
     output; it is never installed on a real GPU host.

@@ -1,16 +1,26 @@
-"""`python -m orchestratord --config FILE`: read the settings and the token, then serve."""
+"""`python -m orchestratord --config FILE`: read the settings and the token, then serve.
+
+Exit codes: 0 after a clean stop; 1 when it cannot serve now but a restart may help (the port taken, the
+database's folder not there yet); 2 when a person must act first: a configuration or token problem, or a
+damaged or empty database file. The unit sets RestartPreventExitStatus=2 so it does not loop on those.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 
 from aiohttp import web
 
 from . import __version__
-from .config import ConfigError, load_settings, load_token, token_fingerprint
-from .store import StoreError
+from .config import ConfigError, Settings, load_settings, load_token, token_fingerprint
+from .store import StoreDamaged, StoreError
+
+EXIT_CANNOT_SERVE = 1
+EXIT_PERSON_MUST_ACT = 2
 
 log = logging.getLogger("orchestratord")
 
@@ -25,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         token = load_token(settings)
     except ConfigError as exc:
         print(f"orchestratord: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_PERSON_MUST_ACT
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stderr,
@@ -44,23 +54,40 @@ def main(argv: list[str] | None = None) -> int:
         settings.node_timeout_ms,
     )
     try:
-        web.run_app(
-            create_app(settings, token),
-            host=settings.listen_host,
-            port=settings.listen_port,
-            access_log=None,
-            print=None,
-            handle_signals=True,
-        )
+        asyncio.run(serve(create_app(settings, token), settings))
+    except StoreDamaged as exc:
+        log.error("%s", exc)
+        return EXIT_PERSON_MUST_ACT
     except StoreError as exc:
         log.error("%s", exc)
-        return 1
+        return EXIT_CANNOT_SERVE
     except OSError as exc:
         log.error(
             "cannot serve on %s:%d: %s", settings.listen_host, settings.listen_port, exc.strerror or exc
         )
-        return 1
+        return EXIT_CANNOT_SERVE
     return 0
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """What web.run_app does, plus the connection guard on the server it builds, until SIGTERM/SIGINT."""
+    from .routes import CONNECTIONS
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    try:
+        await runner.setup()  # opens the store: a damaged database stops the start here
+        guard = app[CONNECTIONS]
+        guard.attach(runner.server)
+        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        guard.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        await guard.stop()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The app factory: routes wrapped for auth, errors and timing; the store and background work in cleanup."""
+"""The app factory: the route table behind one middleware; the registry and background work in cleanup_ctx."""
 
 from __future__ import annotations
 
@@ -12,140 +12,32 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import schemas
 from .auth import BearerAuth
 from .config import Settings
+from .connections import ConnectionGuard
+from .limits import Limits
 from .metrics import Metrics
+from .middleware import guard
 from .openapi import build_document
 from .registry import Registry
-from .routes import ENDPOINTS, METRICS, OPENAPI, REGISTRY, ApiError, Endpoint
-from .store import SqliteStore
+from .routes import CONNECTIONS, METRICS, OPENAPI, REGISTRY, routes
+from .store import SqliteStore, StoreUnavailable
+from .views import count_by_status, pools_ready
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0  # heartbeats reach the disk about once a second, in one transaction
 SETTLE_INTERVAL_S = 5.0  # the placement index takes in readings at least this often without reads
 
-HTTP_CODES = {
-    400: "INVALID_PARAMS",
-    401: "UNAUTHORIZED",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    413: "PAYLOAD_TOO_LARGE",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-}
-
-
-def _envelope(status: int, code: str, message: str, headers=None) -> web.Response:
-    return web.Response(
-        body=schemas.encode(schemas.Error(code=code, message=message)),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-UNAUTHORIZED = (401, "UNAUTHORIZED", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-
-
-def _error_response(exc: Exception, request: web.Request) -> web.Response:
-    if isinstance(exc, ApiError):
-        return _envelope(exc.status, exc.code, exc.message, exc.headers)
-    if isinstance(exc, web.HTTPException) and exc.status >= 400:  # aiohttp's own, e.g. 413 from read()
-        code = HTTP_CODES.get(exc.status, "HTTP_ERROR")
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return _envelope(exc.status, code, message)
-    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
-    return _envelope(500, "INTERNAL", "internal error; see the daemon's log")
-
-
-def _guarded(endpoint: Endpoint, auth: BearerAuth, metrics: Metrics | None):
-    """The handler wrapped in what every request gets: auth, query check, the error envelope, timing.
-
-    A wrapper per route rather than an aiohttp middleware: in aiohttp 3.14 any middleware adds two
-    coroutine layers to every request, which measured as a tenth of a heartbeat's whole CPU cost.
-    """
-    handler, method, template = endpoint.handler, endpoint.method, endpoint.path
-    needs_token, accepted_query = endpoint.auth, endpoint.query
-
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        try:
-            if needs_token and not auth.allows(request.headers.get("Authorization")):
-                raise ApiError(*UNAUTHORIZED)
-            if request.query_string:
-                # A misspelt filter (?stauts=offline) must not silently answer everything.
-                for name in request.query:
-                    if name not in accepted_query:
-                        raise ApiError(400, "INVALID_PARAMS", f"unknown query parameter - at `{name}`")
-            response = await handler(request)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            response = _error_response(exc, request)
-        if metrics is not None:
-            metrics.observe_request(method, template, time.perf_counter() - started)
-        return response
-
-    return guarded
-
-
-def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metrics | None):
-    """Every request no route took: 404, or 405 with Allow when the path exists for other methods."""
-
-    async def unmatched(request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        allowed: set[str] = set()
-        for resource in request.app.router.resources():
-            if resource is not fallback:
-                _, methods = await resource.resolve(request)
-                allowed |= methods
-        if request.path.startswith("/v2/") and not auth.allows(request.headers.get("Authorization")):
-            response = _envelope(*UNAUTHORIZED)
-        elif allowed:
-            methods = ", ".join(sorted(allowed))
-            response = _envelope(
-                405,
-                "METHOD_NOT_ALLOWED",
-                f"{request.method} not allowed here; use {methods}",
-                {"Allow": methods},
-            )
-        else:
-            response = _envelope(404, "NOT_FOUND", f"no route for {request.path}")
-        if metrics is not None:
-            metrics.observe_request(request.method, "unmatched", time.perf_counter() - started)
-        return response
-
-    return unmatched
-
-
-def add_endpoints(app: web.Application, auth: BearerAuth, metrics: Metrics | None) -> None:
-    for endpoint in ENDPOINTS:
-        if endpoint.method == "GET":
-            app.router.add_get(endpoint.path, _guarded(endpoint, auth, metrics))
-        else:
-            app.router.add_route(endpoint.method, endpoint.path, _guarded(endpoint, auth, metrics))
-    # Last: tried only after every route above (aiohttp resolves the most specific path first).
-    fallback = app.router.add_resource("/{unmatched_path:.*}")
-    fallback.add_route("*", _unmatched(fallback, auth, metrics))
-
-
-async def _flush_heartbeats(registry: Registry) -> None:
-    rows = registry.take_dirty()
-    if rows:
-        try:
-            await registry.store.write_heartbeats(rows)
-        except Exception:
-            registry.keep_dirty(rows)  # a node that falls silent now must still reach the disk
-            raise
-
 
 async def _write_back(registry: Registry) -> None:
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         try:
-            await _flush_heartbeats(registry)
-        except Exception as exc:  # a full disk must not stop liveness tracking; the next flush retries
+            await registry.flush()
+        except StoreUnavailable:  # logged once by the store; liveness goes on, the next flush retries
+            pass
+        except Exception as exc:
             log.error("writing heartbeats to the database failed: %s", exc)
 
 
@@ -164,18 +56,29 @@ async def _sweep(registry: Registry) -> None:
 
 
 def create_app(settings: Settings, token: str) -> web.Application:
-    store = SqliteStore(settings.db_path)
-    registry = Registry(store, settings.node_timeout_ms, settings.heartbeat_interval_ms)
-    metrics = Metrics(registry.count_by_status, registry.pools_ready) if settings.metrics_enabled else None
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    registry = Registry(
+        SqliteStore(settings.db_path),
+        settings.node_timeout_ms,
+        settings.heartbeat_interval_ms,
+        Limits(settings),
+    )
+    metrics = (
+        Metrics(lambda: count_by_status(registry), lambda: pools_ready(registry))
+        if settings.metrics_enabled
+        else None
+    )
+    connections = ConnectionGuard(settings.max_connections, settings.connection_idle_timeout_ms)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[guard(BearerAuth(token), metrics, connections)]
+    )
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[OPENAPI] = json.dumps(build_document(settings.metrics_enabled)).encode()
-    add_endpoints(app, BearerAuth(token), metrics)
+    app[CONNECTIONS] = connections
+    app.add_routes(routes)
 
     async def state(app: web.Application) -> AsyncIterator[None]:
-        await store.open()
-        await registry.load()
+        await registry.open()
         # Move what start-up built (the app, the restored nodes) out of the collector's regular passes.
         gc.freeze()
         tasks = [asyncio.create_task(_write_back(registry)), asyncio.create_task(_sweep(registry))]
@@ -184,8 +87,7 @@ def create_app(settings: Settings, token: str) -> web.Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await _flush_heartbeats(registry)
-        await store.close()
+        await registry.close()
 
     app.cleanup_ctx.append(state)
     return app

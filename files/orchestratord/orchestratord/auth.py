@@ -13,7 +13,7 @@ class BearerAuth:
     def allows(self, authorization: str | None) -> bool:
         if not authorization:
             return False
-        scheme, _, credentials = authorization.partition(" ")
+        scheme, _space, credentials = authorization.partition(" ")
         if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110)
             return False
         offered = hashlib.sha256(credentials.strip().encode("utf-8", "replace")).digest()

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 
+from .contract import DEFAULT_MAX_MODELS_PER_NODE, DEFAULT_MAX_POOLS_PER_NODE
+
 ENV_PREFIX = "ORCHESTRATORD_"
 TOKEN_ENV = "LLORCH_API_TOKEN"
 MIN_TOKEN_LENGTH = 32
@@ -34,6 +36,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # offline, yet a dead node leaves placement within 15 s.
     node_timeout_ms: PositiveMs = 15000
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    # What a node may claim. Each heartbeat's work and the daemon's memory grow with these, so a broken
+    # or hostile agent is held to them: beyond a bound its registration or heartbeat gets a 400 (a new
+    # node past max_nodes a 409), naming the field and the limit. The wire caps each list anyway (256
+    # pools, 4096 models per pool); these are the tighter limits an operator sets for the cluster.
+    max_nodes: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    max_pools_per_node: Annotated[int, msgspec.Meta(ge=1, le=256)] = DEFAULT_MAX_POOLS_PER_NODE
+    max_models_per_node: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = DEFAULT_MAX_MODELS_PER_NODE
+    # Connections: each agent keeps one open, so max_connections must exceed max_nodes. One that has not
+    # presented the token within connection_idle_timeout_ms of opening is closed; at max_connections a
+    # new one pushes out the oldest such. The open-files limit is raised to fit (see connections.py).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 16_384
+    connection_idle_timeout_ms: PositiveMs = 10_000
     metrics_enabled: bool = True
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 

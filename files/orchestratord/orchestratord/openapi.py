@@ -10,11 +10,24 @@ from . import __version__, schemas
 
 REF = "#/components/schemas/{name}"
 
+# The rules JSON Schema cannot state, in words.
+REGISTER_RULES = (
+    "Pool ids are unique; at most max_pools_per_node pools (400 past it). A new node past max_nodes is "
+    "refused with 409 CLUSTER_FULL; a registered node may always register again."
+)
+HEARTBEAT_RULES = (
+    "Every pool must be one the node registered, once; slots_free <= slots_total and vram_free_bytes <= "
+    "vram_total_bytes; at most max_pools_per_node pools and max_models_per_node distinct models over all "
+    "pools. Each rule broken is a 400 naming the field."
+)
+
 ERROR_ANSWERS = {
     "400": "Invalid body or parameter; the message names the field",
     "401": "Missing or wrong bearer token",
     "404": "No such node",
+    "409": "CLUSTER_FULL: a new node would pass max_nodes",
     "413": "Body larger than max_body_bytes",
+    "503": "STORE_UNAVAILABLE: the database cannot take writes (e.g. a full disk); nothing changed",
 }
 
 
@@ -42,7 +55,7 @@ NODE_ID_PARAM = {
 
 
 def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(
+    _schemas, components = msgspec.json.schema_components(
         [
             schemas.Registration,
             schemas.Heartbeat,
@@ -92,13 +105,18 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
         "/v2/nodes/register": {
             "post": {
                 "summary": "Register a node, or update its registration",
+                "description": REGISTER_RULES,
                 "requestBody": _body("Registration"),
-                "responses": {"200": _json("RegisterAnswer", "Registered"), **_errors("400", "401", "413")},
+                "responses": {
+                    "200": _json("RegisterAnswer", "Registered"),
+                    **_errors("400", "401", "409", "413", "503"),
+                },
             }
         },
         "/v2/nodes/{node_id}/heartbeat": {
             "post": {
                 "summary": "Report a node's pools; the answer says when to report again and whether to drain",
+                "description": HEARTBEAT_RULES,
                 "parameters": [NODE_ID_PARAM],
                 "requestBody": _body("Heartbeat"),
                 "responses": {
@@ -133,7 +151,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
             "delete": {
                 "summary": "Deregister a node",
                 "parameters": [NODE_ID_PARAM],
-                "responses": {"204": {"description": "Deregistered"}, **_errors("400", "401", "404")},
+                "responses": {"204": {"description": "Deregistered"}, **_errors("400", "401", "404", "503")},
             },
         },
         "/v2/nodes/{node_id}/drain": {
@@ -141,7 +159,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "summary": "Drain (true) or undrain (false) a node; placement skips a draining node",
                 "parameters": [NODE_ID_PARAM],
                 "requestBody": _body("DrainRequest"),
-                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404", "413")},
+                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404", "413", "503")},
             }
         },
         "/v2/catalog/availability": {

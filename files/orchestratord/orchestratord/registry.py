@@ -1,36 +1,30 @@
-"""The cluster state in memory: nodes, their status, the model catalog and placement.
+"""The cluster state in memory: nodes, their liveness, and what reaches the database and the index.
 
 Liveness is decided in one place, `Registry.status_of`, from the daemon's own monotonic clock at the
-moment each heartbeat arrived; the agent's timestamp is kept for display only. Placement reads an index
-kept up to date by heartbeats (pools that can take work, by model, ordered by load and by id), so a
-decision looks at the best few candidates instead of scanning every node.
+moment each heartbeat arrived; the agent's timestamp is kept for display only. The registry owns its
+store: registrations, drains and deletions are written before they change memory, heartbeats are
+written back in batches by `flush`. Placement (placement.py) and the read views (views.py) work on the
+state kept here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from heapq import heapify, heappop, heappush
 
 import msgspec
-from sortedcontainers import SortedList
 
 from . import schemas
+from .limits import Limits
+from .placement import PlacementIndex, Placer
 from .store import HeartbeatRow, SqliteStore, StoredNode
 
 log = logging.getLogger(__name__)
-
-ANY_MODEL = ""  # index key for "no model asked"; model ids are never empty
-RANDOM_TRIES = 16
-
-PoolKey = tuple[str, str]  # (node_id, pool_id): the tie-break order everywhere
-LoadKey = tuple[int, int, str, str]  # (-slots_free, -vram_free, node_id, pool_id): least loaded first
 
 
 def rfc3339(epoch_s: float) -> str:
@@ -48,15 +42,12 @@ def _same_models(pools: list[schemas.PoolStatus], before: list[schemas.PoolStatu
     )
 
 
+def _pool_ids(registration: schemas.Registration) -> frozenset[str]:
+    return frozenset(pool.pool_id for pool in registration.pools)
+
+
 class NodeNotFound(KeyError):
     pass
-
-
-class NoPlacement(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -64,6 +55,7 @@ class NodeState:
     node_id: str
     registration: schemas.Registration
     registered_at: str
+    pool_ids: frozenset[str]  # the registered pools: a heartbeat may report only these
     drain: bool = False
     pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
     applied_pools: list[schemas.PoolStatus] | None = None  # the readings the index holds
@@ -74,80 +66,17 @@ class NodeState:
     reported_status: str = "registering"  # the status last logged
 
 
-class PlacementIndex:
-    """Pools that can take work now (liveness aside, which is checked at decision time), by model.
-
-    by_load: per model a heap in least-loaded order. A load change pushes the new key and leaves the old
-    one behind (skipped as stale when met, swept out when the heap grows past twice its members), so a
-    heartbeat costs a few C-level pushes instead of sorted-list removals.
-    by_id: per model the exact members in (node_id, pool_id) order, for round-robin and random; it
-    changes only when a pool starts or stops taking work, not when its load moves.
-    """
-
-    def __init__(self) -> None:
-        self.by_load: dict[str, list[LoadKey]] = {}
-        self.by_id: dict[str, SortedList] = {}
-        self.entries: dict[PoolKey, tuple[LoadKey, frozenset[str]]] = {}
-        self.by_node: dict[str, set[PoolKey]] = {}
-
-    def set_pool(self, key: PoolKey, load: LoadKey | None, models: frozenset[str]) -> None:
-        old = self.entries.get(key)
-        if old is not None:
-            if load is not None and old[1] == models:
-                if old[0] == load:
-                    return
-                self.entries[key] = (load, models)  # only the load moved: membership stays
-                self._push(load, models)
-                return
-            self._remove(key, old[1])
-        if load is None:
-            return
-        self.entries[key] = (load, models)
-        self.by_node.setdefault(key[0], set()).add(key)
-        for model in (ANY_MODEL, *models):
-            self.by_id.setdefault(model, SortedList()).add(key)
-            self.by_load.setdefault(model, [])
-        self._push(load, models)
-
-    def _push(self, load: LoadKey, models: frozenset[str]) -> None:
-        for model in (ANY_MODEL, *models):
-            heap = self.by_load[model]
-            heappush(heap, load)
-            if len(heap) > 2 * len(self.by_id[model]) + 64:
-                self.by_load[model] = heap = [self.entries[key][0] for key in self.by_id[model]]
-                heapify(heap)
-
-    def is_current(self, model: str, load: LoadKey) -> bool:
-        entry = self.entries.get((load[2], load[3]))
-        return entry is not None and entry[0] == load and (model == ANY_MODEL or model in entry[1])
-
-    def _remove(self, key: PoolKey, models: frozenset[str]) -> None:
-        del self.entries[key]
-        node_keys = self.by_node.get(key[0])
-        if node_keys is not None:
-            node_keys.discard(key)
-            if not node_keys:
-                del self.by_node[key[0]]
-        for model in (ANY_MODEL, *models):
-            members = self.by_id[model]
-            members.remove(key)
-            if not members:
-                del self.by_load[model], self.by_id[model]
-
-    def drop_node(self, node_id: str) -> None:
-        for key in list(self.by_node.get(node_id, ())):
-            self._remove(key, self.entries[key][1])
-
-
 class Registry:
     def __init__(
         self,
         store: SqliteStore,
         node_timeout_ms: int,
         heartbeat_interval_ms: int,
+        limits: Limits,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.limits = limits
         self.node_timeout_s = node_timeout_ms / 1000
         self.node_timeout_ms = node_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
@@ -157,6 +86,7 @@ class Registry:
         self.by_contact: OrderedDict[str, NodeState] = OrderedDict()
         self.index = PlacementIndex()
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
+        self.placer = Placer(self.index, self.nodes, self.model_nodes, self.is_live)
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
         # Registrations, drains and deletions one at a time, each checking the state it changes only once
         # it holds the lock, so that two of them never interleave around their database write. They are
@@ -166,9 +96,6 @@ class Registry:
         # record readings; every read settles first, so several heartbeats of one node between two
         # decisions cost one index update.
         self.unsettled: set[str] = set()
-        self.round_robin_after: dict[str, PoolKey] = {}
-        self._model_sets: dict[tuple[str, ...], frozenset[str]] = {}
-        self.random = random.Random()
         self._pool_decoder = msgspec.json.Decoder(list[schemas.PoolStatus])
         self._registration_decoder = msgspec.json.Decoder(schemas.Registration)
 
@@ -186,7 +113,18 @@ class Registry:
             return "draining"
         return "online"
 
-    # --- loading and writing back
+    # --- the database: loaded once, written through, heartbeats written back in batches
+
+    async def open(self) -> None:
+        await self.store.open()
+        await self.load()
+
+    async def close(self) -> None:
+        await self.flush()  # the last heartbeats reach the disk on a clean stop
+        await self.store.close()
+
+    async def ready(self) -> bool:
+        return await self.store.ping()
 
     async def load(self) -> None:
         stored = await self.store.load_all()
@@ -222,7 +160,11 @@ class Registry:
             )
             return None
         node = NodeState(
-            node_id=row.node_id, registration=registration, registered_at=row.registered_at, drain=row.drain
+            node_id=row.node_id,
+            registration=registration,
+            registered_at=row.registered_at,
+            pool_ids=_pool_ids(registration),
+            drain=row.drain,
         )
         if row.pools is not None and row.last_heartbeat_at is not None:
             try:
@@ -247,20 +189,25 @@ class Registry:
         node.reported_status = self.status_of(node, now)
         return node
 
-    def take_dirty(self) -> list[HeartbeatRow]:
+    async def flush(self) -> None:
+        """Write the heartbeats since the last flush in one transaction; on failure they go with the next."""
         dirty, self.dirty = self.dirty, {}
-        return [
+        rows = [
             HeartbeatRow(node.node_id, rfc3339(node.last_heartbeat_epoch), msgspec.json.encode(node.pools))
             for node in dirty.values()
             if node.last_heartbeat_epoch is not None and self.nodes.get(node.node_id) is node
         ]
-
-    def keep_dirty(self, rows: list[HeartbeatRow]) -> None:
-        """A write-back failed: these nodes' readings go out with the next one (their latest by then)."""
-        for row in rows:
-            node = self.nodes.get(row.node_id)
-            if node is not None:
-                self.dirty.setdefault(row.node_id, node)
+        if not rows:
+            return
+        try:
+            await self.store.write_heartbeats(rows)
+        except BaseException:
+            # A node that falls silent now must still reach the disk: its latest readings go next time.
+            for row in rows:
+                node = self.nodes.get(row.node_id)
+                if node is not None:
+                    self.dirty.setdefault(row.node_id, node)
+            raise
 
     # --- writes
 
@@ -272,6 +219,8 @@ class Registry:
         node_id = body.node_id
         registered_at = utc_now()
         node = self.nodes.get(node_id)
+        if node is None:
+            self.limits.check_new_node(len(self.nodes))
         contact_before = None if node is None else node.last_contact
         # The record below forgets the node's readings. One still waiting for the write-back would be taken
         # by a write-back during the await and land after the record, under the new registration: drop it
@@ -285,12 +234,15 @@ class Registry:
             raise
         now = self.clock()
         if node is None:
-            node = NodeState(node_id=node_id, registration=body, registered_at=registered_at)
+            node = NodeState(
+                node_id=node_id, registration=body, registered_at=registered_at, pool_ids=_pool_ids(body)
+            )
             self.nodes[node_id] = node
             log.info("node %s registered from %s with %d pool(s)", node_id, body.address, len(body.pools))
         else:
             node.registration = body
             node.registered_at = registered_at
+            node.pool_ids = _pool_ids(body)
             log.info("node %s registered again from %s", node_id, body.address)
         # A heartbeat that came in during the write is newer than the registration: its readings stay, in
         # memory as on disk, where its write-back (queued after the record) puts them. Otherwise the node
@@ -316,6 +268,7 @@ class Registry:
         node = self.nodes.get(node_id)
         if node is None:
             raise NodeNotFound(node_id)
+        self.limits.check_heartbeat(node.pool_ids, body)
         now = self.clock()
         # An offline node has left the index; its first heartbeat back must re-enter it even unchanged.
         came_back = not self.is_live(node, now)
@@ -333,17 +286,17 @@ class Registry:
         self.dirty[node_id] = node
         return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
 
-    async def set_drain(self, node_id: str, drain: bool) -> schemas.Node:
+    async def set_drain(self, node_id: str, drain: bool) -> NodeState:
         async with self.writing:
             node = self.get(node_id)
             if node.drain != drain:
                 await self.store.update_drain(node_id, drain)
                 node.drain = drain
                 self.settle()  # heartbeats may have come in during the write: index their readings
-                self._reindex(node)
+                self.index.update_node(node)
                 log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
                 node.reported_status = self.status_of(node, self.clock())
-            return self.view(node, self.clock())
+            return node
 
     async def delete(self, node_id: str) -> None:
         async with self.writing:
@@ -356,7 +309,7 @@ class Registry:
             self.unsettled.discard(node_id)
             log.info("node %s deregistered", node_id)
 
-    # --- the index
+    # --- bringing the index and the model lists up to the latest readings
 
     def settle(self) -> None:
         """Bring the index and the model lists up to the latest readings of every node."""
@@ -372,7 +325,7 @@ class Registry:
         applied, node.applied_pools = node.applied_pools, pools
         node.pools = pools
         if pools and applied and _same_models(pools, applied):
-            self._reindex(node)  # the usual heartbeat: loads moved, the models stayed
+            self.index.update_node(node)  # the usual heartbeat: loads moved, the models stayed
             return
         old_models = set(node.models)
         models = sorted({model for pool in pools or () for model in pool.models_available})
@@ -386,29 +339,7 @@ class Registry:
                     del self.model_nodes[model]
         for model in new_models - old_models:
             self.model_nodes.setdefault(model, set()).add(node.node_id)
-        self._reindex(node)
-
-    def _model_set(self, models: list[str]) -> frozenset[str]:
-        # Interned: most pools report one of a few model lists, and equal sets compare fastest when identical.
-        key = tuple(models)
-        found = self._model_sets.get(key)
-        if found is None:
-            if len(self._model_sets) > 4096:
-                self._model_sets.clear()
-            found = self._model_sets[key] = frozenset(models)
-        return found
-
-    def _reindex(self, node: NodeState) -> None:
-        reported = {pool.pool_id for pool in node.pools or ()}
-        for key in list(self.index.by_node.get(node.node_id, ())):
-            if key[1] not in reported:
-                self.index.set_pool(key, None, frozenset())
-        for pool in node.pools or ():
-            takes_work = not node.drain and pool.ready and not pool.draining and pool.slots_free > 0
-            load = (
-                (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
-            )
-            self.index.set_pool((node.node_id, pool.pool_id), load, self._model_set(pool.models_available))
+        self.index.update_node(node)
 
     # --- reads
 
@@ -419,231 +350,9 @@ class Registry:
             raise NodeNotFound(node_id)
         return node
 
-    def view(self, node: NodeState, now: float) -> schemas.Node:
-        readings = {pool.pool_id: pool for pool in node.pools or ()}
-        pools = []
-        for spec in node.registration.pools:
-            reading = readings.pop(spec.pool_id, None)
-            pools.append(self._pool_view(spec.pool_id, spec.gpus, spec.slots_total, reading))
-        for reading in readings.values():  # pools the agent reports beyond its registration
-            pools.append(self._pool_view(reading.pool_id, [], reading.slots_total, reading))
-        reg = node.registration
-        return schemas.Node(
-            node_id=node.node_id,
-            machine_id=reg.machine_id,
-            address=reg.address,
-            version=reg.version,
-            status=self.status_of(node, now),
-            drain=node.drain,
-            registered_at=node.registered_at,
-            last_heartbeat_at=None
-            if node.last_heartbeat_epoch is None
-            else rfc3339(node.last_heartbeat_epoch),
-            capabilities=reg.capabilities,
-            pools=pools,
-            models=node.models,
-        )
-
-    @staticmethod
-    def _pool_view(
-        pool_id: str, gpus: list[int], slots_total: int, reading: schemas.PoolStatus | None
-    ) -> schemas.PoolView:
-        if reading is None:
-            return schemas.PoolView(pool_id, gpus, False, False, slots_total, 0, 0, 0, None, [])
-        return schemas.PoolView(
-            pool_id=pool_id,
-            gpus=gpus,
-            ready=reading.ready,
-            draining=reading.draining,
-            slots_total=reading.slots_total,
-            slots_free=reading.slots_free,
-            vram_total_bytes=reading.vram_total_bytes,
-            vram_free_bytes=reading.vram_free_bytes,
-            engine=reading.engine,
-            models_available=sorted(set(reading.models_available)),
-        )
-
-    def list_nodes(self, status: str | None = None) -> schemas.NodeList:
-        self.settle()
-        now = self.clock()
-        views = [self.view(self.nodes[node_id], now) for node_id in sorted(self.nodes)]
-        if status is not None:
-            views = [view for view in views if view.status == status]
-        return schemas.NodeList(nodes=views, count=len(views))
-
-    def count_by_status(self) -> dict[str, int]:
-        now = self.clock()
-        counts = dict.fromkeys(("registering", "online", "draining", "offline"), 0)
-        for node in self.nodes.values():
-            counts[self.status_of(node, now)] += 1
-        return counts
-
-    def pools_ready(self) -> int:
-        self.settle()
-        now = self.clock()
-        return sum(
-            1
-            for key in self.index.entries
-            if (node := self.nodes.get(key[0])) is not None and self.is_live(node, now)
-        )
-
-    def availability(self) -> schemas.Availability:
-        self.settle()
-        now = self.clock()
-        nodes: dict[str, schemas.AvailabilityNode] = {}
-        holders: dict[str, int] = {}
-        for node_id in sorted(self.nodes):
-            node = self.nodes[node_id]
-            online = self.status_of(node, now) == "online"
-            pools = [
-                schemas.AvailabilityPool(
-                    pool_id=pool.pool_id,
-                    ready=pool.ready and not pool.draining,
-                    models=sorted(set(pool.models_available)),
-                )
-                for pool in node.pools or ()
-            ]
-            nodes[node_id] = schemas.AvailabilityNode(
-                node_id=node_id,
-                address=node.registration.address,
-                online=online,
-                models=node.models,
-                pools=pools,
-            )
-            if online:
-                # Counted per node: a model in two pools of one node is still on one node.
-                for model in node.models:
-                    holders[model] = holders.get(model, 0) + 1
-        return schemas.Availability(
-            nodes=nodes,
-            total_models=len(holders),
-            replicated_models=sorted(model for model, count in holders.items() if count >= 2),
-            single_node_models=sorted(model for model, count in holders.items() if count == 1),
-        )
-
-    def catalog_models(self) -> schemas.CatalogModels:
-        self.settle()
-        now = self.clock()
-        by_model: dict[str, schemas.CatalogModel] = {}
-        for node_id in sorted(self.nodes):
-            node = self.nodes[node_id]
-            if self.status_of(node, now) != "online":
-                continue
-            for model in node.models:
-                entry = by_model.setdefault(model, schemas.CatalogModel(model, [], 0, 0, 0))
-                entry.nodes.append(node_id)
-                entry.replicas += 1
-            for pool in node.pools or ():
-                if not pool.ready or pool.draining:
-                    continue
-                for model in set(pool.models_available):
-                    entry = by_model[model]
-                    entry.pools_ready += 1
-                    entry.slots_free += pool.slots_free
-        return schemas.CatalogModels(models=[by_model[model] for model in sorted(by_model)])
-
-    # --- placement
-
     def place(self, request: schemas.PlacementRequest) -> schemas.Placement:
         self.settle()
-        now = self.clock()
-        model = request.model_id or ANY_MODEL
-        vram_needed = request.vram_bytes or 0
-        strategy = request.strategy
-        if strategy == "least-loaded":
-            pick = self._least_loaded(model, vram_needed, now)
-        elif strategy == "round-robin":
-            pick = self._round_robin(model, vram_needed, now)
-        else:
-            pick = self._random(model, vram_needed, now)
-        if pick is None:
-            raise self._why_not(request, now)
-        node = self.nodes[pick[0]]
-        return schemas.Placement(
-            node_id=pick[0], pool_id=pick[1], address=node.registration.address, strategy=strategy
-        )
-
-    def _fits(self, key: PoolKey, vram_needed: int, now: float, stale: list[str]) -> bool:
-        node = self.nodes[key[0]]
-        if not self.is_live(node, now):
-            stale.append(key[0])
-            return False
-        return -self.index.entries[key][0][1] >= vram_needed
-
-    def _evict(self, stale: list[str]) -> None:
-        # Offline nodes leave the index when a decision meets them; their next heartbeat brings them back.
-        for node_id in set(stale):
-            self.index.drop_node(node_id)
-
-    def _least_loaded(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
-        heap = self.index.by_load.get(model)
-        if not heap:
-            return None
-        too_small: list[LoadKey] = []  # fitting candidates come after these; they go back afterwards
-        pick = None
-        while heap:
-            load = heap[0]
-            if not self.index.is_current(model, load):
-                heappop(heap)
-                continue
-            node = self.nodes[load[2]]
-            if not self.is_live(node, now):
-                # Offline nodes leave the index when a decision meets them; a heartbeat brings them back.
-                self.index.drop_node(node.node_id)
-                continue
-            if -load[1] >= vram_needed:
-                pick = (load[2], load[3])
-                break
-            too_small.append(heappop(heap))
-        for load in too_small:
-            heappush(heap, load)
-        return pick
-
-    def _round_robin(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
-        ordered = self.index.by_id.get(model)
-        if not ordered:
-            return None
-        start = 0
-        after = self.round_robin_after.get(model)
-        if after is not None:
-            start = ordered.bisect_right(after)
-        stale: list[str] = []
-        pick = None
-        count = len(ordered)
-        for offset in range(count):
-            key = ordered[(start + offset) % count]
-            if self._fits(key, vram_needed, now, stale):
-                pick = key
-                break
-        self._evict(stale)
-        if pick is not None:
-            self.round_robin_after[model] = pick
-        return pick
-
-    def _random(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
-        ordered = self.index.by_id.get(model)
-        if not ordered:
-            return None
-        stale: list[str] = []
-        for _ in range(RANDOM_TRIES):
-            key = ordered[self.random.randrange(len(ordered))]
-            if self._fits(key, vram_needed, now, stale):
-                self._evict(stale)
-                return key
-        # Few candidates fit: choose among all that do.
-        fitting = [key for key in ordered if self._fits(key, vram_needed, now, stale)]
-        self._evict(stale)
-        return self.random.choice(fitting) if fitting else None
-
-    def _why_not(self, request: schemas.PlacementRequest, now: float) -> NoPlacement:
-        if request.model_id is not None:
-            holders = self.model_nodes.get(request.model_id, ())
-            if not any(self.is_live(self.nodes[node_id], now) for node_id in holders):
-                return NoPlacement("MODEL_NOT_AVAILABLE", f"no online node holds model {request.model_id!r}")
-            return NoPlacement(
-                "NO_CAPACITY", f"no ready pool with free slots and enough VRAM holds {request.model_id!r}"
-            )
-        return NoPlacement("NO_CAPACITY", "no ready pool with free slots and enough VRAM")
+        return self.placer.place(request, self.clock())
 
     # --- housekeeping
 

@@ -1,105 +1,54 @@
-"""The route table: each handler decodes its body with one schema, asks the registry, encodes the answer."""
+"""The route table: each handler decodes its body with one schema, asks the registry, encodes the answer.
+
+Auth, the query check, the error envelope and timing are the middleware's (middleware.py); what it needs
+to know per route (token or not, which query parameters) is declared here next to the route, in RULES.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from . import __version__, schemas
+from . import __version__, schemas, views
+from .bodies import ApiError, check, decode_body, json_response
+from .connections import ConnectionGuard
+from .contract import NODE_STATUSES
+from .limits import ClusterFull
 from .metrics import CONTENT_TYPE
-from .registry import NodeNotFound, NoPlacement, Registry
+from .placement import NoPlacement
+from .registry import NodeNotFound, Registry
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 ID_RE = re.compile(schemas.ID_PATTERN)
-STATUSES = ("registering", "online", "draining", "offline")
 
 REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", object)  # a metrics.Metrics, or None when turned off
 OPENAPI = web.AppKey("openapi", bytes)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 
-_decoders = {
-    schemas.Registration: msgspec.json.Decoder(schemas.Registration),
-    schemas.Heartbeat: msgspec.json.Decoder(schemas.Heartbeat),
-    schemas.DrainRequest: msgspec.json.Decoder(schemas.DrainRequest),
-    schemas.PlacementRequest: msgspec.json.Decoder(schemas.PlacementRequest),
-}
+routes = web.RouteTableDef()
 
 
-class ApiError(Exception):
-    """An answer in the error envelope; the wrapper around every route turns it into a response."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
+@dataclass(frozen=True, slots=True)
+class Rule:
+    auth: bool = True  # needs the bearer token
+    query: tuple[str, ...] = ()  # accepted query parameters; any other is refused
 
 
-def json_response(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=schemas.encode(value), status=status, content_type=JSON)
+RULES: dict[object, Rule] = {}  # handler -> its rule; a handler without one needs the token
 
 
-def _whole_floats_as_ints(value: Any) -> Any:
-    """4.0 -> 4 throughout a decoded JSON value, in place; a loop, not recursion, however deep the value."""
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
-    pending = [value]
-    while pending:
-        container = pending.pop()
-        if isinstance(container, list):
-            items = enumerate(container)
-        elif isinstance(container, dict):
-            items = container.items()
-        else:
-            continue
-        for key, item in items:
-            if isinstance(item, float):
-                if item.is_integer():
-                    container[key] = int(item)  # replaces a value: the container keeps its size
-            elif isinstance(item, list | dict):
-                pending.append(item)
-    return value
+def rule(*, auth: bool = True, query: tuple[str, ...] = ()):
+    def declare(handler):
+        RULES[handler] = Rule(auth, query)
+        return handler
 
-
-def _too_deep(schema: type) -> ApiError:
-    return ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: body nested too deeply")
-
-
-async def decode_body(request: web.Request, schema: type) -> Any:
-    body = await request.read()
-    try:
-        return _decoders[schema].decode(body)
-    except msgspec.ValidationError as exc:
-        if "got `float`" not in str(exc):
-            raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "INVALID_PARAMS", f"malformed JSON body: {exc}") from None
-    except RecursionError:  # msgspec's own depth guard, met by arrays in arrays a few thousand deep
-        raise _too_deep(schema) from None
-    # JSON Schema counts 4.0 as an integer, so the published document promises to accept it; the fast
-    # strict decoder does not, so such bodies take this slower path. Strings are still no numbers.
-    try:
-        return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), schema, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, "INVALID_PARAMS", f"invalid {schema.__name__}: {exc}") from None
-    except RecursionError:
-        raise _too_deep(schema) from None
-
-
-def check(rule, body):
-    try:
-        return rule(body)
-    except schemas.ValidationProblem as exc:
-        raise ApiError(400, "INVALID_PARAMS", str(exc)) from None
+    return declare
 
 
 def node_id_of(request: web.Request) -> str:
@@ -113,47 +62,33 @@ def not_found(node_id: str) -> ApiError:
     return ApiError(404, "NODE_NOT_FOUND", f"no node {node_id!r} is registered")
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    method: str
-    path: str  # the route template, also the metrics label
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    auth: bool  # needs the bearer token
-    query: tuple[str, ...]  # accepted query parameters; any other is refused
-
-
-ENDPOINTS: list[Endpoint] = []  # the one route table
-
-
-def endpoint(method: str, path: str, *, auth: bool = True, query: tuple[str, ...] = ()):
-    def register(handler):
-        ENDPOINTS.append(Endpoint(method, path, handler, auth, query))
-        return handler
-
-    return register
-
-
-@endpoint("GET", "/health", auth=False)
+@routes.get("/health")
+@rule(auth=False)
 async def health(request: web.Request) -> web.Response:
     return json_response(schemas.Health(status="ok", version=__version__))
 
 
-@endpoint("GET", "/ready", auth=False)
+@routes.get("/ready")
+@rule(auth=False)
 async def ready(request: web.Request) -> web.Response:
     try:
-        if await request.app[REGISTRY].store.ping():
+        if await request.app[REGISTRY].ready():
             return json_response(schemas.Ready(status="ready"))
+    except StoreUnavailable as exc:  # the store logged it once when writes began to fail
+        raise ApiError(503, "DATABASE_UNAVAILABLE", f"the database does not take writes: {exc}") from None
     except Exception as exc:  # any database failure means not ready
         log.warning("readiness check failed: %s", exc)
     raise ApiError(503, "DATABASE_UNAVAILABLE", "the database does not answer")
 
 
-@endpoint("GET", "/openapi.json", auth=False)
+@routes.get("/openapi.json")
+@rule(auth=False)
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[OPENAPI], content_type=JSON)
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-@endpoint("GET", "/metrics", auth=False)
+@routes.get("/metrics")
+@rule(auth=False)
 async def metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     if metrics is None:
@@ -161,16 +96,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-@endpoint("POST", "/v2/nodes/register")
+@routes.post("/v2/nodes/register")
 async def register(request: web.Request) -> web.Response:
     body = check(schemas.check_registration, await decode_body(request, schemas.Registration))
-    answer = await request.app[REGISTRY].register(body)
+    registry = request.app[REGISTRY]
+    check(registry.limits.check_registration, body)
+    try:
+        answer = await registry.register(body)
+    except ClusterFull as exc:
+        raise ApiError(409, "CLUSTER_FULL", str(exc)) from None
     if request.app[METRICS] is not None:
         request.app[METRICS].registrations += 1
     return json_response(answer)
 
 
-@endpoint("POST", "/v2/nodes/{node_id}/heartbeat")
+@routes.post("/v2/nodes/{node_id}/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
     app = request.app
     registry, metrics = app[REGISTRY], app[METRICS]
@@ -179,11 +119,15 @@ async def heartbeat(request: web.Request) -> web.Response:
         node_id_of(request)
     try:
         body = check(schemas.check_heartbeat, await decode_body(request, schemas.Heartbeat))
-        answer = registry.heartbeat(node_id, body)
+        answer = registry.heartbeat(node_id, body)  # checks the body against the node's registration
     except ApiError:
         if metrics is not None:
             metrics.heartbeats["invalid"] += 1
         raise
+    except schemas.ValidationProblem as exc:
+        if metrics is not None:
+            metrics.heartbeats["invalid"] += 1
+        raise ApiError(400, "INVALID_PARAMS", str(exc)) from None
     except NodeNotFound:
         if metrics is not None:
             metrics.heartbeats["unknown_node"] += 1
@@ -193,15 +137,18 @@ async def heartbeat(request: web.Request) -> web.Response:
     return json_response(answer)
 
 
-@endpoint("GET", "/v2/nodes", query=("status",))
+@routes.get("/v2/nodes")
+@rule(query=("status",))
 async def list_nodes(request: web.Request) -> web.Response:
     status = request.query.get("status")
-    if status is not None and status not in STATUSES:
-        raise ApiError(400, "INVALID_PARAMS", f"status must be one of {', '.join(STATUSES)} - at `status`")
-    return json_response(request.app[REGISTRY].list_nodes(status))
+    if status is not None and status not in NODE_STATUSES:
+        raise ApiError(
+            400, "INVALID_PARAMS", f"status must be one of {', '.join(NODE_STATUSES)} - at `status`"
+        )
+    return json_response(views.list_nodes(request.app[REGISTRY], status))
 
 
-@endpoint("GET", "/v2/nodes/{node_id}")
+@routes.get("/v2/nodes/{node_id}")
 async def get_node(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     registry = request.app[REGISTRY]
@@ -209,20 +156,22 @@ async def get_node(request: web.Request) -> web.Response:
         node = registry.get(node_id)
     except NodeNotFound:
         raise not_found(node_id) from None
-    return json_response(registry.view(node, registry.clock()))
+    return json_response(views.node_view(registry, node, registry.clock()))
 
 
-@endpoint("POST", "/v2/nodes/{node_id}/drain")
+@routes.post("/v2/nodes/{node_id}/drain")
 async def drain(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     body = await decode_body(request, schemas.DrainRequest)
+    registry = request.app[REGISTRY]
     try:
-        return json_response(await request.app[REGISTRY].set_drain(node_id, body.drain))
+        node = await registry.set_drain(node_id, body.drain)
     except NodeNotFound:
         raise not_found(node_id) from None
+    return json_response(views.node_view(registry, node, registry.clock()))
 
 
-@endpoint("DELETE", "/v2/nodes/{node_id}")
+@routes.delete("/v2/nodes/{node_id}")
 async def delete_node(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     try:
@@ -232,17 +181,17 @@ async def delete_node(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-@endpoint("GET", "/v2/catalog/availability")
+@routes.get("/v2/catalog/availability")
 async def availability(request: web.Request) -> web.Response:
-    return json_response(request.app[REGISTRY].availability())
+    return json_response(views.availability(request.app[REGISTRY]))
 
 
-@endpoint("GET", "/v2/catalog/models")
+@routes.get("/v2/catalog/models")
 async def catalog_models(request: web.Request) -> web.Response:
-    return json_response(request.app[REGISTRY].catalog_models())
+    return json_response(views.catalog_models(request.app[REGISTRY]))
 
 
-@endpoint("POST", "/v2/placement")
+@routes.post("/v2/placement")
 async def placement(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     try:

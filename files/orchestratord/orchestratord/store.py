@@ -28,7 +28,24 @@ CREATE TABLE IF NOT EXISTS nodes (
 
 
 class StoreError(Exception):
-    """The database cannot be opened; the message names the path."""
+    """The database cannot be opened; the message names the path. Restarting may help (a mount not yet
+    there, a permission fixed meanwhile)."""
+
+
+class StoreDamaged(StoreError):
+    """The database file is there but damaged or empty: restarting cannot help, a person must act. The
+    daemon exits with EXIT_DAMAGED so its unit can stop restarting it (RestartPreventExitStatus)."""
+
+
+class StoreUnavailable(Exception):
+    """A write failed (a full disk, an I/O error): the request is answered 503 and nothing changed."""
+
+
+# What a damaged file raises when read (sqlite3.DatabaseError covers "malformed", "not a database").
+_DAMAGE_HINT = (
+    "restore it from a backup, or move it aside to start with an empty registry (the nodes register "
+    "again at their next heartbeat)"
+)
 
 
 @dataclass
@@ -55,9 +72,28 @@ class SqliteStore:
         self.db_path = db_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
+        self.write_error: str | None = None  # why the last write failed, until one works again
 
     async def _run(self, func, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def _write(self, func, *args) -> None:
+        """A write; a failure is StoreUnavailable (logged once until writes work again), never a crash."""
+        try:
+            await self._run(func, *args)
+        except (OSError, sqlite3.Error) as exc:
+            if self.write_error is None:
+                log.error(
+                    "writes to the database at %s fail (%s): they are answered 503 and /ready says 503 "
+                    "until a write works again",
+                    self.db_path,
+                    exc,
+                )
+            self.write_error = str(exc)
+            raise StoreUnavailable(f"the database cannot take writes ({exc}); nothing was changed") from None
+        if self.write_error is not None:
+            log.warning("writes to the database at %s work again", self.db_path)
+            self.write_error = None
 
     # --- lifecycle
 
@@ -65,16 +101,37 @@ class SqliteStore:
         await self._run(self._open)
 
     def _open(self) -> None:
+        path = Path(self.db_path)
         try:
-            Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size == 0:
+                # SQLite would take it as a new, empty database and every node record would be gone
+                # without a word: an empty file is what a truncation or a full disk leaves, not a start.
+                raise StoreDamaged(
+                    f"the database at db_path {self.db_path} is an empty file (0 bytes); {_DAMAGE_HINT}"
+                )
             self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a 2xx for a registration or a drain means the record is on disk.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(SCHEMA)
+            # Every page, before any is trusted: a damaged page found later would fail one request after
+            # another. Milliseconds for ten thousand nodes.
+            problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StoreError(f"cannot open the database at db_path {self.db_path}: {exc}") from None
+            raise StoreDamaged(
+                f"the database at db_path {self.db_path} is damaged ({exc}); {_DAMAGE_HINT}"
+            ) from None
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the database at db_path {self.db_path}: {exc}") from None
+        if problem != "ok":
+            problem = " ".join(problem.split())[:200]  # SQLite's report runs over lines: one log line
+            raise StoreDamaged(
+                f"the database at db_path {self.db_path} is damaged ({problem}); {_DAMAGE_HINT}"
+            )
 
     async def close(self) -> None:
         await self._run(self._close)
@@ -88,6 +145,9 @@ class SqliteStore:
     # --- the interface
 
     async def ping(self) -> bool:
+        """True when the database reads and the last write worked: a daemon whose writes fail is not ready."""
+        if self.write_error is not None:
+            raise StoreUnavailable(f"writes fail: {self.write_error}")
         return await self._run(self._ping)
 
     def _ping(self) -> bool:
@@ -101,15 +161,20 @@ class SqliteStore:
 
     def _load_all(self) -> list[StoredNode]:
         assert self._db is not None
-        rows = self._db.execute(
-            "SELECT node_id, registration, registered_at, drain, last_heartbeat_at, pools FROM nodes"
-        ).fetchall()
+        try:
+            rows = self._db.execute(
+                "SELECT node_id, registration, registered_at, drain, last_heartbeat_at, pools FROM nodes"
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreDamaged(
+                f"the database at db_path {self.db_path} is damaged ({exc}); {_DAMAGE_HINT}"
+            ) from None
         return [
             StoredNode(r[0], bytes(r[1]), r[2], bool(r[3]), r[4], bytes(r[5]) if r[5] else None) for r in rows
         ]
 
     async def upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
-        await self._run(self._upsert_node, node_id, registration, registered_at)
+        await self._write(self._upsert_node, node_id, registration, registered_at)
 
     def _upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
         assert self._db is not None
@@ -122,21 +187,21 @@ class SqliteStore:
         )
 
     async def update_drain(self, node_id: str, drain: bool) -> None:
-        await self._run(self._update_drain, node_id, drain)
+        await self._write(self._update_drain, node_id, drain)
 
     def _update_drain(self, node_id: str, drain: bool) -> None:
         assert self._db is not None
         self._db.execute("UPDATE nodes SET drain = ? WHERE node_id = ?", (int(drain), node_id))
 
     async def delete_node(self, node_id: str) -> None:
-        await self._run(self._delete_node, node_id)
+        await self._write(self._delete_node, node_id)
 
     def _delete_node(self, node_id: str) -> None:
         assert self._db is not None
         self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
 
     async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None:
-        await self._run(self._write_heartbeats, rows)
+        await self._write(self._write_heartbeats, rows)
 
     def _write_heartbeats(self, rows: list[HeartbeatRow]) -> None:
         assert self._db is not None

@@ -17,7 +17,7 @@ import msgspec
 import msgspec.inspect
 import yaml
 
-from .contract import ID_RULE, valid_id
+from .contract import DEFAULT_MAX_POOLS_PER_NODE, ID_RULE, valid_id
 from .wire import Address, Count, GpuIndex, Id
 
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
@@ -52,12 +52,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     address: NodeAddress | None = None  # None: http://<host name>:8000
     models_dir: Text = "/var/lib/llorch/models"
     nvidia_smi: Text = "nvidia-smi"
-    # None: one pool "default" with every GPU (or "cpu" on a host without one)
+    # None: one pool "default" with every GPU (or "cpu" on a host without one). At most what orchestratord
+    # takes by default from one node: more would have every registration refused.
     pools: (
         Annotated[
             tuple[PoolConfig, ...],
             msgspec.Meta(
-                min_length=1, max_length=256, description="a non-empty list of {pool_id, gpus, slots_total}"
+                min_length=1,
+                max_length=DEFAULT_MAX_POOLS_PER_NODE,
+                description="a non-empty list of {pool_id, gpus, slots_total}",
             ),
         ]
         | None
@@ -103,8 +106,8 @@ def _plain(node: Any) -> tuple[Any, str | None]:
 
 def _explain(error: msgspec.ValidationError, raw: dict) -> str:
     """A msgspec error as a person reads it: which key, what it must be, what it is."""
-    detail, _, at = str(error).partition(" - at `")
-    node, _ = _plain(msgspec.inspect.type_info(Settings))
+    detail, _sep, at = str(error).partition(" - at `")
+    node, _definitions = _plain(msgspec.inspect.type_info(Settings))
     where, value = "", raw
     wanted: tuple[str, str, Any] | None = None  # (where, description, value) of the deepest described key
     for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at.rstrip("`")):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Print what the wheelhouse would be built from, as JSON: a digest and each package's name and version.
 
 The digest covers every source file (not caches), the constraints file, the build steps and the

@@ -1,0 +1,245 @@
+"""Placement: the index of pools that can take work, and the strategies that pick from it.
+
+The index is kept up to date by the registry as readings settle (pools that can take work, by model,
+ordered by load and by id), so a decision looks at the best few candidates instead of scanning every
+node. Liveness is not in the index: it is checked when a decision meets a candidate, and an offline
+node met that way leaves the index until its next heartbeat brings it back.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from heapq import heapify, heappop, heappush
+from typing import TYPE_CHECKING
+
+from sortedcontainers import SortedList
+
+from . import schemas
+
+if TYPE_CHECKING:
+    from .registry import NodeState
+
+ANY_MODEL = ""  # index key for "no model asked"; model ids are never empty
+RANDOM_TRIES = 16
+MODEL_SETS_KEPT = 4096
+
+PoolKey = tuple[str, str]  # (node_id, pool_id): the tie-break order everywhere
+LoadKey = tuple[int, int, str, str]  # (-slots_free, -vram_free, node_id, pool_id): least loaded first
+
+
+class NoPlacement(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PlacementIndex:
+    """Pools that can take work now (liveness aside, which is checked at decision time), by model.
+
+    by_load: per model a heap in least-loaded order. A load change pushes the new key and leaves the old
+    one behind (skipped as stale when met, swept out when the heap grows past twice its members), so a
+    heartbeat costs a few C-level pushes instead of sorted-list removals.
+    by_id: per model the exact members in (node_id, pool_id) order, for round-robin and random; it
+    changes only when a pool starts or stops taking work, not when its load moves.
+    """
+
+    def __init__(self) -> None:
+        self.by_load: dict[str, list[LoadKey]] = {}
+        self.by_id: dict[str, SortedList] = {}
+        self.entries: dict[PoolKey, tuple[LoadKey, frozenset[str]]] = {}
+        self.by_node: dict[str, set[PoolKey]] = {}
+        self._model_sets: dict[tuple[str, ...], frozenset[str]] = {}
+
+    def update_node(self, node: NodeState) -> None:
+        """Take in a node's latest readings and drain flag; touches only the pools whose entry changed."""
+        reported = {pool.pool_id for pool in node.pools or ()}
+        for key in list(self.by_node.get(node.node_id, ())):
+            if key[1] not in reported:
+                self.set_pool(key, None, frozenset())
+        for pool in node.pools or ():
+            takes_work = not node.drain and pool.ready and not pool.draining and pool.slots_free > 0
+            load = (
+                (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
+            )
+            self.set_pool((node.node_id, pool.pool_id), load, self._model_set(pool.models_available))
+
+    def _model_set(self, models: list[str]) -> frozenset[str]:
+        # Interned: most pools report one of a few model lists, and equal sets compare fastest when identical.
+        key = tuple(models)
+        found = self._model_sets.get(key)
+        if found is None:
+            if len(self._model_sets) > MODEL_SETS_KEPT:
+                self._model_sets.clear()
+            found = self._model_sets[key] = frozenset(models)
+        return found
+
+    def set_pool(self, key: PoolKey, load: LoadKey | None, models: frozenset[str]) -> None:
+        old = self.entries.get(key)
+        if old is not None:
+            if load is not None and old[1] == models:
+                if old[0] == load:
+                    return
+                self.entries[key] = (load, models)  # only the load moved: membership stays
+                self._push(load, models)
+                return
+            self._remove(key, old[1])
+        if load is None:
+            return
+        self.entries[key] = (load, models)
+        self.by_node.setdefault(key[0], set()).add(key)
+        for model in (ANY_MODEL, *models):
+            self.by_id.setdefault(model, SortedList()).add(key)
+            self.by_load.setdefault(model, [])
+        self._push(load, models)
+
+    def _push(self, load: LoadKey, models: frozenset[str]) -> None:
+        # The hot loop of a load change: once per model the pool holds. The size check runs at every
+        # 64th entry only, as counting a SortedList costs more than the push itself; a heap thus grows
+        # at most 63 stale entries past its bound before it is rebuilt.
+        by_load = self.by_load
+        for model in (ANY_MODEL, *models):
+            heap = by_load[model]
+            heappush(heap, load)
+            size = len(heap)
+            if not size & 63 and size > 2 * len(self.by_id[model]) + 64:
+                by_load[model] = heap = [self.entries[key][0] for key in self.by_id[model]]
+                heapify(heap)
+
+    def is_current(self, model: str, load: LoadKey) -> bool:
+        entry = self.entries.get((load[2], load[3]))
+        return entry is not None and entry[0] == load and (model == ANY_MODEL or model in entry[1])
+
+    def _remove(self, key: PoolKey, models: frozenset[str]) -> None:
+        del self.entries[key]
+        node_keys = self.by_node.get(key[0])
+        if node_keys is not None:
+            node_keys.discard(key)
+            if not node_keys:
+                del self.by_node[key[0]]
+        for model in (ANY_MODEL, *models):
+            members = self.by_id[model]
+            members.remove(key)
+            if not members:
+                del self.by_load[model], self.by_id[model]
+
+    def drop_node(self, node_id: str) -> None:
+        for key in list(self.by_node.get(node_id, ())):
+            self._remove(key, self.entries[key][1])
+
+
+class Placer:
+    """The strategies over the index. `nodes` and `model_nodes` are the registry's own dicts, read live."""
+
+    def __init__(
+        self,
+        index: PlacementIndex,
+        nodes: dict[str, NodeState],
+        model_nodes: dict[str, set[str]],
+        is_live: Callable[[NodeState, float], bool],
+    ) -> None:
+        self.index = index
+        self.nodes = nodes
+        self.model_nodes = model_nodes
+        self.is_live = is_live
+        self.round_robin_after: dict[str, PoolKey] = {}
+        self.random = random.Random()
+
+    def place(self, request: schemas.PlacementRequest, now: float) -> schemas.Placement:
+        model = request.model_id or ANY_MODEL
+        vram_needed = request.vram_bytes or 0
+        strategy = request.strategy
+        if strategy == "least-loaded":
+            pick = self._least_loaded(model, vram_needed, now)
+        elif strategy == "round-robin":
+            pick = self._round_robin(model, vram_needed, now)
+        else:
+            pick = self._random(model, vram_needed, now)
+        if pick is None:
+            raise self._why_not(request, now)
+        node = self.nodes[pick[0]]
+        return schemas.Placement(
+            node_id=pick[0], pool_id=pick[1], address=node.registration.address, strategy=strategy
+        )
+
+    def _fits(self, key: PoolKey, vram_needed: int, now: float, stale: list[str]) -> bool:
+        node = self.nodes[key[0]]
+        if not self.is_live(node, now):
+            stale.append(key[0])
+            return False
+        return -self.index.entries[key][0][1] >= vram_needed
+
+    def _evict(self, stale: list[str]) -> None:
+        # Offline nodes leave the index when a decision meets them; their next heartbeat brings them back.
+        for node_id in set(stale):
+            self.index.drop_node(node_id)
+
+    def _least_loaded(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
+        heap = self.index.by_load.get(model)
+        if not heap:
+            return None
+        too_small: list[LoadKey] = []  # fitting candidates come after these; they go back afterwards
+        pick = None
+        while heap:
+            load = heap[0]
+            if not self.index.is_current(model, load):
+                heappop(heap)
+                continue
+            node = self.nodes[load[2]]
+            if not self.is_live(node, now):
+                self.index.drop_node(node.node_id)
+                continue
+            if -load[1] >= vram_needed:
+                pick = (load[2], load[3])
+                break
+            too_small.append(heappop(heap))
+        for load in too_small:
+            heappush(heap, load)
+        return pick
+
+    def _round_robin(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
+        ordered = self.index.by_id.get(model)
+        if not ordered:
+            return None
+        start = 0
+        after = self.round_robin_after.get(model)
+        if after is not None:
+            start = ordered.bisect_right(after)
+        stale: list[str] = []
+        pick = None
+        count = len(ordered)
+        for offset in range(count):
+            key = ordered[(start + offset) % count]
+            if self._fits(key, vram_needed, now, stale):
+                pick = key
+                break
+        self._evict(stale)
+        if pick is not None:
+            self.round_robin_after[model] = pick
+        return pick
+
+    def _random(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
+        ordered = self.index.by_id.get(model)
+        if not ordered:
+            return None
+        stale: list[str] = []
+        for _attempt in range(RANDOM_TRIES):
+            key = ordered[self.random.randrange(len(ordered))]
+            if self._fits(key, vram_needed, now, stale):
+                self._evict(stale)
+                return key
+        # Few candidates fit: choose among all that do.
+        fitting = [key for key in ordered if self._fits(key, vram_needed, now, stale)]
+        self._evict(stale)
+        return self.random.choice(fitting) if fitting else None
+
+    def _why_not(self, request: schemas.PlacementRequest, now: float) -> NoPlacement:
+        if request.model_id is not None:
+            holders = self.model_nodes.get(request.model_id, ())
+            if not any(self.is_live(self.nodes[node_id], now) for node_id in holders):
+                return NoPlacement("MODEL_NOT_AVAILABLE", f"no online node holds model {request.model_id!r}")
+            return NoPlacement(
+                "NO_CAPACITY", f"no ready pool with free slots and enough VRAM holds {request.model_id!r}"
+            )
+        return NoPlacement("NO_CAPACITY", "no ready pool with free slots and enough VRAM")
