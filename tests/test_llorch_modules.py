@@ -592,3 +592,38 @@ def test_tls_certificates_are_checked_unless_told_otherwise(slow_daemon, tmp_pat
     )
     assert [node["node_id"] for node in with_ca["nodes"]] == ["gpu-a"]
     assert [node["node_id"] for node in unchecked["nodes"]] == ["gpu-a"]
+
+
+class _EndlessHandler(BaseHTTPRequestHandler):
+    """Answers every request with 200 and a body that never ends (no length, closed only by the client)."""
+
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        chunk = b" " * (1024 * 1024)
+        with contextlib.suppress(OSError):
+            while True:
+                self.wfile.write(chunk)
+
+
+def test_an_endless_answer_is_cut_at_the_bound_not_read_into_memory(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EndlessHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        env = ansible_env(None, tmp_path, LLORCH_URL=url, LLORCH_API_TOKEN="t" * 40)
+        (result,) = run_tasks(env, tmp_path, [{"llorch.kit.llorch_nodes_info": {}, "ignore_errors": True}])
+    finally:
+        server.shutdown()
+    assert result["failed"] is True
+    assert result["msg"] == (
+        f"the registry at {url} answered GET /v2/nodes with more than 134217728 bytes; "
+        f"not read (is {url} really orchestratord?)"
+    )

@@ -184,3 +184,15 @@ def test_token_file_that_is_not_utf8_is_one_line(tmp_path, base_config):
     config = write_yaml(tmp_path / "c.yml", base_config)
     line = refused(run_daemon_once(config))
     assert str(token_file) in line and "UTF-8" in line
+
+
+def test_token_file_that_is_a_link_is_refused(tmp_path, base_config):
+    # The token file may sit in a folder another user can write: a link there must not be followed.
+    real = tmp_path / "api-token"
+    link = tmp_path / "api-token-link"
+    link.symlink_to(real)
+    base_config["token_file"] = str(link)
+    config = write_yaml(tmp_path / "c.yml", base_config)
+    line = refused(run_daemon_once(config))
+    assert str(link) in line and "symbolic link" in line
+    assert TEST_TOKEN not in line

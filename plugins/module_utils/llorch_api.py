@@ -42,6 +42,10 @@ LLORCH_ARGUMENT_SPEC = {
 # How often a wait re-reads a node: one GET per poll is cheap for the registry, and a person waiting on a
 # playbook notices half a second at most.
 POLL_INTERVAL_S = 0.5
+# The most the client reads of one answer. The registry's largest, the node list of a full cluster
+# (max_nodes 10,000), is about 12 MB with lean records; anything far beyond is not orchestratord speaking.
+MAX_ANSWER_BYTES = 128 * 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
 
 # Short phrases for the errno values an operator meets most; anything else falls back to strerror.
 _ERRNO_PHRASES = {
@@ -188,7 +192,7 @@ class LlorchClient:
                 use_netrc=False,
             )
             with answer:
-                status, payload = answer.status, answer.read()
+                status, payload = answer.status, answer.read(MAX_ANSWER_BYTES + 1)
         except HTTPError as exc:
             if allow_missing and exc.code == 404:
                 return None
@@ -197,6 +201,11 @@ class LlorchClient:
             # HTTPException: a url that points at something other than an HTTP server (an SSH port) or a
             # connection cut mid-answer (IncompleteRead); BadStatusLine and IncompleteRead are no OSError.
             raise LlorchApiError(f"cannot reach the registry at {self.url}: {_reason(exc)}") from None
+        if len(payload) > MAX_ANSWER_BYTES:
+            raise LlorchApiError(
+                f"the registry at {self.url} answered {where} with more than {MAX_ANSWER_BYTES} bytes; "
+                f"not read (is {self.url} really orchestratord?)"
+            )
         if status == 204 or not payload:
             return None
         try:
@@ -218,7 +227,7 @@ class LlorchClient:
             )
         code, message = None, ""
         try:
-            envelope = json.loads(exc.read() or b"null")
+            envelope = json.loads(exc.read(MAX_ERROR_BYTES) or b"null")
         except (ValueError, OSError):
             envelope = None
         if isinstance(envelope, dict):

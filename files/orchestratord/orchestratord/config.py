@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 import yaml
 
-from .contract import DEFAULT_MAX_MODELS_PER_NODE, DEFAULT_MAX_POOLS_PER_NODE
+from .contract import (
+    DEFAULT_MAX_MODELS_PER_NODE,
+    DEFAULT_MAX_POOLS_PER_NODE,
+    MIN_TOKEN_LENGTH,
+    SecretFileError,
+    read_secret_file,
+)
 
 ENV_PREFIX = "ORCHESTRATORD_"
 TOKEN_ENV = "LLORCH_API_TOKEN"
-MIN_TOKEN_LENGTH = 32
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveMs = Annotated[int, msgspec.Meta(ge=1)]
@@ -131,28 +135,17 @@ def load_token(settings: Settings, environ: dict[str, str] | None = None) -> str
     """The API token from token_file (0600 or stricter) or LLORCH_API_TOKEN; at least 32 characters."""
     environ = os.environ if environ is None else environ
     if settings.token_file:
-        path = Path(settings.token_file)
+        # The contract's reader: no link followed, owner-only, bounded, one line of UTF-8, long enough.
         try:
-            mode = path.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(
-                    f"token_file {path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
-                    f"chmod 600 it"
-                )
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"token_file {path} cannot be read: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            # Only where, never the bytes: they are part of the secret.
-            raise ConfigError(f"token_file {path} is not UTF-8 text (at byte {exc.start})") from None
-        origin = f"token_file {path}"
+            return read_secret_file(settings.token_file, min_length=MIN_TOKEN_LENGTH)
+        except SecretFileError as exc:
+            raise ConfigError(str(exc)) from None
     elif environ.get(TOKEN_ENV):
         token = environ[TOKEN_ENV].strip()
-        origin = TOKEN_ENV
     else:
         raise ConfigError(f"no API token: set token_file in the config or {TOKEN_ENV}")
     if len(token) < MIN_TOKEN_LENGTH:
-        raise ConfigError(f"{origin}: the token must be at least {MIN_TOKEN_LENGTH} characters")
+        raise ConfigError(f"{TOKEN_ENV}: the token must be at least {MIN_TOKEN_LENGTH} characters")
     return token
 
 
