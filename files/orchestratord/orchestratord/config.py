@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 
+from .config_file import ConfigError, read_config_file
 from .contract import (
     DEFAULT_MAX_MODELS_PER_NODE,
     DEFAULT_MAX_POOLS_PER_NODE,
@@ -23,10 +24,6 @@ TOKEN_ENV = "LLORCH_API_TOKEN"
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveMs = Annotated[int, msgspec.Meta(ge=1)]
-
-
-class ConfigError(Exception):
-    """A configuration problem a person fixes; printed as one line, never as a traceback."""
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,26 +67,6 @@ def _field_of(error: msgspec.ValidationError) -> str:
     return "?"
 
 
-def _not_utf8(exc: UnicodeDecodeError) -> str:
-    return f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
-
-
-def _read_file(config_path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {config_path} not found") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {config_path} cannot be read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {config_path} is not UTF-8 text: {_not_utf8(exc)}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {config_path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {config_path} must hold a mapping of settings")
-    return raw
-
-
 def _env_overrides(environ: dict[str, str]) -> dict:
     """ORCHESTRATORD_<KEY> values, parsed as YAML scalars so 9300 is an int and false a bool."""
     overrides = {}
@@ -115,7 +92,7 @@ def load_settings(config_path: str | Path | None, environ: dict[str, str] | None
     source = "defaults"
     if config_path is not None:
         config_path = Path(config_path)
-        raw = _read_file(config_path)
+        raw = read_config_file(config_path)
         source = str(config_path)
         unknown = sorted(str(key) for key in raw if key not in SETTING_NAMES)
         if unknown:

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import msgspec.inspect
-import yaml
 
+from .config_file import ConfigError, read_config_file
 from .contract import DEFAULT_MAX_POOLS_PER_NODE, ID_RULE, valid_id
 from .wire import Address, Count, GpuIndex, Id
 
@@ -79,10 +79,6 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 SETTING_NAMES = tuple(Settings.__struct_fields__)
 
 
-class ConfigError(Exception):
-    """A setup problem a person fixes; printed as one line, never as a traceback."""
-
-
 def _shown(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -137,24 +133,6 @@ def _explain(error: msgspec.ValidationError, raw: dict) -> str:
     return f"'{where}': {detail}"
 
 
-def _read_file(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except OSError as error:
-        raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
-    return raw
-
-
 def _check_pools(pools: tuple[PoolConfig, ...]) -> None:
     """What one pool cannot say alone: ids and GPUs are each used by one pool."""
     seen_ids: set[str] = set()
@@ -179,7 +157,7 @@ def load_settings(config_path: str | Path) -> Settings:
     """Read and check the config file; every problem is a ConfigError naming the file and the key."""
     path = Path(config_path)
     # A key set to null (an empty YAML value) means its default, as if it were left out.
-    raw = {key: value for key, value in _read_file(path).items() if value is not None}
+    raw = {key: value for key, value in read_config_file(path).items() if value is not None}
     unknown = sorted(str(key) for key in raw if key not in SETTING_NAMES)
     if unknown:
         raise ConfigError(

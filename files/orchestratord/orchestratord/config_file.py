@@ -1,0 +1,1 @@
+../../shared/config_file.py
