@@ -7,8 +7,11 @@ program talking HTTP to a real orchestratord.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +41,36 @@ def nvsmi_real() -> Path:
 
 
 def standin_env(fixture: str = "lab-2x-l4", **extra: str) -> dict[str, str]:
+    """`fixture`: a name under files/testing/nvsmi, or the absolute path of a fixture directory."""
     return package_env(NVIDIA_SMI_STANDIN_FIXTURE=str(FIXTURES / fixture), **extra)
+
+
+class ChangingMachine:
+    """A private copy of a stand-in fixture whose GPUs' free memory the test changes under a running agent.
+
+    The stand-in reads its fixture afresh at every call, so a rewritten `query-gpu.csv` is what the next
+    nvidia-smi call prints. Each rewrite goes to a temporary file renamed over the old one: a probe running
+    at that moment reads the old machine or the new one, never half of each. Used memory follows
+    (total - reserved - free), as on a real GPU.
+    """
+
+    def __init__(self, directory: Path, fixture: str = "lab-2x-l4"):
+        shutil.copytree(FIXTURES / fixture, directory)
+        self.directory = directory
+        self._csv = directory / "query-gpu.csv"
+
+    def set_free_mib(self, gpu_index: int, free_mib: int) -> None:
+        rows = list(csv.reader(io.StringIO(self._csv.read_text()), skipinitialspace=True))
+        header = [cell.split(" [")[0] for cell in rows[0]]
+        column = {name: position for position, name in enumerate(header)}
+        (row,) = [row for row in rows[1:] if int(row[column["index"]]) == gpu_index]
+        total, reserved = (int(row[column[name]].split()[0]) for name in ("memory.total", "memory.reserved"))
+        assert 0 <= free_mib <= total - reserved, (free_mib, total, reserved)
+        row[column["memory.free"]] = f"{free_mib} MiB"
+        row[column["memory.used"]] = f"{total - reserved - free_mib} MiB"
+        temporary = self._csv.with_name(".query-gpu.csv.tmp")
+        temporary.write_text("".join(", ".join(cells) + "\n" for cells in rows))
+        os.replace(temporary, self._csv)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, http, wait_until
-from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, make_agent, standin_env
+from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, ChangingMachine, make_agent, standin_env
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.agent import Backoff
@@ -570,6 +570,43 @@ def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, 
         assert agent.running()
     finally:
         agent.stop()
+
+
+def test_free_vram_is_read_again_every_probe_interval_and_reaches_the_registry(daemon, start_agent, tmp_path):
+    # Placement by vram_bytes trusts vram_free_bytes: it must follow the machine, not stay what the agent
+    # saw at startup. The stand-in replays a machine the test changes twice (a one-off re-read would pass
+    # once); only GPU 1 changes, so its pool moves and the other stays.
+    machine = ChangingMachine(tmp_path / "machine")
+    probe_interval_s = 1.0
+    agent = start_agent(
+        daemon,
+        fixture=str(machine.directory),
+        gpu_probe_interval_s=probe_interval_s,
+        pools=[{"pool_id": "a", "gpus": [0]}, {"pool_id": "b", "gpus": [1]}],
+    )
+    node = wait_online(daemon, agent)
+    assert [pools_by_id(node)[p]["vram_free_bytes"] for p in ("a", "b")] == [L4_FREE, L4_FREE]
+    for free_mib in (10_000, 3_000):
+        machine.set_free_mib(1, free_mib)
+        changed_at = time.monotonic()
+        # One probe interval, the probe itself and one 200 ms heartbeat; the slack is for a busy machine.
+        # An agent that probed only at startup, or at the 15 s default, misses this deadline.
+        wait_until(
+            lambda free_mib=free_mib: pools_by_id(node_of(daemon))["b"]["vram_free_bytes"] == free_mib * MIB,
+            timeout=probe_interval_s + 4,
+            what=f"pool b reporting {free_mib} MiB free",
+        )
+        took = time.monotonic() - changed_at
+        print(f"free VRAM {free_mib} MiB reached the registry {took:.2f} s after the change")
+        pools = pools_by_id(node_of(daemon))
+        assert pools["a"]["vram_free_bytes"] == L4_FREE and pools["a"]["vram_total_bytes"] == L4_TOTAL
+        assert pools["b"]["vram_total_bytes"] == L4_TOTAL and pools["b"]["ready"], pools
+    # Later heartbeats keep the new value (no flip back to a cached startup figure).
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 5, timeout=10, what="5 more heartbeats")
+    assert pools_by_id(node_of(daemon))["b"]["vram_free_bytes"] == 3_000 * MIB
+    log = agent.log()
+    assert log.count("registered with") == 1 and "GPU probe failed" not in log, log
 
 
 def test_hung_nvidia_smi_never_delays_a_heartbeat_pools_go_not_ready_and_sigterm_still_exits(
