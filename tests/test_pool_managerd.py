@@ -19,7 +19,19 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, http, wait_until
-from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, ChangingMachine, make_agent, standin_env
+from support_agent import (
+    FIXTURES,
+    MIB,
+    STANDIN,
+    TLS_HANDSHAKE_RECORD,
+    AgentProcess,
+    ChangingMachine,
+    TlsFront,
+    make_agent,
+    standin_env,
+    write_ca,
+    write_server_certificate,
+)
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.agent import Backoff
@@ -384,6 +396,75 @@ def test_hanging_control_plane_times_out_and_the_agent_recovers_when_it_answers(
     daemon = daemon_factory(listen_port=port)
     wait_online(daemon, agent)
     assert "registered with" in agent.log()
+
+
+# --- an https control plane ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_front(daemon, tmp_path) -> Iterator[tuple[TlsFront, Path]]:
+    """The daemon behind TLS with a certificate signed by a CA the test made; the front and that CA's file."""
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    ca = write_ca(tls / "ca.pem")
+    write_server_certificate(ca, tls / "server.pem", tls / "server-key.pem")
+    with TlsFront(daemon.config["listen_port"], tls / "server.pem", tls / "server-key.pem") as front:
+        yield front, tls / "ca.pem"
+
+
+def test_agent_registers_heartbeats_and_deregisters_over_https_trusting_its_ca_file(
+    daemon, start_agent, tls_front
+):
+    front, ca_file = tls_front
+    agent = start_agent(daemon, control_url=front.url, ca_file=str(ca_file))
+    wait_online(daemon, agent)
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 3, timeout=10, what="3 heartbeats over TLS")
+    assert f"registered with {front.url} as node {NODE}" in agent.log()
+    assert agent.signal(signal.SIGTERM) == 0
+    assert node_of(daemon) is None and "deregistered node gpu-node-1" in agent.log()
+    # Every connection the agent opened was TLS, and each handshake completed.
+    assert front.connections
+    assert all(c.first_byte == TLS_HANDSHAKE_RECORD and c.handshake_done for c in front.connections), (
+        front.connections
+    )
+
+
+@pytest.mark.parametrize("trusted", ["another-ca", "system-store"])
+def test_https_certificate_the_agent_does_not_trust_is_one_line_and_backoff_never_plain_http(
+    daemon, start_agent, tls_front, tmp_path, trusted
+):
+    front, _ = tls_front
+    overrides = {}
+    if trusted == "another-ca":  # a valid CA bundle, only not the one that signed the server's certificate
+        write_ca(tmp_path / "other-ca.pem", "some other CA")
+        overrides["ca_file"] = str(tmp_path / "other-ca.pem")
+    agent = start_agent(daemon, control_url=front.url, log_level="debug", **overrides)
+    wait_until(
+        lambda: (
+            running_agent(agent) and len(front.connections) >= 4 and agent.log().count("next try in") >= 4
+        ),
+        timeout=20,
+        what="4 refused handshakes",
+    )
+    # Each try opened with a TLS handshake the agent broke off: no plain-HTTP retry; the daemon saw nothing.
+    assert all(c.first_byte == TLS_HANDSHAKE_RECORD and not c.handshake_done for c in front.connections), (
+        front.connections
+    )
+    assert node_of(daemon) is None and _register_attempts(daemon) == 0
+    log = agent.log()
+    trouble = [line for line in log.splitlines() if "on registration" in line]
+    assert len(trouble) == 1 and "ERROR" in trouble[0], log
+    trusted = overrides.get("ca_file", "the system's CA store (no ca_file set)")
+    assert f"TLS certificate that {trusted} does not vouch for" in trouble[0], trouble
+    assert "certificate not trusted: 'unable to get local issuer certificate'" in trouble[0], trouble
+    assert "Traceback" not in log and TEST_TOKEN not in log
+    assert agent.signal(signal.SIGTERM) == 0
+
+
+def running_agent(agent: AgentProcess) -> bool:
+    assert agent.running(), f"the agent exited:\n{agent.log()}"
+    return True
 
 
 # --- --once and refused setups ---------------------------------------------------------------------------
