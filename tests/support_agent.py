@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, package_env
+from support_nvsmi import real_recordings_dir
 
 STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
 FIXTURES = REPO_ROOT / "files" / "testing" / "nvsmi"
@@ -34,12 +35,8 @@ MIB = 1024 * 1024
 
 
 def nvsmi_real() -> Path:
-    """The shared real recordings: beside the checkout, or at /work/shared for a worktree."""
-    from support import NVSMI_REAL
-
-    if NVSMI_REAL.is_dir():
-        return NVSMI_REAL
-    return Path("/work/shared/nvsmi-real")
+    """The shared real recordings ($LLORCH_NVSMI_REAL, else beside the checkout or its main checkout)."""
+    return real_recordings_dir()
 
 
 def standin_env(fixture: str = "lab-2x-l4", **extra: str) -> dict[str, str]:
