@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import re
@@ -26,6 +25,7 @@ from support_agent import (
     TLS_HANDSHAKE_RECORD,
     AgentProcess,
     ChangingMachine,
+    ScriptedControlPlane,
     TlsFront,
     make_agent,
     standin_env,
@@ -244,71 +244,30 @@ def test_node_deleted_by_an_operator_registers_again(daemon, start_agent):
     assert "does not know node gpu-node-1" in agent.log()
 
 
-class HeartbeatsNotFound:
-    """A tiny real HTTP control plane that accepts every registration and answers every heartbeat 404, as a
-    proxy routing only some paths (or a renamed route) would."""
-
-    def __init__(self) -> None:
-        self.registrations: list[float] = []
-        self.heartbeats: list[float] = []
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _register(self, request: web.Request) -> web.Response:
-        self.registrations.append(time.monotonic())
-        body = await request.json()
-        answer = {"node_id": body["node_id"], "status": "registering", "heartbeat_interval_ms": 50}
-        return web.json_response({**answer, "node_timeout_ms": 3000})
-
-    async def _heartbeat(self, request: web.Request) -> web.Response:
-        self.heartbeats.append(time.monotonic())
-        return web.json_response({"code": "NODE_NOT_FOUND", "message": "no such node"}, status=404)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/v2/nodes/register", self._register)
-        app.router.add_post("/v2/nodes/{node_id}/heartbeat", self._heartbeat)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-
-    def start(self) -> HeartbeatsNotFound:
-        self._thread.start()
-        assert self._ready.wait(10), "the fake control plane did not start"
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+async def node_not_found(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"code": "NODE_NOT_FOUND", "message": "no such node"}, status=404)
 
 
 def test_heartbeats_always_404_after_registering_back_off_instead_of_hammering(start_agent):
-    control = HeartbeatsNotFound().start()
-    try:
+    # A control plane that takes every registration and answers every heartbeat 404, as a proxy routing
+    # only some paths (or a renamed route) would.
+    with ScriptedControlPlane() as control:
+        control.heartbeat = node_not_found
         agent = start_agent(None, control_url=control.url, backoff_initial_s=0.1, backoff_max_s=1)
         wait_until(lambda: control.heartbeats, timeout=15, what="a first heartbeat")
-        first = control.registrations[0]
+        first = control.registrations[0].at
         wait_until(
-            lambda: control.heartbeats[-1] - first >= 2, timeout=15, what="2 s of register/heartbeat cycles"
+            lambda: control.heartbeats[-1].at - first >= 2, timeout=15, what="2 s of register/heartbeat tries"
         )
+        seen = [request.path.rsplit("/", 1)[-1] for request in list(control.seen)]  # one snapshot
         # Backoff 0.1 s doubling to a 1 s cap, with full jitter: about 6 tries in 2 s; never hundreds.
-        assert len(control.registrations) <= 30, len(control.registrations)
+        assert seen.count("register") <= 30, seen
+        # Each 404 leads to a new registration (after the backoff), never to another heartbeat.
+        assert seen == ["register", "heartbeat"] * (len(seen) // 2) + ["register"] * (len(seen) % 2), seen
         assert agent.running()
-        log = agent.log()
-        assert log.count("answers its heartbeats with 404") == 1, log
-        assert log.count("registered again") == 0, log
-    finally:
-        control.stop()
+    log = agent.log()
+    assert log.count("answers its heartbeats with 404") == 1, log
+    assert log.count("registered again") == 0, log
 
 
 def test_sigterm_deregisters_and_exits_zero(daemon, start_agent):
