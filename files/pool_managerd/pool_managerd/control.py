@@ -145,10 +145,9 @@ class ControlPlane:
                 return _decoded(response.status, raw, answer_type)
         except TimeoutError:
             return Answer(None, problem=f"no answer within {timeout.total:g} s")
-        except (
-            aiohttp.ClientConnectorCertificateError
-        ) as error:  # before its base class, ClientConnectorError
-            # A setup problem (ca_file), not an outage: said apart so the log can name the fix.
+        except aiohttp.ClientConnectorCertificateError as error:
+            # Caught before its base class ClientConnectorError: a setup problem (ca_file), not an outage,
+            # said apart so that the log can name the fix.
             failure = error.certificate_error
             reason = getattr(failure, "verify_message", None) or str(failure)
             return Answer(
