@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, free_port
@@ -23,7 +24,14 @@ from support_agent import ScriptedControlPlane, TlsFront, write_ca, write_server
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.control import MAX_ANSWER_BYTES, ControlPlane
 from pool_managerd.models import ModelManifest
-from pool_managerd.wire import HeartbeatAnswer, RegisterAnswer
+from pool_managerd.wire import (
+    Capabilities,
+    Heartbeat,
+    HeartbeatAnswer,
+    PoolStatus,
+    RegisterAnswer,
+    Registration,
+)
 
 # --- the model manifest ----------------------------------------------------------------------------------
 
@@ -185,6 +193,88 @@ def test_an_answer_of_exactly_the_bound_is_read(control):
     assert len(raw) == MAX_ANSWER_BYTES
     control.heartbeat = answering(raw)
     assert ask(control.url, "POST", "/v2/nodes/n/heartbeat", HeartbeatAnswer).ok
+
+
+def test_register_heartbeat_and_deregister_send_their_bodies_to_their_routes(control):
+    registration = Registration(
+        node_id="n1",
+        address="http://n1:8000",
+        pools=[],
+        capabilities=Capabilities(gpus=[], cpu_cores=2, ram_total_bytes=1),
+    )
+    pool = PoolStatus(
+        pool_id="p",
+        ready=True,
+        draining=False,
+        slots_total=1,
+        slots_free=1,
+        vram_total_bytes=2,
+        vram_free_bytes=1,
+    )
+    beat = Heartbeat(timestamp="2026-01-01T00:00:00Z", pools=[pool])
+
+    async def go():
+        async with ControlPlane(control.url, TEST_TOKEN, 2) as client:
+            return (
+                await client.register(registration),
+                await client.heartbeat("n1", beat),
+                await client.deregister("n1", 1),
+            )
+
+    registered, beaten, deregistered = asyncio.run(go())
+    assert registered.ok and registered.body.node_id == "n1" and registered.body.node_timeout_ms == 3000
+    assert beaten.ok and beaten.body.next_heartbeat_ms == 100 and beaten.body.drain is False
+    assert (deregistered.ok, deregistered.status) == (True, 204)
+    seen = [(s.method, s.path, json.loads(s.body) if s.body else None) for s in control.seen]
+    assert seen == [
+        ("POST", "/v2/nodes/register", json.loads(msgspec.json.encode(registration))),
+        ("POST", "/v2/nodes/n1/heartbeat", json.loads(msgspec.json.encode(beat))),
+        ("DELETE", "/v2/nodes/n1", None),
+    ]
+
+
+async def announced_huge(request: web.Request) -> web.StreamResponse:
+    """A Content-Length over the bound with a short body: refused on the header, before any byte is read."""
+    response = web.StreamResponse(status=200, headers={"Content-Length": str(MAX_ANSWER_BYTES + 1)})
+    await response.prepare(request)
+    await response.write(b"{")
+    return response
+
+
+async def trickled(request: web.Request) -> web.StreamResponse:
+    """A valid answer sent in many small writes, as a slow proxy would."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    raw = b'{"next_heartbeat_ms": 700, "drain": false, "pad": "' + b"p" * 4000 + b'"}'
+    for start in range(0, len(raw), 500):
+        await response.write(raw[start : start + 500])
+        await asyncio.sleep(0.01)
+    return response
+
+
+def test_an_announced_huge_answer_is_refused_on_its_header(control):
+    control.heartbeat = announced_huge
+    answer = ask(control.url, "POST", "/v2/nodes/n/heartbeat", HeartbeatAnswer)
+    assert (answer.ok, answer.status) == (False, 200)
+    assert answer.problem == f"an answer over {MAX_ANSWER_BYTES} bytes"
+
+
+def test_an_answer_in_many_pieces_is_read_whole(control):
+    control.heartbeat = trickled
+    answer = ask(control.url, "POST", "/v2/nodes/n/heartbeat", HeartbeatAnswer)
+    assert answer.ok and answer.body.next_heartbeat_ms == 700, answer
+
+
+def test_the_client_asks_for_uncompressed_answers_only(control):
+    asked = []
+
+    async def beat(request: web.Request) -> web.StreamResponse:
+        asked.append(request.headers.get("Accept-Encoding"))
+        return web.json_response({"next_heartbeat_ms": 100, "drain": False})
+
+    control.heartbeat = beat
+    assert ask(control.url, "POST", "/v2/nodes/n/heartbeat", HeartbeatAnswer).ok
+    assert asked == ["identity"]
 
 
 def test_an_error_envelope_is_described_with_its_code_and_message(control):
