@@ -7,9 +7,14 @@ program talking HTTP to a real orchestratord.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +27,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, package_env
+from support_nvsmi import real_recordings_dir
 
 STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
 FIXTURES = REPO_ROOT / "files" / "testing" / "nvsmi"
@@ -29,16 +35,41 @@ MIB = 1024 * 1024
 
 
 def nvsmi_real() -> Path:
-    """The shared real recordings: beside the checkout, or at /work/shared for a worktree."""
-    from support import NVSMI_REAL
-
-    if NVSMI_REAL.is_dir():
-        return NVSMI_REAL
-    return Path("/work/shared/nvsmi-real")
+    """The shared real recordings ($LLORCH_NVSMI_REAL, else beside the checkout or its main checkout)."""
+    return real_recordings_dir()
 
 
 def standin_env(fixture: str = "lab-2x-l4", **extra: str) -> dict[str, str]:
+    """`fixture`: a name under files/testing/nvsmi, or the absolute path of a fixture directory."""
     return package_env(NVIDIA_SMI_STANDIN_FIXTURE=str(FIXTURES / fixture), **extra)
+
+
+class ChangingMachine:
+    """A private copy of a stand-in fixture whose GPUs' free memory the test changes under a running agent.
+
+    The stand-in reads its fixture afresh at every call, so a rewritten `query-gpu.csv` is what the next
+    nvidia-smi call prints. Each rewrite goes to a temporary file renamed over the old one: a probe running
+    at that moment reads the old machine or the new one, never half of each. Used memory follows
+    (total - reserved - free), as on a real GPU.
+    """
+
+    def __init__(self, directory: Path, fixture: str = "lab-2x-l4"):
+        shutil.copytree(FIXTURES / fixture, directory)
+        self.directory = directory
+        self._csv = directory / "query-gpu.csv"
+
+    def set_free_mib(self, gpu_index: int, free_mib: int) -> None:
+        rows = list(csv.reader(io.StringIO(self._csv.read_text()), skipinitialspace=True))
+        header = [cell.split(" [")[0] for cell in rows[0]]
+        column = {name: position for position, name in enumerate(header)}
+        (row,) = [row for row in rows[1:] if int(row[column["index"]]) == gpu_index]
+        total, reserved = (int(row[column[name]].split()[0]) for name in ("memory.total", "memory.reserved"))
+        assert 0 <= free_mib <= total - reserved, (free_mib, total, reserved)
+        row[column["memory.free"]] = f"{free_mib} MiB"
+        row[column["memory.used"]] = f"{total - reserved - free_mib} MiB"
+        temporary = self._csv.with_name(".query-gpu.csv.tmp")
+        temporary.write_text("".join(", ".join(cells) + "\n" for cells in rows))
+        os.replace(temporary, self._csv)
 
 
 @dataclass
@@ -246,3 +277,184 @@ class ScriptedControlPlane:
     def __exit__(self, *exc_info: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+# --- TLS: a CA the test makes, and a TLS front that records how each connection opened ---------------------
+
+
+def write_ca(cert_path: Path, common_name: str = "llorch test CA") -> Any:
+    """A throwaway CA (certificate written to `cert_path`); its private key is returned, never written."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert
+
+
+def write_server_certificate(ca: Any, cert_path: Path, key_path: Path) -> None:
+    """A server certificate for 127.0.0.1 signed by `ca` (what write_ca returned), not self-signed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llorch-control")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+
+
+TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of every TLS connection (a handshake record)
+
+
+@dataclass
+class Connection:
+    """One TCP connection the TLS front accepted."""
+
+    first_byte: bytes  # b"\x16" for TLS; b"P" for a plain-HTTP POST; b"" when nothing came
+    handshake_done: bool = False
+
+
+class TlsFront:
+    """A TLS-terminating front on 127.0.0.1 for a plain-HTTP server, with a certificate the test issued
+    (orchestratord serves plain HTTP today; this stands where a TLS proxy would). It records how every
+    connection opened, so a test can tell that a client spoke nothing but TLS, and whether its handshake
+    completed."""
+
+    def __init__(self, upstream_port: int, cert: Path, key: Path):
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert, key)
+        self._upstream_port = upstream_port
+        self.connections: list[Connection] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._serve, daemon=True)
+        self._loop_thread.start()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+        # Relays still running end here, not as "Task was destroyed" at exit.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._sniff, args=(client,), daemon=True).start()
+
+    def _sniff(self, client: socket.socket) -> None:
+        """Look at the first byte without taking it; only a TLS handshake goes on to the upstream."""
+        client.settimeout(5)
+        try:
+            first = client.recv(1, socket.MSG_PEEK)
+        except OSError:
+            first = b""
+        connection = Connection(first)
+        self.connections.append(connection)
+        if first != TLS_HANDSHAKE_RECORD:
+            client.close()
+            return
+        client.setblocking(False)
+        try:  # the coroutine is made in the loop, so a front closed meanwhile leaves none unawaited
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._relay(client, connection)))
+        except RuntimeError:  # the loop is closed: the front was closed meanwhile
+            client.close()
+
+    async def _relay(self, client: socket.socket, connection: Connection) -> None:
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(
+                lambda: protocol, client, ssl=self._context, ssl_handshake_timeout=5
+            )
+        except (OSError, ssl.SSLError, TimeoutError):  # the client refused our certificate, or gave up
+            client.close()
+            return
+        connection.handshake_done = True
+        writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while chunk := await source.read(65536):
+                    sink.write(chunk)
+                    await sink.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    def close(self) -> None:
+        self._listener.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(10)
+
+    def __enter__(self) -> TlsFront:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -14,30 +14,14 @@ from typing import NamedTuple
 import pytest
 from support import REPO_ROOT
 from support_agent import FIXTURES, MIB, STANDIN, standin_env
+from support_nvsmi import real_recordings_dir
 
 sys.path.insert(0, str(REPO_ROOT / "plugins" / "module_utils"))
 # Imported from module_utils as a plain module (stdlib only), the way Ansible ships it to hosts.
 import nvidia_smi
 from nvidia_smi import NvidiaSmiError
 
-
-def _real_recordings_dir() -> Path:
-    """Where the shared real recordings are: $LLORCH_NVSMI_REAL, else `shared/nvsmi-real` beside the
-    checkout; a git worktree looks beside its main checkout (its .git file points into that one's .git)."""
-    chosen = os.environ.get("LLORCH_NVSMI_REAL")
-    if chosen:
-        return Path(chosen)
-    beside = REPO_ROOT.parent / "shared" / "nvsmi-real"
-    dot_git = REPO_ROOT / ".git"
-    if not beside.is_dir() and dot_git.is_file():
-        pointer = dot_git.read_text().strip()  # "gitdir: <main>/.git/worktrees/<name>"
-        if pointer.startswith("gitdir: ") and "/.git/worktrees/" in pointer:
-            main_checkout = Path(pointer[len("gitdir: ") :].split("/.git/worktrees/")[0])
-            return main_checkout.parent / "shared" / "nvsmi-real"
-    return beside
-
-
-REAL = _real_recordings_dir()
+REAL = real_recordings_dir()
 NO_REAL = f"the real nvidia-smi recordings are not at {REAL} (set LLORCH_NVSMI_REAL to where they are)"
 
 

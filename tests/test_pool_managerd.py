@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import re
@@ -19,7 +18,20 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, Daemon, free_port, http, wait_until
-from support_agent import FIXTURES, MIB, STANDIN, AgentProcess, make_agent, standin_env
+from support_agent import (
+    FIXTURES,
+    MIB,
+    STANDIN,
+    TLS_HANDSHAKE_RECORD,
+    AgentProcess,
+    ChangingMachine,
+    ScriptedControlPlane,
+    TlsFront,
+    make_agent,
+    standin_env,
+    write_ca,
+    write_server_certificate,
+)
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.agent import Backoff
@@ -229,74 +241,37 @@ def test_node_deleted_by_an_operator_registers_again(daemon, start_agent):
     wait_until(lambda: "registered again" in agent.log(), timeout=10, what="the agent registering again")
     node = wait_online(daemon, agent)
     assert [g["index"] for g in node["capabilities"]["gpus"]] == [0, 1]
-    assert "does not know node gpu-node-1" in agent.log()
+    # Once registered again it heartbeats on: one 404, one new registration, not one per heartbeat.
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 5, timeout=10, what="5 more heartbeats")
+    log = agent.log()
+    assert log.count("does not know node gpu-node-1") == 1 and log.count("registered again") == 1, log
 
 
-class HeartbeatsNotFound:
-    """A tiny real HTTP control plane that accepts every registration and answers every heartbeat 404, as a
-    proxy routing only some paths (or a renamed route) would."""
-
-    def __init__(self) -> None:
-        self.registrations: list[float] = []
-        self.heartbeats: list[float] = []
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _register(self, request: web.Request) -> web.Response:
-        self.registrations.append(time.monotonic())
-        body = await request.json()
-        answer = {"node_id": body["node_id"], "status": "registering", "heartbeat_interval_ms": 50}
-        return web.json_response({**answer, "node_timeout_ms": 3000})
-
-    async def _heartbeat(self, request: web.Request) -> web.Response:
-        self.heartbeats.append(time.monotonic())
-        return web.json_response({"code": "NODE_NOT_FOUND", "message": "no such node"}, status=404)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/v2/nodes/register", self._register)
-        app.router.add_post("/v2/nodes/{node_id}/heartbeat", self._heartbeat)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-
-    def start(self) -> HeartbeatsNotFound:
-        self._thread.start()
-        assert self._ready.wait(10), "the fake control plane did not start"
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+async def node_not_found(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"code": "NODE_NOT_FOUND", "message": "no such node"}, status=404)
 
 
 def test_heartbeats_always_404_after_registering_back_off_instead_of_hammering(start_agent):
-    control = HeartbeatsNotFound().start()
-    try:
+    # A control plane that takes every registration and answers every heartbeat 404, as a proxy routing
+    # only some paths (or a renamed route) would.
+    with ScriptedControlPlane() as control:
+        control.heartbeat = node_not_found
         agent = start_agent(None, control_url=control.url, backoff_initial_s=0.1, backoff_max_s=1)
         wait_until(lambda: control.heartbeats, timeout=15, what="a first heartbeat")
-        first = control.registrations[0]
+        first = control.registrations[0].at
         wait_until(
-            lambda: control.heartbeats[-1] - first >= 2, timeout=15, what="2 s of register/heartbeat cycles"
+            lambda: control.heartbeats[-1].at - first >= 2, timeout=15, what="2 s of register/heartbeat tries"
         )
+        seen = [request.path.rsplit("/", 1)[-1] for request in list(control.seen)]  # one snapshot
         # Backoff 0.1 s doubling to a 1 s cap, with full jitter: about 6 tries in 2 s; never hundreds.
-        assert len(control.registrations) <= 30, len(control.registrations)
+        assert seen.count("register") <= 30, seen
+        # Each 404 leads to a new registration (after the backoff), never to another heartbeat.
+        assert seen == ["register", "heartbeat"] * (len(seen) // 2) + ["register"] * (len(seen) % 2), seen
         assert agent.running()
-        log = agent.log()
-        assert log.count("answers its heartbeats with 404") == 1, log
-        assert log.count("registered again") == 0, log
-    finally:
-        control.stop()
+    log = agent.log()
+    assert log.count("answers its heartbeats with 404") == 1, log
+    assert log.count("registered again") == 0, log
 
 
 def test_sigterm_deregisters_and_exits_zero(daemon, start_agent):
@@ -384,6 +359,75 @@ def test_hanging_control_plane_times_out_and_the_agent_recovers_when_it_answers(
     daemon = daemon_factory(listen_port=port)
     wait_online(daemon, agent)
     assert "registered with" in agent.log()
+
+
+# --- an https control plane ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_front(daemon, tmp_path) -> Iterator[tuple[TlsFront, Path]]:
+    """The daemon behind TLS with a certificate signed by a CA the test made; the front and that CA's file."""
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    ca = write_ca(tls / "ca.pem")
+    write_server_certificate(ca, tls / "server.pem", tls / "server-key.pem")
+    with TlsFront(daemon.config["listen_port"], tls / "server.pem", tls / "server-key.pem") as front:
+        yield front, tls / "ca.pem"
+
+
+def test_agent_registers_heartbeats_and_deregisters_over_https_trusting_its_ca_file(
+    daemon, start_agent, tls_front
+):
+    front, ca_file = tls_front
+    agent = start_agent(daemon, control_url=front.url, ca_file=str(ca_file))
+    wait_online(daemon, agent)
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 3, timeout=10, what="3 heartbeats over TLS")
+    assert f"registered with {front.url} as node {NODE}" in agent.log()
+    assert agent.signal(signal.SIGTERM) == 0
+    assert node_of(daemon) is None and "deregistered node gpu-node-1" in agent.log()
+    # Every connection the agent opened was TLS, and each handshake completed.
+    assert front.connections
+    assert all(c.first_byte == TLS_HANDSHAKE_RECORD and c.handshake_done for c in front.connections), (
+        front.connections
+    )
+
+
+@pytest.mark.parametrize("trusted", ["another-ca", "system-store"])
+def test_https_certificate_the_agent_does_not_trust_is_one_line_and_backoff_never_plain_http(
+    daemon, start_agent, tls_front, tmp_path, trusted
+):
+    front, _ = tls_front
+    overrides = {}
+    if trusted == "another-ca":  # a valid CA bundle, only not the one that signed the server's certificate
+        write_ca(tmp_path / "other-ca.pem", "some other CA")
+        overrides["ca_file"] = str(tmp_path / "other-ca.pem")
+    agent = start_agent(daemon, control_url=front.url, log_level="debug", **overrides)
+    wait_until(
+        lambda: (
+            running_agent(agent) and len(front.connections) >= 4 and agent.log().count("next try in") >= 4
+        ),
+        timeout=20,
+        what="4 refused handshakes",
+    )
+    # Each try opened with a TLS handshake the agent broke off: no plain-HTTP retry; the daemon saw nothing.
+    assert all(c.first_byte == TLS_HANDSHAKE_RECORD and not c.handshake_done for c in front.connections), (
+        front.connections
+    )
+    assert node_of(daemon) is None and _register_attempts(daemon) == 0
+    log = agent.log()
+    trouble = [line for line in log.splitlines() if "on registration" in line]
+    assert len(trouble) == 1 and "ERROR" in trouble[0], log
+    trusted = overrides.get("ca_file", "the system's CA store (no ca_file set)")
+    assert f"TLS certificate that {trusted} does not vouch for" in trouble[0], trouble
+    assert "certificate not trusted: 'unable to get local issuer certificate'" in trouble[0], trouble
+    assert "Traceback" not in log and TEST_TOKEN not in log
+    assert agent.signal(signal.SIGTERM) == 0
+
+
+def running_agent(agent: AgentProcess) -> bool:
+    assert agent.running(), f"the agent exited:\n{agent.log()}"
+    return True
 
 
 # --- --once and refused setups ---------------------------------------------------------------------------
@@ -570,6 +614,43 @@ def test_gpu_failing_at_runtime_marks_pools_not_ready_until_it_recovers(daemon, 
         assert agent.running()
     finally:
         agent.stop()
+
+
+def test_free_vram_is_read_again_every_probe_interval_and_reaches_the_registry(daemon, start_agent, tmp_path):
+    # Placement by vram_bytes trusts vram_free_bytes: it must follow the machine, not stay what the agent
+    # saw at startup. The stand-in replays a machine the test changes twice (a one-off re-read would pass
+    # once); only GPU 1 changes, so its pool moves and the other stays.
+    machine = ChangingMachine(tmp_path / "machine")
+    probe_interval_s = 1.0
+    agent = start_agent(
+        daemon,
+        fixture=str(machine.directory),
+        gpu_probe_interval_s=probe_interval_s,
+        pools=[{"pool_id": "a", "gpus": [0]}, {"pool_id": "b", "gpus": [1]}],
+    )
+    node = wait_online(daemon, agent)
+    assert [pools_by_id(node)[p]["vram_free_bytes"] for p in ("a", "b")] == [L4_FREE, L4_FREE]
+    for free_mib in (10_000, 3_000):
+        machine.set_free_mib(1, free_mib)
+        changed_at = time.monotonic()
+        # One probe interval, the probe itself and one 200 ms heartbeat; the slack is for a busy machine.
+        # An agent that probed only at startup, or at the 15 s default, misses this deadline.
+        wait_until(
+            lambda free_mib=free_mib: pools_by_id(node_of(daemon))["b"]["vram_free_bytes"] == free_mib * MIB,
+            timeout=probe_interval_s + 4,
+            what=f"pool b reporting {free_mib} MiB free",
+        )
+        took = time.monotonic() - changed_at
+        print(f"free VRAM {free_mib} MiB reached the registry {took:.2f} s after the change")
+        pools = pools_by_id(node_of(daemon))
+        assert pools["a"]["vram_free_bytes"] == L4_FREE and pools["a"]["vram_total_bytes"] == L4_TOTAL
+        assert pools["b"]["vram_total_bytes"] == L4_TOTAL and pools["b"]["ready"], pools
+    # Later heartbeats keep the new value (no flip back to a cached startup figure).
+    beats = _heartbeats_ok(daemon)
+    wait_until(lambda: _heartbeats_ok(daemon) >= beats + 5, timeout=10, what="5 more heartbeats")
+    assert pools_by_id(node_of(daemon))["b"]["vram_free_bytes"] == 3_000 * MIB
+    log = agent.log()
+    assert log.count("registered with") == 1 and "GPU probe failed" not in log, log
 
 
 def test_hung_nvidia_smi_never_delays_a_heartbeat_pools_go_not_ready_and_sigterm_still_exits(

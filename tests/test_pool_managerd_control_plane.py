@@ -185,6 +185,8 @@ def test_heartbeat_delay_stays_within_100_ms_and_60_s_and_under_half_the_node_ti
     assert heartbeat_delay_s(5000, 15000) == 5.0
     assert heartbeat_delay_s(5000, 0) == 5.0  # a nonsensical timeout is ignored, not obeyed
     assert heartbeat_delay_s(5000, 10) == 0.1
+    assert heartbeat_delay_s(5000, 1) == 0.1  # a 1 ms timeout still caps the wait, at the 100 ms floor
+    assert heartbeat_delay_s(10**6, 15001) == 7.5  # whole milliseconds: half of an odd timeout rounds down
 
 
 # --- redirects -------------------------------------------------------------------------------------------

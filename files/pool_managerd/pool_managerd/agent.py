@@ -104,6 +104,14 @@ class Agent:
                 "retrying with backoff",
                 logging.ERROR,
             )
+        elif answer.untrusted_certificate:
+            trusted = self.settings.ca_file or "the system's CA store (no ca_file set)"
+            self._enter(
+                "untrusted",
+                f"control plane {url} presented a TLS certificate that {trusted} does not vouch for on "
+                f"{what} ({answer.problem}): point ca_file at the CA that signed it; retrying with backoff",
+                logging.ERROR,
+            )
         elif answer.status is None or answer.status >= 500:
             self._enter(
                 "unreachable",

@@ -27,13 +27,15 @@ JSON = {"Content-Type": "application/json"}
 class Answer:
     """What came back: an HTTP status and the decoded body, or why nothing usable came.
 
-    status None: no HTTP answer at all (refused, timed out, cut off). A status with a `problem`: an answer
-    the agent cannot use (too large, not the contract's shape, a redirect it will not follow).
+    status None: no HTTP answer at all (refused, timed out, cut off, or a TLS certificate the agent does not
+    trust: `untrusted_certificate`). A status with a `problem`: an answer the agent cannot use (too large,
+    not the contract's shape, a redirect it will not follow).
     """
 
     status: int | None
     body: Any = None
     problem: str = ""
+    untrusted_certificate: bool = False
 
     @property
     def ok(self) -> bool:
@@ -143,6 +145,14 @@ class ControlPlane:
                 return _decoded(response.status, raw, answer_type)
         except TimeoutError:
             return Answer(None, problem=f"no answer within {timeout.total:g} s")
+        except aiohttp.ClientConnectorCertificateError as error:
+            # Caught before its base class ClientConnectorError: a setup problem (ca_file), not an outage,
+            # said apart so that the log can name the fix.
+            failure = error.certificate_error
+            reason = getattr(failure, "verify_message", None) or str(failure)
+            return Answer(
+                None, problem=f"certificate not trusted: {shown(reason, 160)}", untrusted_certificate=True
+            )
         except aiohttp.ClientConnectorError as error:
             return Answer(None, problem=f"cannot connect ({error.os_error.strerror or error.os_error})")
         except (aiohttp.ClientError, OSError, ValueError) as error:
