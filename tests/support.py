@@ -25,7 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The shipped packages are imported from the source tree, not installed, so a
 # test always runs the code in the checkout.
 PACKAGE_PATHS = [REPO_ROOT / "files" / "orchestratord", REPO_ROOT / "files" / "pool_managerd"]
-NVSMI_REAL = REPO_ROOT.parent / "shared" / "nvsmi-real"
 TEST_TOKEN = "test-token-" + "x" * 40  # 51 characters, above the 32 minimum
 
 
