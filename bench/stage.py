@@ -72,7 +72,7 @@ def write_source(path: Path, size: int) -> str:
 
 
 def model_stage_command(args: dict) -> list[str]:
-    return on_localhost("ansible", "localhost", "-m", "model_stage", "-a", json.dumps(args))
+    return on_localhost("ansible", "localhost", "-m", "llorch.kit.model_stage", "-a", json.dumps(args))
 
 
 def module_result(proc: subprocess.CompletedProcess) -> dict:
