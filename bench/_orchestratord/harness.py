@@ -177,14 +177,16 @@ def registration(node_id: str, pools: int) -> dict:
     }
 
 
-def pool_status(pool_id: str, slots_free: int, vram_free_gib: int, models: list[str]) -> dict:
+def pool_status(
+    pool_id: str, slots_free: int, vram_free_gib: int, models: list[str], vram_total_gib: int = 80
+) -> dict:
     return {
         "pool_id": pool_id,
         "ready": True,
         "draining": False,
         "slots_total": 8,
         "slots_free": slots_free,
-        "vram_total_bytes": 80 * 1024**3,
+        "vram_total_bytes": vram_total_gib * 1024**3,
         "vram_free_bytes": vram_free_gib * 1024**3,
         "engine": "vllm",
         "models_available": models,
