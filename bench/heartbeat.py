@@ -3,7 +3,8 @@
 1,000 registered nodes (2 pools, 3 models each) send authenticated heartbeats from 64 connections (wrk,
 one thread). The daemon runs as shipped: metrics on, SQLite WAL on disk with synchronous=FULL and the
 once-a-second batch write. Each heartbeat changes a pool's free slots, so the placement index is
-updated on every request. Server pinned to CPU 0, wrk to CPU 1. Prints req/s, p50/p99 and ratios.
+updated on every request. Server pinned to CPU 0, wrk to CPU 1. Prints req/s, p50/p99 and ratios; a
+round with any answer that is not 2xx fails the bench instead.
 
     python bench/heartbeat.py [--duration 4] [--rounds 6]
 """
@@ -91,15 +92,29 @@ def main() -> None:
             print(f"registered {NODES} nodes over HTTP in {seconds:.1f} s (each registration fsynced)")
             daemon_script = write_lua(scratch / "daemon.lua", daemon.token)
             bare_script = write_lua(scratch / "bare.lua", None)
-            harness.run_wrk(daemon.url, daemon_script, 2, CONNECTIONS, daemon.proc.pid)  # warm-up
-            harness.run_wrk(bare.url, bare_script, 2, CONNECTIONS, bare.proc.pid)
+            harness.run_wrk(daemon.url, daemon_script, 2, CONNECTIONS, daemon.proc.pid, "warm-up, daemon")
+            harness.run_wrk(bare.url, bare_script, 2, CONNECTIONS, bare.proc.pid, "warm-up, bare")
             daemon_runs, bare_runs = [], []
             for round_number in range(1, args.rounds + 1):
                 daemon_runs.append(
-                    harness.run_wrk(daemon.url, daemon_script, args.duration, CONNECTIONS, daemon.proc.pid)
+                    harness.run_wrk(
+                        daemon.url,
+                        daemon_script,
+                        args.duration,
+                        CONNECTIONS,
+                        daemon.proc.pid,
+                        f"round {round_number}, orchestratord",
+                    )
                 )
                 bare_runs.append(
-                    harness.run_wrk(bare.url, bare_script, args.duration, CONNECTIONS, bare.proc.pid)
+                    harness.run_wrk(
+                        bare.url,
+                        bare_script,
+                        args.duration,
+                        CONNECTIONS,
+                        bare.proc.pid,
+                        f"round {round_number}, bare aiohttp",
+                    )
                 )
                 print(f"round {round_number}:")
                 print("  " + harness.describe("orchestratord", daemon_runs[-1]))

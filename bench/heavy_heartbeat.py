@@ -6,7 +6,8 @@ models, as fast as one connection per node allows (or every --heavy-interval-ms)
 changing on every heartbeat, with a placement for one of their models after each (every placement brings
 the index up to date, so the heavy nodes' index work is done in full, not coalesced). Prints the ordinary
 nodes' p50/p99 without and with the heavy nodes, round by round, and the heavy nodes' own rate. Server
-pinned to CPU 0, load to CPU 1.
+pinned to CPU 0, load to CPU 1. Any answer that is not 2xx (ordinary or heavy, heartbeat or placement)
+fails the bench instead of printing a figure.
 
     python bench/heavy_heartbeat.py [--duration 4] [--rounds 3] [--heavy-nodes 12] [--heavy-interval-ms 0]
 """
@@ -80,6 +81,7 @@ class HeavySender:
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.bodies = [heavy_body(step) for step in range(8)]
         self.sent = 0
+        self.failures: list[str] = []  # "POST <path>: <status>", the first few kept for the message
         self.failed = 0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -93,6 +95,22 @@ class HeavySender:
         self.stopping.set()
         self.thread.join(timeout=60)
         self.seconds = time.perf_counter() - self.started
+        if self.thread.is_alive():
+            raise harness.BenchFailed("bench: the heavy nodes' sender did not stop within 60 s")
+
+    def _check(self, what: str, status: int) -> None:
+        if not 200 <= status < 300:
+            self.failed += 1
+            if len(self.failures) < 3:
+                self.failures.append(f"{what}: {status}")
+
+    def raise_if_failed(self, label: str) -> None:
+        """A heavy phase with a refused heartbeat or placement measured the error path: fail the bench."""
+        if self.failed:
+            raise harness.BenchFailed(
+                f"bench: {label}: {self.failed} heavy-node answers were not 2xx (first: "
+                f"{'; '.join(self.failures)}); a failed round prints no figure"
+            )
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(headers=self.headers) as session:
@@ -108,9 +126,10 @@ class HeavySender:
             ) as answer:
                 await answer.read()
                 self.sent += 1
-                self.failed += answer.status != 200
+                self._check(f"heartbeat of {node_id}", answer.status)
             async with session.post(f"{self.url}/v2/placement", data=placement) as answer:
                 await answer.read()
+                self._check("placement", answer.status)
             if self.interval_s:
                 await asyncio.sleep(self.interval_s)
 
@@ -148,21 +167,29 @@ def main() -> None:
             ]
             harness.seed_nodes(daemon.url, daemon.token, nodes)
             script = write_lua(scratch / "ordinary.lua", daemon.token)
-            harness.run_wrk(daemon.url, script, 2, CONNECTIONS, daemon.proc.pid)  # warm-up
+            harness.run_wrk(daemon.url, script, 2, CONNECTIONS, daemon.proc.pid, "warm-up")
             quiet, loaded, heavy_rates = [], [], []
             for round_number in range(1, args.rounds + 1):
-                quiet.append(harness.run_wrk(daemon.url, script, args.duration, CONNECTIONS, daemon.proc.pid))
+                label = f"round {round_number}"
+                quiet.append(
+                    harness.run_wrk(
+                        daemon.url, script, args.duration, CONNECTIONS, daemon.proc.pid, f"{label}, alone"
+                    )
+                )
                 with HeavySender(daemon.url, daemon.token, heavy_ids, args.heavy_interval_ms / 1000) as heavy:
                     loaded.append(
-                        harness.run_wrk(daemon.url, script, args.duration, CONNECTIONS, daemon.proc.pid)
+                        harness.run_wrk(
+                            daemon.url, script, args.duration, CONNECTIONS, daemon.proc.pid, f"{label}, heavy"
+                        )
                     )
+                heavy.raise_if_failed(f"{label}, heavy nodes")
                 heavy_rates.append(heavy.sent / heavy.seconds)
                 print(f"round {round_number}:")
                 print("  " + harness.describe("ordinary, alone", quiet[-1]))
                 print("  " + harness.describe("ordinary, with heavy", loaded[-1]))
                 print(
                     f"  heavy nodes: {heavy.sent} heartbeats ({heavy_rates[-1]:.0f}/s, each followed by a "
-                    f"placement), {heavy.failed} not 200"
+                    "placement), every answer 2xx"
                 )
         finally:
             daemon.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -176,14 +177,16 @@ def registration(node_id: str, pools: int) -> dict:
     }
 
 
-def pool_status(pool_id: str, slots_free: int, vram_free_gib: int, models: list[str]) -> dict:
+def pool_status(
+    pool_id: str, slots_free: int, vram_free_gib: int, models: list[str], vram_total_gib: int = 80
+) -> dict:
     return {
         "pool_id": pool_id,
         "ready": True,
         "draining": False,
         "slots_total": 8,
         "slots_free": slots_free,
-        "vram_total_bytes": 80 * 1024**3,
+        "vram_total_bytes": vram_total_gib * 1024**3,
         "vram_free_bytes": vram_free_gib * 1024**3,
         "engine": "vllm",
         "models_available": models,
@@ -235,40 +238,64 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def run_wrk(url: str, script: Path, duration_s: int, connections: int, server_pid: int) -> WrkResult:
+class BenchFailed(SystemExit):
+    """A round whose answers were not all 2xx: its figures would measure error paths, not the work."""
+
+
+def start_wrk(url: str, script: Path, duration_s: int, connections: int) -> subprocess.Popen:
+    """wrk (one thread) pinned to the load CPU, in the background; finish_wrk collects it."""
+    command = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    return subprocess.Popen(
+        [*command, "-s", str(script), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_wrk(proc: subprocess.Popen, duration_s: int, label: str) -> WrkResult:
+    """The result of a wrk from start_wrk (server CPU left at 0: the caller knows which server it loaded).
+
+    Fails the bench (BenchFailed) when any answer was not 2xx or any socket failed: wrk counts a 4xx or
+    5xx as a request served, so a daemon refusing every request would otherwise print a fine ratio.
+    """
+    try:
+        output, errors = proc.communicate(timeout=duration_s + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchFailed(f"bench: {label}: wrk did not finish within {duration_s + 60} s") from None
+    if proc.returncode != 0:
+        raise BenchFailed(f"bench: {label}: wrk exited with {proc.returncode}: {errors.strip()[:500]}")
+    result = parse_wrk(output)
+    if result.non_2xx or result.socket_errors:
+        raise BenchFailed(
+            f"bench: {label}: {result.non_2xx} of {result.requests} answers were not 2xx, "
+            f"{result.socket_errors} socket errors; a failed round prints no figure"
+        )
+    return result
+
+
+def run_wrk(
+    url: str, script: Path, duration_s: int, connections: int, server_pid: int, label: str = "wrk"
+) -> WrkResult:
+    """One wrk run against one server; its result carries the server's CPU time per answered request."""
     cpu_before = process_cpu_s(server_pid)
-    output = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            LOAD_CPU,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration_s}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration_s + 60,
-    ).stdout
+    result = finish_wrk(start_wrk(url, script, duration_s, connections), duration_s, label)
     cpu_s = process_cpu_s(server_pid) - cpu_before
+    return dataclasses.replace(result, server_cpu_us_per_request=cpu_s / max(result.requests, 1) * 1e6)
+
+
+def parse_wrk(output: str) -> WrkResult:
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
+    # wrk counts answers with a status of 400 and above here; the daemon never redirects.
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    requests = int(re.search(r"(\d+) requests in", output).group(1))
     return WrkResult(
         requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
         p50_ms=_ms(percentiles["50"]),
         p99_ms=_ms(percentiles["99"]),
-        requests=requests,
+        requests=int(re.search(r"(\d+) requests in", output).group(1)),
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
-        server_cpu_us_per_request=cpu_s / max(requests, 1) * 1e6,
+        server_cpu_us_per_request=0.0,
     )
 
 
