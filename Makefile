@@ -75,4 +75,4 @@ lab-down:
 	bash lab/down.sh
 
 bench: venv
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
