@@ -193,6 +193,11 @@ class LlorchClient:
             )
             with answer:
                 status, payload = answer.status, answer.read(MAX_ANSWER_BYTES + 1)
+                # read(n) returns what came before the peer closed, without the IncompleteRead that a whole
+                # read() raises: compare with the announced length to tell a cut-short answer.
+                announced = answer.headers.get("Content-Length", "")
+                if announced.isdigit() and len(payload) < int(announced) <= MAX_ANSWER_BYTES:
+                    raise http.client.IncompleteRead(payload, int(announced) - len(payload))
         except HTTPError as exc:
             if allow_missing and exc.code == 404:
                 return None
