@@ -58,7 +58,7 @@ sanity: venv
 	cd "$$work/ansible_collections/llorch/kit" && $(CURDIR)/$(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no
 
 # llama.cpp's llama-server from the pinned llama-cpp-python sdist: minutes the first time on a machine,
-# then found in the cache ($${LLORCH_ENGINE_CACHE:-~/.cache/llorch-kit/engine}) in milliseconds. The
+# then found in the cache (${LLORCH_ENGINE_CACHE:-~/.cache/llorch-kit/engine}) in milliseconds. The
 # tests run the real engine, so `unit` needs it. LLORCH_ENGINE_CUDA=1 builds the CUDA flavor (docs/engine.md).
 engine: venv
 	@bash scripts/build-engine.sh

@@ -31,8 +31,9 @@ cache_root=${LLORCH_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llorch-kit/eng
 jobs=${LLORCH_ENGINE_JOBS:-2}
 
 # No network at build time: the web UI is neither downloaded (prebuilt from a Hugging Face bucket) nor
-# built with npm; OpenSSL is off because the engine listens on plain HTTP behind the kit's own network
-# rules, which also keeps libssl out of what a node must have.
+# built with npm. What a node must have stays at glibc and libstdc++: OpenSSL is off (the engine listens
+# on plain HTTP behind the kit's own network rules) and so is OpenMP (ggml's own thread pool instead;
+# a minimal Debian node has no libgomp1).
 # shellcheck disable=SC2016 # $ORIGIN is for the dynamic loader, not the shell
 cmake_flags=(
   -DCMAKE_BUILD_TYPE=Release
@@ -40,6 +41,7 @@ cmake_flags=(
   -DGGML_NATIVE=OFF
   -DLLAMA_CURL=OFF
   -DLLAMA_OPENSSL=OFF
+  -DGGML_OPENMP=OFF
   -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_EXAMPLES=OFF
   -DLLAMA_BUILD_SERVER=ON

@@ -14,6 +14,15 @@ import pytest
 from support import REPO_ROOT
 from support_engine import BUILD_SCRIPT, BUILD_TIMEOUT_S, build_script, engine_archive, unpack_engine
 
+# What a node must already have: the C and C++ runtimes of every Debian (apt itself needs libstdc++).
+SYSTEM_LIBRARIES = {
+    "linux-vdso.so.1",
+    "ld-linux-x86-64.so.2",
+    "libc.so.6",
+    "libm.so.6",
+    "libstdc++.so.6",
+    "libgcc_s.so.1",
+}
 SDIST_SHA256 = re.search(r"SDIST_SHA256=([0-9a-f]{64})", BUILD_SCRIPT.read_text()).group(1)
 
 # The first test may build llama-server (minutes, once per machine) before it starts its clock.
@@ -83,6 +92,17 @@ def test_the_unpacked_binary_runs_with_only_the_libraries_beside_it(archive, tmp
     build_info = (binary.parent / "BUILD-INFO").read_text()
     assert SDIST_SHA256 in build_info
     assert "-DGGML_NATIVE=OFF" in build_info
+
+
+def test_the_engine_needs_nothing_from_the_node_but_the_c_and_cxx_runtimes(archive, tmp_path):
+    folder = unpack_engine(archive, tmp_path).parent
+    for elf in sorted(path for path in folder.iterdir() if path.name != "BUILD-INFO"):
+        resolved = subprocess.run(["ldd", str(elf)], capture_output=True, text=True, check=True).stdout
+        for line in resolved.splitlines():
+            name, _, location = line.strip().partition(" => ")
+            location = location.split(" (")[0]
+            library = os.path.basename(name.split(" (")[0])
+            assert location.startswith(f"{folder}/") or library in SYSTEM_LIBRARIES, f"{elf.name}: {line}"
 
 
 def test_a_corrupt_cached_sdist_is_never_used(tmp_path):
