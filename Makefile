@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_ROLES_PATH := $(CURDIR)/roles
 
-.PHONY: help venv lint sanity test unit molecule lab lab-down bench system-deps
+.PHONY: help venv lint sanity test unit molecule lab lab-down bench system-deps engine
 
 help:
 	@echo "make lab        bring up the podman lab (1 control host, 2 GPU nodes) and print its state"
@@ -21,6 +21,7 @@ help:
 	@echo "make unit       pytest only;  make lint  linters only;  make molecule  molecule only"
 	@echo "make sanity     ansible-test sanity on the built collection (part of make lint)"
 	@echo "make bench      run the benchmarks in bench/ (prints figures)"
+	@echo "make engine     build llama.cpp's llama-server once (cached outside the clone), print its archive"
 
 venv: $(VENV)/.stamp
 
@@ -56,7 +57,13 @@ sanity: venv
 	$(BIN)/ansible-galaxy collection install --force -p "$$work" "$$work"/llorch-kit-*.tar.gz >/dev/null; \
 	cd "$$work/ansible_collections/llorch/kit" && $(CURDIR)/$(BIN)/ansible-test sanity --venv --python 3.11 --requirements --color no
 
-unit: venv
+# llama.cpp's llama-server from the pinned llama-cpp-python sdist: minutes the first time on a machine,
+# then found in the cache (${LLORCH_ENGINE_CACHE:-~/.cache/llorch-kit/engine}) in milliseconds. The
+# tests run the real engine, so `unit` needs it. LLORCH_ENGINE_CUDA=1 builds the CUDA flavor (docs/engine.md).
+engine: venv
+	@bash scripts/build-engine.sh
+
+unit: venv engine
 	$(BIN)/pytest -q tests
 
 molecule: venv

@@ -2,9 +2,10 @@
 # Installs what a fresh Debian 12 machine lacks for the tests and the lab:
 # podman with runc (crun fails in this sandbox), debootstrap for the lab image,
 # an ssh client for the lab's connection, python3-venv for the dev venv.
-# It also installs the shell linter that ansible-test sanity runs on scripts.
+# It also installs the shell linter that ansible-test sanity runs on scripts, and the
+# compiler and cmake that scripts/build-engine.sh builds llama.cpp's llama-server with.
 set -euo pipefail
-wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck)
+wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck cmake g++ make)
 missing=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
