@@ -38,9 +38,15 @@ class NoPlacement(Exception):
 class PlacementIndex:
     """Pools that can take work now (liveness aside, which is checked at decision time), by model.
 
-    by_load: per model a heap in least-loaded order. A load change pushes the new key and leaves the old
-    one behind (skipped as stale when met, swept out when the heap grows past twice its members), so a
-    heartbeat costs a few C-level pushes instead of sorted-list removals.
+    A load change costs the same whatever number of models the pool holds: it records the pool's new
+    load in `entries` and appends the pool to one change log. The per-model heaps catch up only when that
+    model is asked for (`heap_for`): they take in the log's changes since they last looked (pushing the
+    new loads of the pools that hold the model), or are rebuilt from the model's members when more pools
+    changed since than it has members. A heartbeat from a pool of 4,096 models thus costs one append, not
+    4,096 pushes; the pushes that remain are those of the models actually placed.
+
+    by_load: per model a heap in least-loaded order, current up to the log position in `synced`. Old keys
+    stay behind (skipped as stale when met, swept out when the heap grows past twice its members).
     by_id: per model the exact members in (node_id, pool_id) order, for round-robin and random; it
     changes only when a pool starts or stops taking work, not when its load moves.
     """
@@ -51,6 +57,11 @@ class PlacementIndex:
         self.entries: dict[PoolKey, tuple[LoadKey, frozenset[str]]] = {}
         self.by_node: dict[str, set[PoolKey]] = {}
         self._model_sets: dict[tuple[str, ...], frozenset[str]] = {}
+        # The change log: the pools whose load changed or that entered, in order. changes[i] is position
+        # changes_base + i; synced[model] is the position up to which by_load[model] has taken them in.
+        self.changes: list[PoolKey] = []
+        self.changes_base = 0
+        self.synced: dict[str, int] = {}
 
     def update_node(self, node: NodeState) -> None:
         """Take in a node's latest readings and drain flag; touches only the pools whose entry changed."""
@@ -82,30 +93,60 @@ class PlacementIndex:
                 if old[0] == load:
                     return
                 self.entries[key] = (load, models)  # only the load moved: membership stays
-                self._push(load, models)
+                self._log_change(key)
                 return
             self._remove(key, old[1])
         if load is None:
             return
         self.entries[key] = (load, models)
         self.by_node.setdefault(key[0], set()).add(key)
+        position = self.changes_base + len(self.changes)
         for model in (ANY_MODEL, *models):
-            self.by_id.setdefault(model, SortedList()).add(key)
-            self.by_load.setdefault(model, [])
-        self._push(load, models)
+            members = self.by_id.get(model)
+            if members is None:
+                # A new model's heap starts empty, current up to here: the change logged below fills it.
+                members = self.by_id[model] = SortedList()
+                self.by_load[model] = []
+                self.synced[model] = position
+            members.add(key)
+        self._log_change(key)
 
-    def _push(self, load: LoadKey, models: frozenset[str]) -> None:
-        # The hot loop of a load change: once per model the pool holds. The size check runs at every
-        # 64th entry only, as counting a SortedList costs more than the push itself; a heap thus grows
-        # at most 63 stale entries past its bound before it is rebuilt.
-        by_load = self.by_load
-        for model in (ANY_MODEL, *models):
-            heap = by_load[model]
-            heappush(heap, load)
-            size = len(heap)
-            if not size & 63 and size > 2 * len(self.by_id[model]) + 64:
-                by_load[model] = heap = [self.entries[key][0] for key in self.by_id[model]]
-                heapify(heap)
+    def _log_change(self, key: PoolKey) -> None:
+        changes = self.changes
+        changes.append(key)
+        # A heap more changes behind than the index has pools is rebuilt rather than caught up (heap_for),
+        # so older changes are never read again: drop them once they are as many as the pools, which keeps
+        # the log within twice the pool count at an amortised O(1) per change.
+        kept = len(self.entries) + 1024
+        if len(changes) > 2 * kept:
+            dropped = len(changes) - kept
+            del changes[:dropped]
+            self.changes_base += dropped
+
+    def heap_for(self, model: str) -> list[LoadKey] | None:
+        """The model's heap, brought up to the latest loads of its pools; None when no pool holds it."""
+        heap = self.by_load.get(model)
+        if heap is None:
+            return None
+        members = self.by_id[model]
+        end = self.changes_base + len(self.changes)
+        start = self.synced[model]
+        if start == end:
+            return heap
+        if start < self.changes_base or end - start > len(members):
+            heap = None  # cheaper (or only possible) to start over from the members
+        else:
+            entries = self.entries
+            for key in self.changes[start - self.changes_base :]:
+                entry = entries.get(key)
+                if entry is not None and (model == ANY_MODEL or model in entry[1]):
+                    heappush(heap, entry[0])
+        if heap is None or len(heap) > 2 * len(members) + 64:
+            heap = [self.entries[key][0] for key in members]
+            heapify(heap)
+            self.by_load[model] = heap
+        self.synced[model] = end
+        return heap
 
     def is_current(self, model: str, load: LoadKey) -> bool:
         entry = self.entries.get((load[2], load[3]))
@@ -122,7 +163,7 @@ class PlacementIndex:
             members = self.by_id[model]
             members.remove(key)
             if not members:
-                del self.by_load[model], self.by_id[model]
+                del self.by_load[model], self.by_id[model], self.synced[model]
 
     def drop_node(self, node_id: str) -> None:
         for key in list(self.by_node.get(node_id, ())):
@@ -176,7 +217,7 @@ class Placer:
             self.index.drop_node(node_id)
 
     def _least_loaded(self, model: str, vram_needed: int, now: float) -> PoolKey | None:
-        heap = self.index.by_load.get(model)
+        heap = self.index.heap_for(model)
         if not heap:
             return None
         too_small: list[LoadKey] = []  # fitting candidates come after these; they go back afterwards
