@@ -69,7 +69,7 @@ unit: venv engine
 molecule: venv
 	@for scenario in $$(ls molecule 2>/dev/null); do \
 	  echo "== molecule test -s $$scenario"; \
-	  $(BIN)/molecule test -s $$scenario; \
+	  $(BIN)/molecule test -s $$scenario || exit 1; \
 	done
 
 # system-deps first, so `make test` alone sets up a fresh Debian 12 machine (podman, debootstrap, ...).
