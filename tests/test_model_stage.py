@@ -416,3 +416,16 @@ def test_a_model_id_with_a_publisher_prefix_is_staged(served, models_dir):
     assert result["changed"] is True, result
     assert manifest(models_dir)[model_id]["path"] == str(models_dir / "tiny.gguf")
     assert (models_dir / "tiny.gguf").read_bytes() == MODEL_BYTES
+
+
+def test_an_entry_not_in_the_manifest_format_is_dropped_with_a_warning(served, models_dir):
+    # A hand-edited entry the agent never reported (an id outside the rule); rewriting the manifest cannot
+    # keep it, and must say so instead of losing it quietly.
+    (models_dir / "manifest.json").write_text(json.dumps({"bad id!": {"path": "x", "size_bytes": 1}}))
+    result, _ = run_module(stage_args(served, models_dir))
+
+    assert result["changed"] is True, result
+    assert list(manifest(models_dir)) == ["tiny"]
+    (warning,) = result["warnings"]
+    assert warning.startswith(f"manifest {models_dir / 'manifest.json'}: dropped an entry")
+    assert "'bad id!'" in warning

@@ -210,25 +210,35 @@ def utc_now() -> str:
 # may once have belonged to a less trusted user than root, who runs this module (see the contract).
 
 
-def read_manifest(dir_fd: int, models_dir: str) -> dict:
-    """The manifest's valid entries; StageError when it cannot be read safely or is not a JSON object."""
+def read_manifest_with_problems(dir_fd: int, models_dir: str) -> tuple[dict, list[str]]:
+    """(valid entries, one line per entry left out); StageError when it cannot be read safely at all."""
     try:
-        entries, _problems = read_manifest_at(dir_fd)
+        return read_manifest_at(dir_fd)
     except ManifestError as exc:
         path = os.path.join(models_dir, MANIFEST_NAME)
         raise StageError(f"manifest {path}: {exc}; fix or move it away") from None
-    return entries
 
 
-def update_manifest(dir_fd: int, models_dir: str, model_id: str, entry: dict | None) -> None:
-    """Set (or with entry=None remove) one model's entry, keeping every other task's entries."""
+def read_manifest(dir_fd: int, models_dir: str) -> dict:
+    """The manifest's valid entries; StageError when it cannot be read safely or is not a JSON object."""
+    return read_manifest_with_problems(dir_fd, models_dir)[0]
+
+
+def update_manifest(dir_fd: int, models_dir: str, model_id: str, entry: dict | None) -> list[str]:
+    """Set (or with entry=None remove) one model's entry, keeping every other task's entries.
+
+    Returns one line per entry of the old manifest that was not in the manifest's format and so is not
+    written again (the agent never reported it either): the caller warns, so nothing goes silently.
+    """
     with manifest_lock(dir_fd):
-        manifest = read_manifest(dir_fd, models_dir)
+        manifest, problems = read_manifest_with_problems(dir_fd, models_dir)
         if entry is None:
             manifest.pop(model_id, None)
         else:
             manifest[model_id] = entry
         write_manifest_at(dir_fd, manifest)
+    path = os.path.join(models_dir, MANIFEST_NAME)
+    return [f"manifest {path}: dropped an entry not in the manifest's format: {line}" for line in problems]
 
 
 def is_plain_dest(dest: str) -> bool:
@@ -474,7 +484,9 @@ class Stager:
         return read_manifest(self.dir_fd, self.models_dir)
 
     def update_manifest(self, entry: dict | None) -> None:
-        update_manifest(self.dir_fd, self.models_dir, self.model_id, entry)
+        dropped = update_manifest(self.dir_fd, self.models_dir, self.model_id, entry)
+        if dropped:
+            self.result.setdefault("warnings", []).extend(dropped)
 
     def exists(self, name: str) -> bool:
         try:
