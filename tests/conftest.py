@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support import Daemon, make_daemon
@@ -27,3 +28,11 @@ def daemon_factory(tmp_path) -> Iterator:
 def daemon(daemon_factory) -> Daemon:
     """A real orchestratord on 127.0.0.1 with a fresh database."""
     return daemon_factory()
+
+
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    """An empty models folder for staging tests."""
+    path = tmp_path / "models"
+    path.mkdir()
+    return path

@@ -7,8 +7,6 @@ operator runs it; the daemon is the real orchestratord from support.make_daemon.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import os
 import ssl
@@ -23,6 +21,7 @@ from typing import Any
 
 import yaml
 from support import REPO_ROOT, Daemon, sample_heartbeat, sample_registration
+from support_tls import relay_to, write_self_signed_certificate
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -142,39 +141,6 @@ def node_record(daemon: Daemon, node_id: str) -> dict[str, Any] | None:
     return answer.body if answer.status == 200 else None
 
 
-def write_self_signed_certificate(cert_path: Path, key_path: Path) -> None:
-    """A throwaway certificate for 127.0.0.1, valid for a day (cryptography comes with ansible-core)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-
-
 class TlsProxy:
     """A TLS front for a daemon on 127.0.0.1, with a self-signed certificate made for the test.
 
@@ -198,23 +164,7 @@ class TlsProxy:
         self._thread.start()
 
     async def _relay(self, client_reader, client_writer) -> None:
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
-        except OSError:
-            client_writer.close()
-            return
-
-        async def pipe(reader, writer) -> None:
-            try:
-                while chunk := await reader.read(65536):
-                    writer.write(chunk)
-                    await writer.drain()
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
+        await relay_to(self._upstream_port, client_reader, client_writer)
 
     def close(self) -> None:
         self._server.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from support_nvsmi import unified_memory_machine
 from support_roles import STANDIN, failures, local_host, run_playbook
 
 PLAY = [{"name": "Preflight", "hosts": "gpu_nodes", "gather_facts": False, "roles": ["gpu_preflight"]}]
@@ -62,22 +63,6 @@ def test_kernel_module_of_another_version_is_named(tmp_path):
     _, output = preflight(tmp_path, "lab-2x-l4", gpu_preflight_driver_version_file=str(version_file))
     message = failures(output)["gpu-test"]
     assert "Found kernel module 535.104.05" in message and "driver 550.90.07" in message
-
-
-def unified_memory_machine(tmp_path):
-    """A GB10-shaped recording (made-up values): nvidia-smi prints [N/A] for a unified-memory GPU's VRAM."""
-    machine = tmp_path / "gb10"
-    machine.mkdir()
-    (machine / "query-gpu.csv").write_text(
-        "index, uuid, name, driver_version, memory.total [MiB], memory.free [MiB], compute_cap, "
-        "mig.mode.current, persistence_mode, ecc.errors.uncorrected.volatile.total\n"
-        "0, GPU-6f1d0c2e-0b7a-4c59-8e21-5a3b9d7c4e10, NVIDIA GB10, 580.95.05, [N/A], [N/A], 12.1, [N/A], "
-        "Enabled, [N/A]\n"
-    )
-    (machine / "table.txt").write_text(
-        "| NVIDIA-SMI 580.95.05              Driver Version: 580.95.05      CUDA Version: 13.0     |\n"
-    )
-    return str(machine)
 
 
 def test_unknown_vram_passes_without_a_minimum_and_fails_naming_it_with_one(tmp_path):

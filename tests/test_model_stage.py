@@ -30,13 +30,6 @@ def served(tmp_path) -> FileServer:
     server.stop()
 
 
-@pytest.fixture
-def models_dir(tmp_path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
 def stage_args(served: FileServer, models_dir: Path, **overrides) -> dict:
     args = {
         "id": "tiny",

@@ -38,13 +38,6 @@ def served(tmp_path) -> FileServer:
     server.stop()
 
 
-@pytest.fixture
-def models_dir(tmp_path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
 def args_for(served: FileServer, models_dir: Path, name: str, data: bytes, **overrides) -> dict:
     args = {
         "id": "tiny",

@@ -29,13 +29,6 @@ def served(tmp_path) -> FileServer:
 
 
 @pytest.fixture
-def models_dir(tmp_path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def victim(tmp_path) -> Path:
     """A file only its owner may read, outside the models folder: what a planted link points at."""
     path = tmp_path / "elsewhere" / "shadow"

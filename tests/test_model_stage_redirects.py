@@ -8,8 +8,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from support_registry import write_self_signed_certificate
 from support_staging import FileServer, deterministic_bytes, run_module
+from support_tls import write_self_signed_certificate
 
 MODEL_BYTES = deterministic_bytes(5 * 1024 * 1024 + 77, seed=3)
 MODEL_SHA256 = hashlib.sha256(MODEL_BYTES).hexdigest()
@@ -40,13 +40,6 @@ def cdn(tmp_path):
     server = start_server(tmp_path, "cdn", "127.0.0.2")  # another origin: other address, other port
     yield server
     server.stop()
-
-
-@pytest.fixture
-def models_dir(tmp_path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
 
 
 def stage_args(source: str, models_dir: Path, **overrides) -> dict:

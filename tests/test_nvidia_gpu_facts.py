@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from support import REPO_ROOT, first_task_result, on_localhost
+from support_nvsmi import unified_memory_machine
 
 STANDIN = REPO_ROOT / "files" / "testing" / "nvidia-smi-standin"
 
@@ -66,20 +67,8 @@ def test_old_driver_is_read_without_the_field_it_rejects(tmp_path):
 
 
 def test_unified_memory_gpu_is_reported_with_its_vram_unknown_not_as_a_failure(tmp_path):
-    # A Grace-Blackwell GB10 (DGX Spark) has no VRAM of its own: nvidia-smi prints [N/A] for memory.total.
-    # The layout is what such machines print; the values are made up (no recording of one is shared).
-    machine = tmp_path / "gb10"
-    machine.mkdir()
-    (machine / "query-gpu.csv").write_text(
-        "index, uuid, name, driver_version, memory.total [MiB], memory.free [MiB], compute_cap, "
-        "mig.mode.current, persistence_mode, ecc.errors.uncorrected.volatile.total\n"
-        "0, GPU-6f1d0c2e-0b7a-4c59-8e21-5a3b9d7c4e10, NVIDIA GB10, 580.95.05, [N/A], [N/A], 12.1, [N/A], "
-        "Enabled, [N/A]\n"
-    )
-    (machine / "table.txt").write_text(
-        "| NVIDIA-SMI 580.95.05              Driver Version: 580.95.05      CUDA Version: 13.0     |\n"
-    )
-    rc, result = gpu_facts(str(machine), tmp_path=tmp_path)
+    machine = unified_memory_machine(tmp_path)
+    rc, result = gpu_facts(machine, tmp_path=tmp_path)
     facts = result["ansible_facts"]["nvidia_gpu"]
     assert rc == 0 and facts["ok"] is True and facts["error"] is None
     assert (facts["driver_version"], facts["cuda_version"], facts["gpu_count"]) == ("580.95.05", "13.0", 1)

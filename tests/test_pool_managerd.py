@@ -29,9 +29,8 @@ from support_agent import (
     TlsFront,
     make_agent,
     standin_env,
-    write_ca,
-    write_server_certificate,
 )
+from support_tls import write_ca, write_server_certificate
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.agent import Backoff

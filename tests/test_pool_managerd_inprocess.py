@@ -19,7 +19,8 @@ import msgspec
 import pytest
 from aiohttp import web
 from support import REPO_ROOT, TEST_TOKEN, free_port
-from support_agent import ScriptedControlPlane, TlsFront, write_ca, write_server_certificate
+from support_agent import ScriptedControlPlane, TlsFront
+from support_tls import write_ca, write_server_certificate
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.control import MAX_ANSWER_BYTES, ControlPlane
