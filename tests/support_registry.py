@@ -172,6 +172,27 @@ class TlsProxy:
         self._thread.join(timeout=5)
 
 
+def forward(handler: BaseHTTPRequestHandler, daemon: Daemon) -> None:
+    """Pass the handler's request on to `daemon` (token and content type only) and its answer back."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    request = urllib.request.Request(
+        daemon.url + handler.path,
+        data=handler.rfile.read(length) if length else None,
+        method=handler.command,
+        headers={k: v for k, v in handler.headers.items() if k.lower() in ("authorization", "content-type")},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            status, body = answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _ReadHookHandler(BaseHTTPRequestHandler):
     server: ReadHookRelay
     protocol_version = "HTTP/1.1"
@@ -187,23 +208,7 @@ class _ReadHookHandler(BaseHTTPRequestHandler):
                 hook = relay.hooks.pop(relay.reads, None)
             if hook is not None:
                 hook()  # before the read is answered: this read already sees what the hook changed
-        length = int(self.headers.get("Content-Length") or 0)
-        request = urllib.request.Request(
-            relay.daemon.url + self.path,
-            data=self.rfile.read(length) if length else None,
-            method=self.command,
-            headers={k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                status, body = answer.status, answer.read()
-        except urllib.error.HTTPError as error:
-            status, body = error.code, error.read()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        forward(self, relay.daemon)
 
     do_GET = do_POST = do_DELETE = relay
 

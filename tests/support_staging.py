@@ -14,6 +14,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -224,3 +225,26 @@ def run_module(args: dict[str, Any], check: bool = False, env: dict[str, str] | 
     except (ValueError, KeyError, IndexError) as exc:
         raise AssertionError(f"no JSON result from ansible:\n{proc.stdout}\n{proc.stderr}") from exc
     return result, proc
+
+
+def ansible_stage_models(inventory: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """playbooks/stage_models.yml from the repo root against `inventory` (a 0600 file: it holds the token)."""
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
+        ANSIBLE_NOCOLOR="1",
+    )
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            "playbooks/stage_models.yml",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

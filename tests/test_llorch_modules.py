@@ -6,8 +6,6 @@ import contextlib
 import json
 import socket
 import threading
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,6 +15,7 @@ from support_registry import (
     TlsProxy,
     add_node,
     ansible_env,
+    forward,
     node_record,
     run,
     run_tasks,
@@ -253,23 +252,7 @@ class _RacingHandler(BaseHTTPRequestHandler):
         if self.command == "DELETE":
             assert daemon.api("DELETE", self.path).status in (200, 204)
             self.server.raced.append(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        request = urllib.request.Request(
-            daemon.url + self.path,
-            data=self.rfile.read(length) if length else None,
-            method=self.command,
-            headers={k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                status, body = answer.status, answer.read()
-        except urllib.error.HTTPError as error:
-            status, body = error.code, error.read()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        forward(self, daemon)
 
     do_GET = do_POST = do_DELETE = relay
 

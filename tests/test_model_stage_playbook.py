@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT, sample_heartbeat, sample_registration
-from support_staging import FileServer, current_group, deterministic_bytes
+from support import sample_heartbeat, sample_registration
+from support_staging import FileServer, ansible_stage_models, current_group, deterministic_bytes
 
 MODEL = deterministic_bytes(512 * 1024, seed=3)
 NODE_ID = "stage-node-1"
@@ -61,25 +60,7 @@ def run_stage_models(tmp_path: Path, daemon, served: FileServer) -> subprocess.C
         )
     )
     inventory.chmod(0o600)
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
-        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
-        ANSIBLE_NOCOLOR="1",
-    )
-    return subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            str(inventory),
-            "playbooks/stage_models.yml",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return ansible_stage_models(inventory)
 
 
 def report(daemon, models: list[str]) -> None:

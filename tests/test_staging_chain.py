@@ -10,15 +10,14 @@ import grp
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT, wait_until
+from support import wait_until
 from support_agent import make_agent
-from support_staging import FileServer, deterministic_bytes, run_module
+from support_staging import FileServer, ansible_stage_models, deterministic_bytes, run_module
 
 MODEL = deterministic_bytes(256 * 1024, seed=11)
 MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"  # the README's own example id, with its publisher prefix
@@ -62,25 +61,7 @@ def stage_models_playbook(tmp_path: Path, daemon, served: FileServer, models_dir
     }
     inventory.write_text(yaml.safe_dump({"gpu_nodes": {"hosts": {"gpu-host": host}}}))
     inventory.chmod(0o600)  # it holds the token
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
-        ANSIBLE_ROLES_PATH=str(REPO_ROOT / "roles"),
-        ANSIBLE_NOCOLOR="1",
-    )
-    return subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            str(inventory),
-            "playbooks/stage_models.yml",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return ansible_stage_models(inventory)
 
 
 def test_staged_model_reaches_the_registry_through_the_running_agent(tmp_path, daemon, served):
