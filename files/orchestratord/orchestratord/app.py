@@ -17,7 +17,7 @@ from .config import Settings
 from .connections import ConnectionGuard
 from .limits import Limits
 from .metrics import Metrics
-from .middleware import guard
+from .middleware import add_guarded_routes
 from .openapi import build_document
 from .registry import Registry
 from .routes import CONNECTIONS, METRICS, OPENAPI, REGISTRY, routes
@@ -72,14 +72,12 @@ def create_app(settings: Settings, token: str) -> web.Application:
         else None
     )
     connections = ConnectionGuard(settings.max_connections, settings.connection_idle_timeout_ms)
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[guard(BearerAuth(token), metrics, connections)]
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[OPENAPI] = json.dumps(build_document(settings.metrics_enabled)).encode()
     app[CONNECTIONS] = connections
-    app.add_routes(routes)
+    add_guarded_routes(app, routes, BearerAuth(token), metrics, connections)
 
     async def state(app: web.Application) -> AsyncIterator[None]:
         await registry.open()
