@@ -103,7 +103,7 @@ def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metric
         allowed: set[str] = set()
         for resource in request.app.router.resources():
             if resource is not fallback:
-                _, methods = await resource.resolve(request)
+                _match, methods = await resource.resolve(request)
                 allowed |= methods
         # Under /v2/ the token comes first even here: whether a path exists is not told to someone without it.
         if request.path.startswith("/v2/") and not auth.allows(request.headers.get("Authorization")):
