@@ -261,7 +261,7 @@ def sample_heartbeat(registration: dict[str, Any], models: list[str] | None = No
             "slots_free": pool["slots_total"],
             "vram_total_bytes": 80 * 1024**3 * len(pool["gpus"]),
             "vram_free_bytes": 70 * 1024**3 * len(pool["gpus"]),
-            "engine": "vllm",
+            "engine": None,
             "models_available": list(models or []),
         }
         status.update(pool_overrides)

@@ -56,7 +56,7 @@ def pool_reading(pool_id: str, models: list[str], **overrides: Any) -> dict[str,
         "slots_free": 4,
         "vram_total_bytes": 80 * GiB,
         "vram_free_bytes": 70 * GiB,
-        "engine": "vllm",
+        "engine": None,
         "models_available": models,
     }
     reading.update(overrides)

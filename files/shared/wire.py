@@ -13,7 +13,17 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from .contract import ID_PATTERN, ID_RULE, MODEL_ID_PATTERN, MODEL_ID_RULE, NODE_STATUSES
+from .contract import (
+    ENGINE_KINDS,
+    ENGINE_STATES,
+    ENGINE_URL_PATTERN,
+    ENGINE_URL_RULE,
+    ID_PATTERN,
+    ID_RULE,
+    MODEL_ID_PATTERN,
+    MODEL_ID_RULE,
+    NODE_STATUSES,
+)
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN, description=ID_RULE)]
 ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN, description=MODEL_ID_RULE)]
@@ -36,6 +46,9 @@ Timestamp = Annotated[
     ),
 ]
 NodeStatus = Literal[NODE_STATUSES]
+EngineKind = Literal[ENGINE_KINDS]
+EngineState = Literal[ENGINE_STATES]
+EngineUrl = Annotated[str, Meta(pattern=ENGINE_URL_PATTERN, description=ENGINE_URL_RULE)]
 
 
 class Wire(Struct, gc=False):
@@ -86,6 +99,23 @@ class Registration(Wire):
     version: ShortText | None = None
 
 
+class EngineStatus(Wire):
+    """What a pool's engine serves and how it stands, as the agent last read it off the engine itself.
+
+    `state` is one of ENGINE_STATES (the contract says what each means); only `ready` and `busy` serve.
+    `url` is where clients of the pool reach the engine (placement answers it); `model_id` the model it
+    was started with, which must be one the node has staged and verified.
+    """
+
+    kind: EngineKind
+    state: EngineState
+    model_id: ModelId
+    url: EngineUrl
+    version: ShortText | None = None
+    # Requests the engine has queued for want of a free slot (llama-server's requests_deferred), when read.
+    requests_deferred: Count | None = None
+
+
 class PoolStatus(Wire):
     pool_id: Id
     ready: bool
@@ -94,7 +124,8 @@ class PoolStatus(Wire):
     slots_free: Count
     vram_total_bytes: Bytes
     vram_free_bytes: Bytes
-    engine: ShortText | None = None
+    # None for a pool with no engine configured: such a pool holds GPUs and staged models but serves nothing.
+    engine: EngineStatus | None = None
     models_available: Annotated[list[ModelId], Meta(max_length=4096)] = []
 
 

@@ -56,6 +56,23 @@ def shown(value: str, limit: int = 40) -> str:
 NODE_STATUSES = ("registering", "online", "draining", "offline")
 
 
+# --- engines --------------------------------------------------------------------------------------------
+
+# The engine kinds an agent can run and watch; each is an adapter in pool-managerd (launch, health, slots).
+ENGINE_KINDS = ("llama.cpp",)
+# What an agent reads off its engine, reported per pool in every heartbeat:
+#   loading  the process answers but is still loading its model (llama-server: /health 503)
+#   ready    healthy with its model loaded and at least one idle slot
+#   busy     healthy with its model loaded and every slot processing
+#   dead     not answering: not started, crashed, hung past the read timeout, killed
+# Only ready and busy serve: a pool is ready (and placement may pick it) only in those two.
+ENGINE_STATES = ("loading", "ready", "busy", "dead")
+ENGINE_SERVING_STATES = ("ready", "busy")
+# An engine's base URL as the agent reports it and placement answers it.
+ENGINE_URL_PATTERN = r"^https?://[A-Za-z0-9.:\[\]_-]{1,300}(/[^\x00-\x20\x7f]{0,200})?(?!\n)$"
+ENGINE_URL_RULE = "http:// or https://, a host[:port] and an optional path, no spaces or control characters"
+
+
 # --- what one node may claim ---------------------------------------------------------------------------
 
 # orchestratord's defaults for its max_pools_per_node and max_models_per_node settings (distinct model ids

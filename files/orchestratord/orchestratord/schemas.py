@@ -13,6 +13,7 @@ from .contract import ID_PATTERN, MODEL_ID_PATTERN
 from .wire import (
     Bytes,
     Capabilities,
+    EngineStatus,
     GpuInfo,
     Heartbeat,
     HeartbeatAnswer,
@@ -32,6 +33,7 @@ __all__ = [
     "ID_PATTERN",
     "MODEL_ID_PATTERN",
     "Capabilities",
+    "EngineStatus",
     "GpuInfo",
     "Heartbeat",
     "HeartbeatAnswer",
@@ -83,7 +85,7 @@ class PoolView(Wire):
     slots_free: int
     vram_total_bytes: int
     vram_free_bytes: int
-    engine: str | None
+    engine: EngineStatus | None
     models_available: list[str]
 
 
