@@ -15,7 +15,14 @@
 #
 # Environment:
 #   LLORCH_ENGINE_CACHE   cache folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/llorch-kit/engine)
-#   LLORCH_ENGINE_CUDA=1  build the CUDA backend as well (needs nvcc; a separate cache key)
+#   LLORCH_ENGINE_CUDA=1  build the CUDA backend as well (needs nvcc and CUDA's runtime libraries on the nodes;
+#                         a separate cache key)
+#   LLORCH_ENGINE_CUDA_ARCHS  CUDA architectures to compile for (CMAKE_CUDA_ARCHITECTURES, e.g. "90" for
+#                         H100/H200 only, "80;86;89;90" for a mixed fleet); unset: llama.cpp's own default list,
+#                         which covers more GPUs and compiles for much longer
+#   LLORCH_ENGINE_SOURCE  an unpacked llama.cpp tree to build from instead of the pinned sdist, for a builder
+#                         that cannot reach the package index; its contents are hashed into the cache key, so
+#                         it never shares a key with the sdist build (the digest check is the caller's job)
 #   LLORCH_ENGINE_JOBS    parallel compile jobs (default 2: the build machines are shared)
 #   LLORCH_PIP            pip used to fetch the sdist (default the repo's .venv, then python3 -m pip)
 set -euo pipefail
@@ -54,6 +61,22 @@ flavor=cpu
 if [[ ${LLORCH_ENGINE_CUDA:-0} == 1 ]]; then
   flavor=cuda
   cmake_flags+=(-DGGML_CUDA=ON)
+  if [[ -n ${LLORCH_ENGINE_CUDA_ARCHS:-} ]]; then
+    archs_shape='^[0-9a-z;-]{1,200}$'
+    [[ $LLORCH_ENGINE_CUDA_ARCHS =~ $archs_shape ]] ||
+      { echo "build-engine: LLORCH_ENGINE_CUDA_ARCHS must look like 90 or 80;86;90-real" >&2; exit 1; }
+    cmake_flags+=("-DCMAKE_CUDA_ARCHITECTURES=$LLORCH_ENGINE_CUDA_ARCHS")
+  fi
+fi
+source_override=${LLORCH_ENGINE_SOURCE:-}
+if [[ -n $source_override ]]; then
+  [[ -f $source_override/CMakeLists.txt && -d $source_override/tools/server ]] ||
+    { echo "build-engine: LLORCH_ENGINE_SOURCE=$source_override is not a llama.cpp tree" >&2; exit 1; }
+  # Contents, not the path: the same tree anywhere gives the same key.
+  source_id=tree-$(tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$source_override" -cf - . |
+    sha256sum | cut -c1-64)
+else
+  source_id=$SDIST_SHA256
 fi
 
 die() {
@@ -61,7 +84,7 @@ die() {
   exit 1
 }
 
-key_digest=$(printf '%s\n' "$SDIST_SHA256" "layout=$ARCHIVE_LAYOUT" "${cmake_flags[@]}" | sha256sum | cut -c1-16)
+key_digest=$(printf '%s\n' "$source_id" "layout=$ARCHIVE_LAYOUT" "${cmake_flags[@]}" | sha256sum | cut -c1-16)
 key=llama-server-${SDIST_VERSION}-${flavor}-${key_digest}
 key_dir=$cache_root/$key
 archive=$key_dir/llama-server.tar.gz
@@ -128,7 +151,10 @@ if [[ -s $archive ]]; then
   exit 0
 fi
 
-for tool in cmake g++ make readelf strip sha256sum flock; do
+# cmake's own CMAKE_GENERATOR variable picks the build tool (Ninja where make is absent); the output is the same.
+build_tool="make"
+[[ ${CMAKE_GENERATOR:-} != Ninja ]] || build_tool=ninja
+for tool in cmake g++ "$build_tool" readelf strip sha256sum flock; do
   command -v "$tool" >/dev/null || die "$tool is missing; run scripts/system-deps.sh"
 done
 if [[ $flavor == cuda ]]; then
@@ -143,7 +169,7 @@ if [[ -s $archive ]]; then
   echo "$archive"
   exit 0
 fi
-fetch_sdist
+[[ -n $source_override ]] || fetch_sdist
 
 work=$(mktemp -d "$cache_root/$key.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -151,8 +177,12 @@ log=$cache_root/$key.build.log
 echo "build-engine: building $key (nice -n 10, -j$jobs; minutes, once per machine; log: $log)" >&2
 started=$(date +%s)
 
-tar -xzf "$sdist" -C "$work" "llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
-source_dir=$work/llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp
+if [[ -n $source_override ]]; then
+  source_dir=$source_override
+else
+  tar -xzf "$sdist" -C "$work" "llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
+  source_dir=$work/llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp
+fi
 build_dir=$work/build
 if ! {
   nice -n 10 cmake -S "$source_dir" -B "$build_dir" "${cmake_flags[@]}" &&
@@ -189,7 +219,11 @@ version=$(env -i "$stage/llama-server" --version 2>&1 | grep -m1 '^version:' || 
 [[ -n $version ]] || die "the built llama-server does not start: $(env -i "$stage/llama-server" --version 2>&1 | tail -n 1)"
 
 {
-  echo "source: llama-cpp-python $SDIST_VERSION (sdist sha256 $SDIST_SHA256), vendor/llama.cpp"
+  if [[ -n $source_override ]]; then
+    echo "source: a llama.cpp tree given by LLORCH_ENGINE_SOURCE (${source_id})"
+  else
+    echo "source: llama-cpp-python $SDIST_VERSION (sdist sha256 $SDIST_SHA256), vendor/llama.cpp"
+  fi
   echo "llama.cpp $version"
   echo "key: $key"
   echo "flavor: $flavor"
