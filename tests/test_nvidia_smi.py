@@ -247,6 +247,25 @@ def test_probe_reads_the_lab_node(monkeypatch) -> None:
     )
 
 
+def test_probe_reads_the_h100_recorded_on_a_real_gpu(monkeypatch) -> None:
+    # h100-drv580 is what nvidia-smi printed on the one real GPU this kit was tried on (scripts/gpu-check.sh,
+    # docs/engine.md); the live probe there read exactly this.
+    result = _probe(monkeypatch, "h100-drv580")
+    assert (result.driver_version, result.cuda_version) == ("580.159.04", "13.0")
+    assert [(g.index, g.name, g.compute_capability, g.vram_total_bytes) for g in result.gpus] == [
+        (0, "NVIDIA H100 80GB HBM3", "9.0", 85520809984)
+    ]
+    assert (result.gpus[0].persistence_mode, result.gpus[0].mig_mode, result.gpus[0].ecc_uncorrected) == (
+        "Enabled",
+        "Disabled",
+        0,
+    )
+    from_xml = nvidia_smi.parse_recorded((FIXTURES / "h100-drv580" / "q.xml").read_text())
+    assert [(g.name, g.vram_total_bytes, g.uuid) for g in from_xml.gpus] == [
+        (g.name, g.vram_total_bytes, g.uuid) for g in result.gpus
+    ]
+
+
 def test_probe_drops_fields_an_old_driver_rejects(monkeypatch) -> None:
     result = _probe(monkeypatch, "old-driver")
     assert (result.driver_version, result.cuda_version) == ("470.182.03", "11.4")
@@ -383,7 +402,7 @@ def test_cuda_version_from_every_header_style() -> None:
 
 @pytest.mark.parametrize("recording", ["table.txt", "q.txt"])
 def test_own_fixtures_read_the_same_in_every_shape(recording: str) -> None:
-    for fixture in ("lab-2x-l4", "old-driver"):
+    for fixture in ("lab-2x-l4", "old-driver", "h100-drv580"):
         from_csv = nvidia_smi.parse_query_csv((FIXTURES / fixture / "query-gpu.csv").read_text())
         other = nvidia_smi.parse_recorded((FIXTURES / fixture / recording).read_text())
         assert [(g.index, g.name, g.vram_total_bytes) for g in other.gpus] == [
