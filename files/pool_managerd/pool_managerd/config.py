@@ -100,10 +100,11 @@ def _plain(node: Any) -> tuple[Any, str | None]:
             return node, description
 
 
-def _explain(error: msgspec.ValidationError, raw: dict) -> str:
-    """A msgspec error as a person reads it: which key, what it must be, what it is."""
+def explain(error: msgspec.ValidationError, raw: dict, root: type | None = None) -> str:
+    """A msgspec error as a person reads it: which key, what it must be, what it is. `root` is the struct
+    the mapping was decoded into (Settings unless said)."""
     detail, _sep, at = str(error).partition(" - at `")
-    node, _definitions = _plain(msgspec.inspect.type_info(Settings))
+    node, _definitions = _plain(msgspec.inspect.type_info(root or Settings))
     where, value = "", raw
     wanted: tuple[str, str, Any] | None = None  # (where, description, value) of the deepest described key
     for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at.rstrip("`")):
@@ -124,7 +125,8 @@ def _explain(error: msgspec.ValidationError, raw: dict) -> str:
     named = re.search(r"field `([^`]*)`", detail)
     if detail.startswith("Object contains unknown field") and named:
         known = ", ".join(field.name for field in getattr(node, "fields", ()))
-        return f"'{where}': unknown key {named.group(1)!r} (known: {known})"
+        inside = f"'{where}': " if where else ""
+        return f"{inside}unknown key {named.group(1)!r} (known: {known})"
     if detail.startswith("Object missing required field") and named:
         return f"'{where + '.' if where else ''}{named.group(1)}' is required"
     if wanted is not None:
@@ -179,7 +181,7 @@ def load_settings(config_path: str | Path) -> Settings:
         if settings.ca_file is not None:
             _check_ca_file(settings.ca_file)
     except msgspec.ValidationError as error:
-        raise ConfigError(f"config file {path}: {_explain(error, raw)}") from None
+        raise ConfigError(f"config file {path}: {explain(error, raw)}") from None
     except ConfigError as error:
         raise ConfigError(f"config file {path}: {error}") from None
     return msgspec.structs.replace(
