@@ -93,3 +93,12 @@ def load_engine_file(path: str | Path, pool_id: str | None = None) -> EngineFile
     if pool_id is not None and engine.pool_id != pool_id:
         raise ConfigError(f"engine file {path} describes pool {engine.pool_id!r}, not pool {pool_id!r}")
     return engine
+
+
+def load_pool_engines(pools) -> dict[str, EngineFile]:
+    """The engine file of every pool that names one, by pool id; ConfigError for the first bad one."""
+    return {
+        pool.pool_id: load_engine_file(pool.engine_file, pool_id=pool.pool_id)
+        for pool in pools
+        if pool.engine_file is not None
+    }
