@@ -13,6 +13,7 @@ from .contract import ID_PATTERN, MODEL_ID_PATTERN
 from .wire import (
     Bytes,
     Capabilities,
+    EngineKind,
     EngineStatus,
     GpuInfo,
     Heartbeat,
@@ -144,8 +145,11 @@ class CatalogModels(Wire):
 class Placement(Wire):
     node_id: str
     pool_id: str
-    address: str
+    address: Annotated[str, Meta(description="the node agent's address, as it registered")]
     strategy: Strategy
+    engine_url: Annotated[str, Meta(description="the chosen pool's engine: where the request goes")]
+    engine_kind: EngineKind
+    model_id: Annotated[str, Meta(description="the model the chosen engine serves")]
 
 
 def encode(value: Any) -> bytes:
