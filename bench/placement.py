@@ -114,12 +114,15 @@ end
 
 
 def heartbeat_template(card: str) -> str:
-    """A heartbeat body as a Lua format string: free slots (%d), free VRAM bytes (%.0f), models (%s)."""
+    """A heartbeat body as a Lua format string: free slots (%d), free VRAM bytes (%.0f), the model its
+    engine serves (%s) and the models staged (%s)."""
     total_gib = CARDS[card][0]
     body = json.dumps(
-        harness.heartbeat_body([harness.pool_status("pool-0", 7777777, 999, ["@M@"], total_gib)])
+        harness.heartbeat_body([harness.pool_status("pool-0", 7777777, 999, ["@M@"], total_gib, "@E@")])
     )
-    return body.replace("7777777", "%d").replace(str(999 * 1024**3), "%.0f").replace('"@M@"', "%s")
+    assert body.index('"@E@"') < body.index('"@M@"')  # the order of the format's arguments
+    body = body.replace("7777777", "%d").replace(str(999 * 1024**3), "%.0f")
+    return body.replace('"@E@"', "%s").replace('"@M@"', "%s")
 
 
 def write_heartbeat_lua(path: Path, token: str, shapes: list[tuple[str, tuple[str, ...]]]) -> Path:
@@ -127,12 +130,15 @@ def write_heartbeat_lua(path: Path, token: str, shapes: list[tuple[str, tuple[st
     model_sets = sorted({models for _, models in shapes})
     set_number = {models: number for number, models in enumerate(model_sets, start=1)}
     lua_sets = ", ".join(harness.lua_string(",".join(json.dumps(m) for m in models)) for models in model_sets)
+    # Each pool's engine serves the first of its models (as harness.pool_status does for the first beat).
+    lua_served = ", ".join(harness.lua_string(json.dumps(models[0])) for models in model_sets)
     # One small integer per node: its model set, and its card in the sign.
     per_node = ",".join(str(set_number[models] * (1 if card == "big" else -1)) for card, models in shapes)
     big_low, big_high, small_low, small_high = *CARDS["big"][1:], *CARDS["small"][1:]
     path.write_text(
         f"""
 local sets = {{ {lua_sets} }}
+local served = {{ {lua_served} }}
 local nodes = {{ {per_node} }}
 local big = {harness.lua_string(heartbeat_template("big"))}
 local small = {harness.lua_string(heartbeat_template("small"))}
@@ -146,10 +152,11 @@ request = function()
   local shape = nodes[n]
   local body
   if shape > 0 then
-    body = string.format(big, math.random(0, 8), math.random({big_low}, {big_high}) * 1073741824, sets[shape])
+    body = string.format(big, math.random(0, 8), math.random({big_low}, {big_high}) * 1073741824,
+                         served[shape], sets[shape])
   else
     body = string.format(small, math.random(0, 8), math.random({small_low}, {small_high}) * 1073741824,
-                         sets[-shape])
+                         served[-shape], sets[-shape])
   end
   return wrk.format(nil, string.format("/v2/nodes/mixed-%05d/heartbeat", n - 1), nil, body)
 end

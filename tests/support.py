@@ -249,6 +249,14 @@ def sample_registration(node_id: str = "gpu-1", pools: int = 1, gpus_per_pool: i
     }
 
 
+def engine_status(
+    model_id: str, url: str = "http://127.0.0.1:8101", state: str = "ready", **extra: Any
+) -> dict[str, Any]:
+    """A pool's engine reading in the contract's shape (EngineStatus): a llama.cpp engine serving
+    `model_id` at `url`, in `state` (loading, ready, busy or dead)."""
+    return {"kind": "llama.cpp", "state": state, "model_id": model_id, "url": url, **extra}
+
+
 def sample_heartbeat(registration: dict[str, Any], models: list[str] | None = None, **pool_overrides: Any):
     """A heartbeat for every pool of `registration`, all ready with free slots."""
     pools = []

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from support import Daemon, Response, package_env, sample_heartbeat, sample_registration
+from support import Daemon, Response, engine_status, package_env, sample_heartbeat, sample_registration
 
 GiB = 1024**3
 
@@ -22,18 +22,46 @@ def online_node(
     node_id: str,
     models: list[str] | None = None,
     pools: int = 1,
+    serve: str | None = None,
     **pool_overrides: Any,
 ) -> dict[str, Any]:
-    """Register `node_id` and send one heartbeat; returns the registration body."""
+    """Register `node_id` and send one heartbeat; returns the registration body.
+
+    With `serve`, every pool's engine serves that model and is ready (each pool at its own URL, see
+    `engine_url`); without it the pools have no engine: they stage `models` but serve nothing.
+    """
     registration = sample_registration(node_id, pools=pools)
     answer = daemon.api("POST", "/v2/nodes/register", registration)
     assert answer.status == 200, answer.text
-    beat(daemon, registration, models, **pool_overrides)
+    beat(daemon, registration, models, serve=serve, **pool_overrides)
     return registration
 
 
-def beat(daemon: Daemon, registration: dict[str, Any], models: list[str] | None = None, **pool_overrides):
-    body = sample_heartbeat(registration, models, **pool_overrides)
+def engine_url(node_id: str, pool_id: str) -> str:
+    """The engine URL the tests give a pool: one port per pool number on the node's lab name."""
+    number = pool_id.rsplit("-", 1)[-1]
+    return f"http://{node_id}.lab:{8100 + (int(number) if number.isdigit() else 0)}"
+
+
+def serving(node_id: str, pool_id: str, model_id: str, state: str = "ready") -> dict[str, Any]:
+    """The engine reading of a pool of `node_id` whose engine serves `model_id`."""
+    return engine_status(model_id, engine_url(node_id, pool_id), state)
+
+
+def beat(
+    daemon: Daemon,
+    registration: dict[str, Any],
+    models: list[str] | None = None,
+    serve: str | None = None,
+    **pool_overrides: Any,
+):
+    """One heartbeat for every pool of `registration`; with `serve`, each pool's engine serves that model
+    and is ready (an `engine` override wins)."""
+    body = sample_heartbeat(registration, models)
+    for pool in body["pools"]:
+        if serve is not None:
+            pool["engine"] = serving(registration["node_id"], pool["pool_id"], serve)
+        pool.update(pool_overrides)
     answer = daemon.api("POST", f"/v2/nodes/{registration['node_id']}/heartbeat", body)
     assert answer.status == 200, answer.text
     return answer.body

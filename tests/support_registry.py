@@ -115,24 +115,35 @@ def run_tasks(env: dict[str, str], tmp_path: Path, tasks: list[dict], *extra: st
 
 
 def add_node(
-    daemon: Daemon, node_id: str, models: list[str] | None = None, heartbeat: bool = True, **pool: Any
+    daemon: Daemon,
+    node_id: str,
+    models: list[str] | None = None,
+    heartbeat: bool = True,
+    engines: list[dict[str, Any] | None] | None = None,
+    **pool: Any,
 ) -> dict[str, Any]:
-    """Register a node (and send one heartbeat unless told not to) through the daemon's HTTP API."""
+    """Register a node with two pools (and send one heartbeat unless told not to) through the daemon's
+    HTTP API; `engines` gives each pool's engine reading in order (support.engine_status), else none."""
     registration = sample_registration(node_id, pools=2)
     answer = daemon.api("POST", "/v2/nodes/register", registration)
     assert answer.status == 200, answer.text
     if heartbeat:
-        send_heartbeat(daemon, registration, models, **pool)
+        send_heartbeat(daemon, registration, models, engines=engines, **pool)
     return registration
 
 
 def send_heartbeat(
-    daemon: Daemon, registration: dict[str, Any], models: list[str] | None = None, **pool: Any
+    daemon: Daemon,
+    registration: dict[str, Any],
+    models: list[str] | None = None,
+    engines: list[dict[str, Any] | None] | None = None,
+    **pool: Any,
 ):
     node_id = registration["node_id"]
-    answer = daemon.api(
-        "POST", f"/v2/nodes/{node_id}/heartbeat", sample_heartbeat(registration, models, **pool)
-    )
+    body = sample_heartbeat(registration, models, **pool)
+    for reading, engine in zip(body["pools"], engines or [], strict=False):
+        reading["engine"] = engine
+    answer = daemon.api("POST", f"/v2/nodes/{node_id}/heartbeat", body)
     assert answer.status == 200, answer.text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import free_port, wait_until
+from support import engine_status, free_port, wait_until
 from support_registry import (
     add_node,
     ansible_env,
@@ -56,6 +56,8 @@ def test_nodes_become_hosts_in_status_and_model_groups_with_lean_vars(slow_daemo
         "llorch_status": "online",
         "llorch_address": "http://gpu-a.lab:8080",
         "llorch_models": ["meta-llama/Llama-3.1-8B", "qwen2.5:7b"],
+        "llorch_served": [],
+        "llorch_engines": [],
         "llorch_pools": ["pool-0", "pool-1"],
         "llorch_gpus": 2,
         "llorch_last_heartbeat_at": node_record(slow_daemon, "gpu-a")["last_heartbeat_at"],
@@ -65,6 +67,61 @@ def test_nodes_become_hosts_in_status_and_model_groups_with_lean_vars(slow_daemo
     graph = run(["ansible-inventory", "-i", str(source), "--graph", "llorch_online"], env)
     assert graph.returncode == 0, graph.stderr
     assert graph.stdout.split() == ["@llorch_online:", "|--gpu-a", "|--gpu-b"]
+
+
+def test_engines_give_serving_groups_a_down_group_and_lean_vars(slow_daemon, tmp_path):
+    llama = "meta-llama/Llama-3.1-8B"
+    url_a0, url_a1 = "http://10.89.0.11:8101", "http://10.89.0.11:8102"
+    add_node(
+        slow_daemon,
+        "gpu-a",
+        [llama, "qwen2.5:7b"],
+        engines=[engine_status(llama, url_a0, version="b6000"), engine_status("qwen2.5:7b", url_a1, "busy")],
+    )
+    # gpu-b stages llama but its engine is loading it; its second pool has no engine.
+    add_node(
+        slow_daemon, "gpu-b", [llama], engines=[engine_status(llama, "http://10.89.0.12:8101", "loading")]
+    )
+    # gpu-c serves llama on one pool; the other pool's engine died.
+    add_node(
+        slow_daemon,
+        "gpu-c",
+        [llama],
+        engines=[
+            engine_status(llama, "http://10.89.0.13:8101"),
+            engine_status(llama, "http://10.89.0.13:8102", "dead"),
+        ],
+    )
+    add_node(slow_daemon, "gpu-d", [llama], engines=[engine_status(llama, "http://10.89.0.14:8101", "dead")])
+    assert slow_daemon.api("POST", "/v2/nodes/gpu-d/drain", {"drain": True}).status == 200
+    add_node(slow_daemon, "gpu-e", heartbeat=False)
+
+    listing = inventory_list(ansible_env(slow_daemon, tmp_path), inventory_file(tmp_path))
+
+    # Serving groups: online nodes whose engine serves the model now (ready or busy), not mere staging.
+    assert group_hosts(listing, "llorch_model_meta_llama_Llama_3_1_8B") == ["gpu-a", "gpu-b", "gpu-c"]
+    assert group_hosts(listing, "llorch_serving_meta_llama_Llama_3_1_8B") == ["gpu-a", "gpu-c"]
+    assert group_hosts(listing, "llorch_serving_qwen2_5_7b") == ["gpu-a"]
+    # Down: online or draining nodes with an engine loading or dead (gpu-d is drained, its engine dead).
+    assert group_hosts(listing, "llorch_engine_down") == ["gpu-b", "gpu-c", "gpu-d"]
+
+    hostvars = listing["_meta"]["hostvars"]
+    assert hostvars["gpu-a"]["llorch_served"] == [llama, "qwen2.5:7b"]
+    assert hostvars["gpu-a"]["llorch_engines"] == [
+        {"pool_id": "pool-0", "kind": "llama.cpp", "state": "ready", "model_id": llama, "url": url_a0},
+        {"pool_id": "pool-1", "kind": "llama.cpp", "state": "busy", "model_id": "qwen2.5:7b", "url": url_a1},
+    ]
+    assert hostvars["gpu-b"]["llorch_served"] == []
+    assert [engine["state"] for engine in hostvars["gpu-b"]["llorch_engines"]] == ["loading"]
+    assert hostvars["gpu-e"]["llorch_engines"] == [] and hostvars["gpu-e"]["llorch_served"] == []
+
+
+def test_engine_down_is_defined_when_every_engine_serves(slow_daemon, tmp_path):
+    add_node(slow_daemon, "gpu-a", ["m1"], engines=[engine_status("m1"), engine_status("m1", "http://a:1")])
+    listing = inventory_list(ansible_env(slow_daemon, tmp_path), inventory_file(tmp_path))
+    assert "llorch_engine_down" in listing["all"]["children"]
+    assert group_hosts(listing, "llorch_engine_down") == []
+    assert group_hosts(listing, "llorch_serving_m1") == ["gpu-a"]
 
 
 def test_ansible_host_is_not_taken_from_the_registry_by_default(slow_daemon, tmp_path):

@@ -9,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from support import free_port, sample_registration
+from support import engine_status, free_port, sample_registration
 from support_registry import (
     ReadHookRelay,
     TlsProxy,
@@ -123,6 +123,40 @@ def test_drain_wait_fails_with_the_busy_slot_count_and_succeeds_when_idle(slow_d
     assert "node gpu-a still had 6 busy slot(s) after 1 s" in busy["msg"]
     assert node_record(slow_daemon, "gpu-a")["drain"] is True  # the drain itself stays
     assert not idle.get("failed") and idle["changed"] and idle["busy_slots"] == 0
+
+
+def test_drain_wait_counts_busy_engines_and_never_waits_on_a_dead_or_loading_one(slow_daemon, tmp_path):
+    # gpu-a: a busy engine (4 slots, 1 free) and a dead one whose reading, out of rule, shows 2 busy.
+    busy_engine = engine_status("m1", "http://10.89.0.11:8101", "busy")
+    add_node(
+        slow_daemon, "gpu-a", ["m1"], engines=[busy_engine, engine_status("m1", state="dead")], slots_free=1
+    )
+    # gpu-down: one engine loading, one dead, both pools reporting slots in use: nothing is in flight.
+    down = [engine_status("m1", state="loading"), engine_status("m1", state="dead")]
+    add_node(slow_daemon, "gpu-down", ["m1"], engines=down, slots_free=2)
+    env = ansible_env(slow_daemon, tmp_path)
+
+    busy, idle = run_tasks(
+        env,
+        tmp_path,
+        [
+            {**node_task("drained", wait=True, wait_timeout=1), "ignore_errors": True},
+            node_task("drained", wait=True, wait_timeout=30, node_id="gpu-down"),
+        ],
+    )
+
+    assert busy["failed"]
+    assert "node gpu-a still had 3 busy slot(s) after 1 s" in busy["msg"]  # the busy engine's only
+    assert not idle.get("failed") and idle["changed"] and idle["busy_slots"] == 0
+
+
+def test_nodes_info_summarises_engines(slow_daemon, tmp_path):
+    add_node(slow_daemon, "gpu-a", ["m1"], engines=[engine_status("m1"), engine_status("m1", state="dead")])
+    (info,) = run_tasks(ansible_env(slow_daemon, tmp_path), tmp_path, [READ_GPU_A])
+    [node] = info["nodes"]
+    assert (node["summary"]["engines_total"], node["summary"]["engines_serving"]) == (2, 1)
+    assert node["served"] == ["m1"]
+    assert [pool["engine"]["state"] for pool in node["pools"]] == ["ready", "dead"]
 
 
 def wait_task(node_id: str, **waits) -> dict:
@@ -354,6 +388,30 @@ def test_catalog_info_reports_replicated_and_single_node_models(slow_daemon, tmp
     assert by_model["m-alone"]["nodes"] == ["gpu-a"]
     assert set(catalog["availability"]) == {"gpu-a", "gpu-b"}
     assert [entry["model_id"] for entry in one_model["models"]] == ["m-alone"]
+    # Staged only: no engine serves either model.
+    assert [entry["served"] for entry in catalog["models"]] == [False, False]
+
+
+def test_catalog_info_tells_served_from_staged(slow_daemon, tmp_path):
+    url = "http://10.89.0.11:8101"
+    add_node(slow_daemon, "gpu-a", ["m-served", "m-staged"], engines=[engine_status("m-served", url)])
+    (catalog,) = run_tasks(
+        ansible_env(slow_daemon, tmp_path), tmp_path, [{"llorch.kit.llorch_catalog_info": {}}]
+    )
+    by_model = {entry["model_id"]: entry for entry in catalog["models"]}
+    assert by_model["m-served"]["served"] is True and by_model["m-served"]["pools_ready"] == 1
+    assert by_model["m-served"]["engines"] == [
+        {
+            "node_id": "gpu-a",
+            "pool_id": "pool-0",
+            "kind": "llama.cpp",
+            "state": "ready",
+            "url": url,
+            "serving": True,
+        }
+    ]
+    assert by_model["m-staged"]["served"] is False and by_model["m-staged"]["engines"] == []
+    assert catalog["availability"]["gpu-a"]["served"] == ["m-served"]
 
 
 def test_errors_name_the_registry_and_never_show_the_token(daemon, tmp_path):

@@ -36,11 +36,11 @@ def test_registration_with_more_pools_than_the_limit_is_400(bounded):
 
 
 def test_registration_at_the_pool_limit_is_accepted(bounded):
-    online_node(bounded, "gpu-1", ["llama"], pools=4)
+    online_node(bounded, "gpu-1", ["llama"], serve="llama", pools=4)
 
 
 def test_heartbeat_with_more_distinct_models_than_the_limit_is_400(bounded):
-    online_node(bounded, "gpu-1", ["llama"], pools=2)
+    online_node(bounded, "gpu-1", ["llama"], serve="llama", pools=2)
     models = [f"model-{n}" for n in range(8)]  # with a, b, c: 11 distinct
     answer = heartbeat(
         bounded,
@@ -52,14 +52,14 @@ def test_heartbeat_with_more_distinct_models_than_the_limit_is_400(bounded):
 
 
 def test_the_same_models_in_every_pool_count_once(bounded):
-    online_node(bounded, "gpu-1", ["llama"], pools=4)
+    online_node(bounded, "gpu-1", ["llama"], serve="llama", pools=4)
     models = [f"model-{n}" for n in range(10)]
     beat_pools(bounded, "gpu-1", [pool_reading(f"pool-{n}", models) for n in range(4)])
     assert bounded.api("GET", "/v2/nodes/gpu-1").body["models"] == sorted(models)
 
 
 def test_heartbeat_with_a_pool_the_node_never_registered_is_400(bounded):
-    online_node(bounded, "gpu-1", ["llama"], pools=1)
+    online_node(bounded, "gpu-1", ["llama"], serve="llama", pools=1)
     ghost = pool_reading("ghost", ["llama"], slots_total=1_000_000, slots_free=1_000_000)
     answer = heartbeat(bounded, "gpu-1", [pool_reading("pool-0", ["llama"], slots_free=1), ghost])
     assert_refused(answer, "$.pools[1].pool_id", "'ghost'", "registration")
@@ -67,7 +67,7 @@ def test_heartbeat_with_a_pool_the_node_never_registered_is_400(bounded):
 
 
 def test_heartbeat_with_more_free_vram_than_total_is_400(bounded):
-    registration = online_node(bounded, "gpu-1", ["llama"], pools=1)
+    registration = online_node(bounded, "gpu-1", ["llama"], serve="llama", pools=1)
     body = sample_heartbeat(registration, ["llama"], vram_total_bytes=10, vram_free_bytes=11)
     answer = bounded.api("POST", "/v2/nodes/gpu-1/heartbeat", body)
     assert_refused(answer, "$.pools[0].vram_free_bytes", "vram_total_bytes (10)")
@@ -75,7 +75,7 @@ def test_heartbeat_with_more_free_vram_than_total_is_400(bounded):
 
 def test_a_new_node_past_max_nodes_is_409_and_known_nodes_still_register(bounded):
     for node_id in ("gpu-1", "gpu-2", "gpu-3"):
-        online_node(bounded, node_id, ["llama"])
+        online_node(bounded, node_id, ["llama"], serve="llama")
     answer = bounded.api("POST", "/v2/nodes/register", sample_registration("gpu-4"))
     assert answer.status == 409, answer.text
     assert answer.body["code"] == "CLUSTER_FULL"
@@ -88,7 +88,7 @@ def test_a_new_node_past_max_nodes_is_409_and_known_nodes_still_register(bounded
 def test_the_defaults_hold_a_big_node(daemon):
     # 8 GPUs split into 7 MIG slices each, and a full model manifest (the contract's MAX_MANIFEST_ENTRIES,
     # 4096) spread over the pools.
-    online_node(daemon, "gpu-1", ["llama"], pools=56)
+    online_node(daemon, "gpu-1", ["llama"], serve="llama", pools=56)
     models = [f"org/model-{n}" for n in range(4096)]
     pools = [pool_reading(f"pool-{n}", models[n::56]) for n in range(56)]
     beat_pools(daemon, "gpu-1", pools)

@@ -34,7 +34,7 @@ def test_two_deletes_at_once_answer_204_then_404(daemon):
 
 def test_drains_at_once_leave_the_api_and_the_disk_agreeing(daemon):
     for n in range(4):
-        online_node(daemon, f"gpu-{n}", ["llama"])
+        online_node(daemon, f"gpu-{n}", ["llama"], serve="llama")
     for _ in range(ROUNDS):
         requests = [
             ("POST", f"/v2/nodes/gpu-{n}/drain", {"drain": flag})
@@ -52,7 +52,7 @@ def test_drains_at_once_leave_the_api_and_the_disk_agreeing(daemon):
 
 def test_an_undrain_racing_a_delete_never_brings_the_node_back(daemon):
     for n in range(ROUNDS):
-        online_node(daemon, f"gpu-{n}", ["llama"])
+        online_node(daemon, f"gpu-{n}", ["llama"], serve="llama")
         assert daemon.api("POST", f"/v2/nodes/gpu-{n}/drain", {"drain": True}).status == 200
     for n in range(ROUNDS):
         deleted, undrained = at_once(
@@ -120,7 +120,7 @@ def a_writeback_after(daemon, count: int) -> None:
 
 def test_a_write_back_never_puts_old_readings_under_a_new_registration(daemon):
     db_path = daemon.config["db_path"]
-    registration = online_node(daemon, "gpu-1", ["llama"])
+    registration = online_node(daemon, "gpu-1", ["llama"], serve="llama")
     wait_until(lambda: stored_readings(db_path, "gpu-1")[0], what="the first write-back")
     with ThreadPoolExecutor(max_workers=1) as pool, database_write_locked(db_path):
         taken = writebacks(daemon)
@@ -139,7 +139,7 @@ def test_a_write_back_never_puts_old_readings_under_a_new_registration(daemon):
 
 def test_a_heartbeat_during_a_registration_is_kept_in_memory_and_on_disk_alike(daemon):
     db_path = daemon.config["db_path"]
-    registration = online_node(daemon, "gpu-1", ["llama"])
+    registration = online_node(daemon, "gpu-1", ["llama"], serve="llama")
     wait_until(lambda: stored_readings(db_path, "gpu-1")[0], what="the first write-back")
     with ThreadPoolExecutor(max_workers=1) as pool, database_write_locked(db_path):
         registering = pool.submit(daemon.api, "POST", "/v2/nodes/register", registration)

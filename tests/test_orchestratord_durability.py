@@ -17,8 +17,8 @@ def stored_heartbeats(db_path: str) -> dict[str, str | None]:
 
 
 def test_registration_and_drain_survive_kill_9(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
-    online_node(daemon, "gpu-2", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
+    online_node(daemon, "gpu-2", ["llama"], serve="llama")
     daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-3"))
     assert daemon.api("POST", "/v2/nodes/gpu-2/drain", {"drain": True}).status == 200
     assert daemon.api("DELETE", "/v2/nodes/gpu-1").status == 204
@@ -32,11 +32,14 @@ def test_registration_and_drain_survive_kill_9(daemon):
     assert nodes["gpu-2"]["address"] == "http://gpu-2.lab:8080"
     assert nodes["gpu-2"]["capabilities"]["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
     assert nodes["gpu-3"]["status"] == "registering"
-    assert beat(daemon, sample_registration("gpu-2"), ["llama"]) == {"next_heartbeat_ms": 200, "drain": True}
+    assert beat(daemon, sample_registration("gpu-2"), ["llama"], serve="llama") == {
+        "next_heartbeat_ms": 200,
+        "drain": True,
+    }
 
 
 def test_heartbeats_are_written_back_in_batches(daemon):
-    registrations = [online_node(daemon, f"gpu-{n}", ["llama"]) for n in range(3)]
+    registrations = [online_node(daemon, f"gpu-{n}", ["llama"], serve="llama") for n in range(3)]
     db_path = daemon.config["db_path"]
     # Registration alone writes no heartbeat; the batch writer brings all three within about a second.
     written = wait_until(
@@ -51,7 +54,7 @@ def test_heartbeats_are_written_back_in_batches(daemon):
 
 
 def test_restored_node_keeps_its_pools_and_placement_after_kill_9(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     wait_until(lambda: stored_heartbeats(daemon.config["db_path"]).get("gpu-1"), timeout=5, what="write-back")
     daemon.kill(signal.SIGKILL)
     daemon.start()
@@ -63,7 +66,7 @@ def test_restored_node_keeps_its_pools_and_placement_after_kill_9(daemon):
 
 def test_restored_node_that_stays_silent_goes_offline(daemon_factory):
     daemon = daemon_factory(node_timeout_ms=500)
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     wait_until(lambda: stored_heartbeats(daemon.config["db_path"]).get("gpu-1"), timeout=5, what="write-back")
     daemon.kill(signal.SIGKILL)
     daemon.start()
@@ -74,7 +77,7 @@ def test_restored_node_that_stays_silent_goes_offline(daemon_factory):
 def test_node_silent_longer_than_the_timeout_is_offline_at_once_after_a_restart(daemon_factory):
     timeout_s = 2.0
     daemon = daemon_factory(node_timeout_ms=int(timeout_s * 1000))
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     assert daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-2")).status == 200
     last_heard = time.time()  # both nodes were heard (heartbeat, registration) before this
     daemon.stop()  # a clean stop writes gpu-1's last heartbeat
@@ -98,7 +101,7 @@ def test_restored_node_keeps_only_the_rest_of_its_timeout(daemon_factory):
     downtime_s = 2.5
     daemon = daemon_factory(node_timeout_ms=int(timeout_s * 1000))
     before_beat = time.time()
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     daemon.stop()
     wait_until(lambda: time.time() > before_beat + downtime_s, timeout=10, what="the downtime")
     restarted_at = time.time()
@@ -115,7 +118,7 @@ def test_restored_node_keeps_only_the_rest_of_its_timeout(daemon_factory):
 
 
 def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     assert daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-2")).status == 200
     daemon.stop()
     # Records an older version wrote under looser rules, and one that is not JSON at all.
@@ -145,7 +148,7 @@ def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
     registration = sample_registration("gpu-old")
     assert daemon.api("POST", "/v2/nodes/gpu-old/heartbeat", sample_heartbeat(registration)).status == 404
     assert daemon.api("POST", "/v2/nodes/register", registration).status == 200
-    beat(daemon, registration, ["llama"])
+    beat(daemon, registration, ["llama"], serve="llama")
     assert status_of(daemon, "gpu-old") == "online"
     daemon.restart()
     assert status_of(daemon, "gpu-old") == "online"
@@ -155,7 +158,7 @@ def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
 
 def test_clean_stop_writes_the_last_heartbeats(daemon_factory):
     daemon = daemon_factory()
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     daemon.stop()  # SIGTERM: the pending batch is written before exit
     assert stored_heartbeats(daemon.config["db_path"])["gpu-1"] is not None
 
@@ -168,7 +171,7 @@ def test_a_failed_write_back_is_retried_by_the_next_one(daemon):
     try:
         # Another process takes the table away: the batch write fails, as on a full or damaged disk.
         database.execute("ALTER TABLE nodes RENAME TO nodes_aside")
-        beat(daemon, registration, ["llama"])  # one heartbeat, then the node stays silent
+        beat(daemon, registration, ["llama"], serve="llama")  # one heartbeat, then the node stays silent
         wait_until(
             lambda: "writes to the database at" in daemon.log(),
             what="the failed write-back in the log",

@@ -17,7 +17,7 @@ from schemathesis.core.failures import CustomFailure
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from support import make_daemon
-from support_daemon import online_node
+from support_daemon import beat_pools, online_node, pool_reading, serving
 
 MAX_EXAMPLES = 25
 
@@ -25,8 +25,21 @@ MAX_EXAMPLES = 25
 @pytest.fixture(scope="module")
 def fuzzed_daemon(tmp_path_factory):
     daemon = make_daemon(tmp_path_factory.mktemp("fuzz")).start()
-    for node_id in ("gpu-1", "gpu-2"):
-        online_node(daemon, node_id, ["llama"], pools=2)
+    for node_id in ("gpu-1", "gpu-2", "gpu-3"):
+        online_node(daemon, node_id, ["llama"], serve="llama", pools=2)
+    # Engines in the states that serve nothing, so the read routes and placement meet them too.
+    beat_pools(
+        daemon,
+        "gpu-3",
+        [
+            pool_reading(
+                "pool-0", ["llama"], slots_free=0, engine=serving("gpu-3", "pool-0", "llama", "busy")
+            ),
+            pool_reading(
+                "pool-1", ["llama"], ready=False, engine=serving("gpu-3", "pool-1", "llama", "dead")
+            ),
+        ],
+    )
     yield daemon
     daemon.stop()
     assert "Traceback" not in daemon.log()
@@ -88,6 +101,19 @@ def accepts_valid_data(ctx: CheckContext, response, case) -> bool | None:
     if response.status_code == 400 and any(rule in response.text for rule in CROSS_FIELD_RULES):
         return None
     return positive_data_acceptance(ctx, response, case)
+
+
+def test_the_document_describes_the_engine_of_each_pool(fuzzed_daemon):
+    """The fuzzer generates heartbeats from the document: it must know the engine struct and its rules."""
+    components = fuzzed_daemon.api("GET", "/openapi.json").body["components"]["schemas"]
+    engine = components["EngineStatus"]
+    assert set(engine["required"]) == {"kind", "state", "model_id", "url"}
+    assert engine["properties"]["state"]["enum"] == sorted(["loading", "ready", "busy", "dead"])
+    assert engine["properties"]["url"]["pattern"].startswith("^https?://")
+    pool_engine = components["PoolStatus"]["properties"]["engine"]
+    assert {"$ref": "#/components/schemas/EngineStatus"} in pool_engine["anyOf"]
+    placement = components["Placement"]["properties"]
+    assert {"engine_url", "engine_kind", "model_id"} <= set(placement)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

@@ -15,12 +15,12 @@ def test_node_goes_offline_after_the_timeout_and_online_at_the_next_heartbeat(da
     # Taken before gpu-1's last heartbeat is sent: the daemon hears it later, so a timeout counted from
     # that heartbeat cannot end before started + timeout (a start taken after it proves nothing).
     started = time.monotonic()
-    registration = online_node(daemon, "gpu-1", ["llama"])
-    online_node(daemon, "gpu-2", ["llama"])
+    registration = online_node(daemon, "gpu-1", ["llama"], serve="llama")
+    online_node(daemon, "gpu-2", ["llama"], serve="llama")
 
     # Keep gpu-2 alive while gpu-1 falls silent.
     def gpu1_offline():
-        beat(daemon, sample_registration("gpu-2"), ["llama"])
+        beat(daemon, sample_registration("gpu-2"), ["llama"], serve="llama")
         return status_of(daemon, "gpu-1") == "offline"
 
     wait_until(gpu1_offline, timeout=5, interval=0.1, what="gpu-1 offline")
@@ -38,7 +38,7 @@ def test_node_goes_offline_after_the_timeout_and_online_at_the_next_heartbeat(da
 
     wait_until(lambda: "node gpu-1 offline" in daemon.log(), timeout=5, what="the offline line in the log")
 
-    beat(daemon, registration, ["llama"])
+    beat(daemon, registration, ["llama"], serve="llama")
     assert status_of(daemon, "gpu-1") == "online"
     assert place(daemon, model_id="llama").body["node_id"] == "gpu-1"
     assert "node gpu-1 heard from again" in daemon.log()
@@ -46,7 +46,7 @@ def test_node_goes_offline_after_the_timeout_and_online_at_the_next_heartbeat(da
 
 def test_offline_node_alone_gives_model_not_available(daemon_factory):
     daemon = daemon_factory(node_timeout_ms=TIMEOUT_MS)
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     wait_until(lambda: status_of(daemon, "gpu-1") == "offline", timeout=5, what="gpu-1 offline")
     answer = place(daemon, model_id="llama")
     assert answer.status == 503

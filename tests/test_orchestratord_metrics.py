@@ -18,8 +18,8 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_what_happened(daemon):
-    online_node(daemon, "secret-node-name-1", ["llama"], pools=2)
-    online_node(daemon, "secret-node-name-2", ["llama"])
+    online_node(daemon, "secret-node-name-1", ["llama"], serve="llama", pools=2)
+    online_node(daemon, "secret-node-name-2", ["llama"], serve="llama")
     daemon.api("POST", "/v2/nodes/register", sample_registration("secret-node-name-3"))
     daemon.api("POST", "/v2/nodes/secret-node-name-2/drain", {"drain": True})
     daemon.api("POST", "/v2/nodes/nobody/heartbeat", sample_heartbeat(sample_registration("nobody")))

@@ -116,7 +116,7 @@ WRITE_ROUTES = [
 @pytest.fixture(scope="module")
 def mutated_daemon(tmp_path_factory):
     daemon = make_daemon(tmp_path_factory.mktemp("mutations")).start()
-    online_node(daemon, "gpu-1", ["llama"], pools=2)
+    online_node(daemon, "gpu-1", ["llama"], serve="llama", pools=2)
     yield daemon
     daemon.stop()
 

@@ -6,7 +6,12 @@ import random
 from collections import Counter
 
 from support import sample_registration
-from support_daemon import GiB, beat_pools, online_node, place, pool_reading
+from support_daemon import GiB, beat_pools, engine_url, online_node, place, pool_reading, serving
+
+
+def ready_pool(pool_id: str, model: str = "llama", node_id: str = "gpu-1", **overrides):
+    """A reading of a pool of `node_id` whose engine serves `model` and is ready."""
+    return pool_reading(pool_id, [model], **{"engine": serving(node_id, pool_id, model), **overrides})
 
 
 def pick(daemon, **request) -> tuple[str, str]:
@@ -15,26 +20,92 @@ def pick(daemon, **request) -> tuple[str, str]:
     return answer.body["node_id"], answer.body["pool_id"]
 
 
-def test_placement_answers_node_pool_address_and_strategy(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
+def test_placement_answers_the_chosen_engines_url(daemon):
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     answer = place(daemon, model_id="llama")
     assert answer.body == {
         "node_id": "gpu-1",
         "pool_id": "pool-0",
         "address": "http://gpu-1.lab:8080",
         "strategy": "least-loaded",
+        "engine_url": "http://gpu-1.lab:8100",
+        "engine_kind": "llama.cpp",
+        "model_id": "llama",
     }
 
 
-def test_placement_by_model(daemon):
+def test_each_pool_answers_its_own_engine_url(daemon):
+    daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1", pools=2))
+    beat_pools(daemon, "gpu-1", [ready_pool("pool-0", "llama"), ready_pool("pool-1", "qwen")])
+    for model, pool_id in (("llama", "pool-0"), ("qwen", "pool-1")):
+        answer = place(daemon, model_id=model)
+        assert answer.status == 200, answer.text
+        assert (answer.body["pool_id"], answer.body["engine_url"]) == (pool_id, engine_url("gpu-1", pool_id))
+        assert answer.body["model_id"] == model
+    # Without a model asked, the answer says which model the chosen engine serves.
+    assert place(daemon).body["model_id"] in {"llama", "qwen"}
+
+
+def test_only_ready_engines_of_the_model_are_candidates(daemon):
+    """Busy, loading and dead engines serving the model, an engine serving another model, and a pool with
+    no engine that stages the model are never picked, by any strategy."""
+    daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1", pools=6))
+    busy = ready_pool("pool-0", engine=serving("gpu-1", "pool-0", "llama", "busy"), slots_free=0)
+    # Out of rule (busy with a free slot) yet still refused: only `ready` takes new work.
+    busy_but_free = ready_pool("pool-1", engine=serving("gpu-1", "pool-1", "llama", "busy"))
+    loading = ready_pool("pool-2", ready=False, engine=serving("gpu-1", "pool-2", "llama", "loading"))
+    dead = ready_pool("pool-3", ready=False, engine=serving("gpu-1", "pool-3", "llama", "dead"))
+    staged_only = pool_reading("pool-4", ["llama"], engine=None)
+    other_model = ready_pool("pool-5", "qwen", slots_free=4)
+    beat_pools(daemon, "gpu-1", [busy, busy_but_free, loading, dead, staged_only, other_model])
+    for strategy in ("least-loaded", "round-robin", "random"):
+        answer = place(daemon, model_id="llama", strategy=strategy)
+        assert answer.status == 503, answer.text
+        assert answer.body["code"] == "NO_CAPACITY"
+        assert "busy, loading, dead or drained" in answer.body["message"]
+    # A ready pool whose GPUs are unhealthy (pool not ready) is not a candidate either.
+    unhealthy = ready_pool("pool-3", ready=False)
+    beat_pools(daemon, "gpu-1", [busy, busy_but_free, loading, unhealthy, staged_only, other_model])
+    assert place(daemon, model_id="llama").status == 503
+    # Once the dead engine comes back ready, it is the one answer.
+    back = ready_pool("pool-3", slots_free=2)
+    beat_pools(daemon, "gpu-1", [busy, busy_but_free, loading, back, staged_only, other_model])
+    for strategy in ("least-loaded", "round-robin", "random"):
+        answer = place(daemon, model_id="llama", strategy=strategy)
+        assert (answer.body["pool_id"], answer.body["engine_url"]) == (
+            "pool-3",
+            engine_url("gpu-1", "pool-3"),
+        )
+
+
+def test_staged_but_not_served_is_model_not_available(daemon):
+    online_node(daemon, "gpu-1", ["llama", "qwen"], serve="qwen")
+    online_node(daemon, "gpu-2", ["llama"])  # no engine at all
+    answer = place(daemon, model_id="llama")
+    assert answer.status == 503
+    assert answer.body == {
+        "code": "MODEL_NOT_AVAILABLE",
+        "message": "model 'llama' is staged on 2 online node(s) but no engine serves it",
+    }
+    assert place(daemon, model_id="qwen").body["node_id"] == "gpu-1"
+
+
+def test_a_pool_without_an_engine_takes_no_work_even_without_a_model_asked(daemon):
     online_node(daemon, "gpu-1", ["llama"])
-    online_node(daemon, "gpu-2", ["qwen"])
+    answer = place(daemon)
+    assert answer.status == 503
+    assert answer.body["code"] == "NO_CAPACITY"
+
+
+def test_placement_by_model(daemon):
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
+    online_node(daemon, "gpu-2", ["qwen"], serve="qwen")
     assert pick(daemon, model_id="qwen") == ("gpu-2", "pool-0")
     assert pick(daemon, model_id="llama") == ("gpu-1", "pool-0")
 
 
 def test_unknown_model_is_model_not_available(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     answer = place(daemon, model_id="mixtral")
     assert answer.status == 503
     assert answer.body["code"] == "MODEL_NOT_AVAILABLE"
@@ -42,8 +113,8 @@ def test_unknown_model_is_model_not_available(daemon):
 
 
 def test_placement_by_vram(daemon):
-    online_node(daemon, "gpu-small", ["llama"], vram_free_bytes=10 * GiB)
-    online_node(daemon, "gpu-big", ["llama"], vram_free_bytes=60 * GiB)
+    online_node(daemon, "gpu-small", ["llama"], serve="llama", vram_free_bytes=10 * GiB)
+    online_node(daemon, "gpu-big", ["llama"], serve="llama", vram_free_bytes=60 * GiB)
     assert pick(daemon, model_id="llama", vram_bytes=20 * GiB) == ("gpu-big", "pool-0")
     assert pick(daemon, model_id="llama", vram_bytes=60 * GiB) == ("gpu-big", "pool-0")
     too_much = place(daemon, model_id="llama", vram_bytes=61 * GiB)
@@ -57,9 +128,9 @@ def test_least_loaded_prefers_free_slots_then_free_vram(daemon):
         daemon,
         "gpu-1",
         [
-            pool_reading("pool-0", ["llama"], slots_free=1, vram_free_bytes=70 * GiB),
-            pool_reading("pool-1", ["llama"], slots_free=3, vram_free_bytes=20 * GiB),
-            pool_reading("pool-2", ["llama"], slots_free=3, vram_free_bytes=30 * GiB),
+            ready_pool("pool-0", slots_free=1, vram_free_bytes=70 * GiB),
+            ready_pool("pool-1", slots_free=3, vram_free_bytes=20 * GiB),
+            ready_pool("pool-2", slots_free=3, vram_free_bytes=30 * GiB),
         ],
     )
     assert pick(daemon, model_id="llama") == ("gpu-1", "pool-2")
@@ -68,9 +139,9 @@ def test_least_loaded_prefers_free_slots_then_free_vram(daemon):
         daemon,
         "gpu-1",
         [
-            pool_reading("pool-0", ["llama"], slots_free=4, vram_free_bytes=70 * GiB),
-            pool_reading("pool-1", ["llama"], slots_free=3, vram_free_bytes=20 * GiB),
-            pool_reading("pool-2", ["llama"], slots_free=0, vram_free_bytes=30 * GiB),
+            ready_pool("pool-0", slots_free=4, vram_free_bytes=70 * GiB),
+            ready_pool("pool-1", slots_free=3, vram_free_bytes=20 * GiB),
+            ready_pool("pool-2", slots_free=0, vram_free_bytes=30 * GiB),
         ],
     )
     assert pick(daemon, model_id="llama") == ("gpu-1", "pool-0")
@@ -78,7 +149,7 @@ def test_least_loaded_prefers_free_slots_then_free_vram(daemon):
 
 def test_ties_break_on_node_then_pool_whatever_the_arrival_order(daemon):
     for node_id in ["gpu-c", "gpu-a", "gpu-b"]:
-        online_node(daemon, node_id, ["llama"], pools=2)
+        online_node(daemon, node_id, ["llama"], serve="llama", pools=2)
     answers = {pick(daemon, model_id="llama") for _ in range(10)}
     assert answers == {("gpu-a", "pool-0")}
     assert pick(daemon) == ("gpu-a", "pool-0")
@@ -86,7 +157,7 @@ def test_ties_break_on_node_then_pool_whatever_the_arrival_order(daemon):
 
 def test_same_state_gives_the_same_answer_after_a_restart(daemon):
     for node_id in ["gpu-2", "gpu-1"]:
-        online_node(daemon, node_id, ["llama"], pools=2)
+        online_node(daemon, node_id, ["llama"], serve="llama", pools=2)
     before = pick(daemon, model_id="llama")
     daemon.restart()
     after = pick(daemon, model_id="llama")
@@ -95,8 +166,8 @@ def test_same_state_gives_the_same_answer_after_a_restart(daemon):
 
 def test_round_robin_spreads_over_every_candidate(daemon):
     for node_id in ["gpu-1", "gpu-2", "gpu-3"]:
-        online_node(daemon, node_id, ["llama"], pools=2)
-    online_node(daemon, "gpu-other", ["qwen"])
+        online_node(daemon, node_id, ["llama"], serve="llama", pools=2)
+    online_node(daemon, "gpu-other", ["qwen"], serve="qwen")
     picks = [pick(daemon, model_id="llama", strategy="round-robin") for _ in range(12)]
     counts = Counter(picks)
     assert len(counts) == 6
@@ -107,17 +178,17 @@ def test_round_robin_spreads_over_every_candidate(daemon):
 
 
 def test_random_picks_only_candidates(daemon):
-    online_node(daemon, "gpu-1", ["llama"], pools=2)
-    online_node(daemon, "gpu-2", ["llama"], ready=False)
-    online_node(daemon, "gpu-3", ["qwen"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama", pools=2)
+    online_node(daemon, "gpu-2", ["llama"], serve="llama", ready=False)
+    online_node(daemon, "gpu-3", ["qwen"], serve="qwen")
     picks = {pick(daemon, model_id="llama", strategy="random") for _ in range(30)}
     assert picks <= {("gpu-1", "pool-0"), ("gpu-1", "pool-1")}
     assert len(picks) == 2  # 30 fair coin flips all landing on one side: 2**-29
 
 
 def test_operator_drained_node_is_skipped(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
-    online_node(daemon, "gpu-2", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
+    online_node(daemon, "gpu-2", ["llama"], serve="llama")
     daemon.api("POST", "/v2/nodes/gpu-1/drain", {"drain": True})
     for strategy in ("least-loaded", "round-robin", "random"):
         for _ in range(4):
@@ -132,15 +203,15 @@ def test_draining_not_ready_and_full_pools_are_skipped(daemon):
         daemon,
         "gpu-1",
         [
-            pool_reading("pool-0", ["llama"], draining=True),
-            pool_reading("pool-1", ["llama"], ready=False),
-            pool_reading("pool-2", ["llama"], slots_free=0),
-            pool_reading("pool-3", ["llama"], slots_free=1),
+            ready_pool("pool-0", draining=True),
+            ready_pool("pool-1", ready=False),
+            ready_pool("pool-2", slots_free=0),
+            ready_pool("pool-3", slots_free=1),
         ],
     )
     for strategy in ("least-loaded", "round-robin", "random"):
         assert pick(daemon, model_id="llama", strategy=strategy) == ("gpu-1", "pool-3")
-    beat_pools(daemon, "gpu-1", [pool_reading("pool-3", ["llama"], slots_free=0)])
+    beat_pools(daemon, "gpu-1", [ready_pool("pool-3", slots_free=0)])
     answer = place(daemon, model_id="llama")
     assert answer.status == 503
     assert answer.body["code"] == "NO_CAPACITY"
@@ -154,7 +225,7 @@ def test_registering_node_gets_no_work(daemon):
 
 
 def test_deleted_node_gets_no_work(daemon):
-    online_node(daemon, "gpu-1", ["llama"])
+    online_node(daemon, "gpu-1", ["llama"], serve="llama")
     daemon.api("DELETE", "/v2/nodes/gpu-1")
     assert place(daemon, model_id="llama").body["code"] == "MODEL_NOT_AVAILABLE"
 
@@ -169,13 +240,16 @@ def expected_least_loaded(readings: dict[str, list[dict]], model: str | None, vr
         and not pool["draining"]
         and pool["slots_free"] > 0
         and pool["vram_free_bytes"] >= vram
-        and (model is None or model in pool["models_available"])
+        and pool["engine"] is not None
+        and pool["engine"]["state"] == "ready"
+        and (model is None or pool["engine"]["model_id"] == model)
     ]
     return min(candidates)[2:] if candidates else None
 
 
 def test_least_loaded_matches_brute_force_as_loads_change(daemon):
-    """Many heartbeats that move loads, models and readiness; every answer equals the brute-force pick."""
+    """Many heartbeats that move loads, models, engine states and readiness; every answer equals the
+    brute-force pick, and every answer carries the picked pool's engine URL."""
     rng = random.Random(7)
     models = ["llama", "qwen", "mistral"]
     node_ids = [f"gpu-{n}" for n in range(5)]
@@ -192,6 +266,14 @@ def test_least_loaded_matches_brute_force_as_loads_change(daemon):
                     slots_total=2,
                     vram_free_bytes=rng.choice([10, 20, 30]) * GiB,
                     ready=rng.random() > 0.2,
+                    engine=None
+                    if rng.random() < 0.15
+                    else serving(
+                        node_id,
+                        f"pool-{p}",
+                        rng.choice(models),
+                        rng.choice(["ready", "ready", "ready", "busy", "loading", "dead"]),
+                    ),
                 )
                 for p in range(2)
             ]
@@ -205,3 +287,4 @@ def test_least_loaded_matches_brute_force_as_loads_change(daemon):
                 assert answer.status == 503, answer.text
             else:
                 assert (answer.body["node_id"], answer.body["pool_id"]) == expected, (model, vram)
+                assert answer.body["engine_url"] == engine_url(*expected)

@@ -29,6 +29,7 @@ RARE_MODELS = [f"rare-{n}" for n in range(6)]  # each on a few pools, asked for 
 HEAVY_MODELS = [f"org/heavy-{n}" for n in range(300)]  # a few pools hold all of these
 VRAM_NEEDS = (None, 0, 20 * GiB, 60 * GiB, 79 * GiB)
 STRATEGIES = ("least-loaded", "round-robin", "random")
+ENGINE_STATES = ("ready",) * 12 + ("busy", "loading", "dead")  # drawn from: mostly ready
 
 
 def registration(node_id: str) -> schemas.Registration:
@@ -67,7 +68,19 @@ class Cluster:
             models += HEAVY_MODELS if rng.random() < 0.9 else rng.sample(HEAVY_MODELS, 150)
         return models
 
-    def reading(self, node_id: str, pool_id: str, models: list[str]) -> schemas.PoolStatus:
+    def engine(self, node_id: str, pool_id: str, models: list[str]) -> schemas.EngineStatus | None:
+        """Mostly an engine serving one of the staged models, in a state that is mostly ready."""
+        rng = self.rng
+        if not models or rng.random() < 0.05:
+            return None
+        return schemas.EngineStatus(
+            kind="llama.cpp",
+            state=rng.choice(ENGINE_STATES),
+            model_id=rng.choice(models),
+            url=f"http://{node_id}.lab:{8100 + int(pool_id[-1])}",
+        )
+
+    def reading(self, node_id: str, pool_id: str, models: list[str], engine=None) -> schemas.PoolStatus:
         rng = self.rng
         return schemas.PoolStatus(
             pool_id=pool_id,
@@ -77,6 +90,7 @@ class Cluster:
             slots_free=rng.choice((0, 1, 1, 2, 3, 8)),  # few values: ties on slots are common
             vram_total_bytes=80 * GiB,
             vram_free_bytes=rng.choice((10, 20, 40, 60, 79)) * GiB,
+            engine=engine,
             models_available=models,
         )
 
@@ -89,8 +103,20 @@ class Cluster:
         pools = []
         for pool_id in pool_ids:
             before = {pool.pool_id: pool for pool in node.pools or ()}.get(pool_id)
-            models = before.models_available if loads_only and before else self.models_for(node_id)
-            pools.append(self.reading(node_id, pool_id, models))
+            if loads_only and before:  # the same models and engine model; loads and the state move
+                models = before.models_available
+                engine = before.engine
+                if engine is not None:
+                    engine = schemas.EngineStatus(
+                        kind=engine.kind,
+                        state=self.rng.choice(ENGINE_STATES),
+                        model_id=engine.model_id,
+                        url=engine.url,
+                    )
+            else:
+                models = self.models_for(node_id)
+                engine = self.engine(node_id, pool_id, models)
+            pools.append(self.reading(node_id, pool_id, models, engine))
         node.pools = pools
         self.offline.discard(node_id)
         self.index.update_node(node)
@@ -121,7 +147,9 @@ class Cluster:
             for pool in node.pools or ():
                 if not pool.ready or pool.draining or pool.slots_free <= 0:
                     continue
-                if model is not None and model not in pool.models_available:
+                if pool.engine is None or pool.engine.state != "ready":
+                    continue
+                if model is not None and model != pool.engine.model_id:
                     continue
                 if pool.vram_free_bytes < vram_needed:
                     continue
@@ -133,6 +161,8 @@ class Cluster:
         try:
             answer = self.placer.place(request, 0.0)
             got = (answer.node_id, answer.pool_id)
+            engine = {pool.pool_id: pool.engine for pool in self.nodes[got[0]].pools}[got[1]]
+            assert (answer.engine_url, answer.model_id) == (engine.url, engine.model_id)
         except NoPlacement:
             got = None
         fitting = self.candidates(model, vram_bytes or 0)
@@ -180,7 +210,7 @@ def ask(cluster: Cluster) -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_index_answers_like_a_brute_force_reference(seed):
     cluster = Cluster(seed)
-    for round_number in range(150):
+    for round_number in range(300):
         # Bursts of changes between questions: the heaps of models not asked for fall behind, some past
         # what the change log keeps, and must still answer as if they had followed every change.
         for _ in range(cluster.rng.choice((1, 5, 40, 400 if round_number % 5 == 0 else 20))):

@@ -55,7 +55,7 @@ def error_lines(log: str) -> list[str]:
 def test_full_disk_answers_writes_503_and_ready_503_until_space_returns(daemon_factory, tmp_path):
     with small_disk(tmp_path / "disk", "1m") as disk:
         daemon = daemon_factory(db_path=str(disk / "registry.db"))
-        registration = online_node(daemon, "gpu-1", ["llama"])
+        registration = online_node(daemon, "gpu-1", ["llama"], serve="llama")
         filler = fill(disk)
 
         def refused():
@@ -69,7 +69,7 @@ def test_full_disk_answers_writes_503_and_ready_503_until_space_returns(daemon_f
         assert daemon.api("GET", "/ready").status == 503
         assert daemon.api("POST", "/v2/nodes/gpu-1/drain", {"drain": True}).status == 503
         assert daemon.api("GET", "/v2/nodes/gpu-1").body["drain"] is False  # nothing changed
-        beat(daemon, registration, ["llama"])  # liveness goes on: heartbeats stay in memory
+        beat(daemon, registration, ["llama"], serve="llama")  # liveness goes on: heartbeats stay in memory
         assert daemon.api("POST", "/v2/nodes/register", large_registration("gpu-3")).status == 503
         assert len(error_lines(daemon.log())) == 1, daemon.log()
         assert "Traceback" not in daemon.log()

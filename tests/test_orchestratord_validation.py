@@ -6,10 +6,14 @@ import copy
 import json
 
 import pytest
-from support import make_daemon, sample_heartbeat, sample_registration
+from support import engine_status, make_daemon, sample_heartbeat, sample_registration
 
 REGISTRATION = sample_registration("gpu-1", pools=2)
 HEARTBEAT = sample_heartbeat(REGISTRATION, ["llama"])
+for _number, _pool in enumerate(HEARTBEAT["pools"]):
+    _pool["engine"] = engine_status(
+        "llama", f"http://10.89.0.11:{8101 + _number}", version="b6000", requests_deferred=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +104,58 @@ BAD_HEARTBEATS = {
         "$.pools[0].models_available[0]",
     ),
     "pools missing": (changed(HEARTBEAT, "pools", ...), "pools"),
+    "engine state unknown": (
+        changed(HEARTBEAT, "pools.0.engine.state", "serving"),
+        "$.pools[0].engine.state",
+    ),
+    "engine state a number": (changed(HEARTBEAT, "pools.1.engine.state", 1), "$.pools[1].engine.state"),
+    "engine kind unknown": (changed(HEARTBEAT, "pools.0.engine.kind", "vllm"), "$.pools[0].engine.kind"),
+    "engine a bare string": (changed(HEARTBEAT, "pools.0.engine", "llama.cpp"), "$.pools[0].engine"),
+    "engine url without a scheme": (
+        changed(HEARTBEAT, "pools.0.engine.url", "10.89.0.11:8101"),
+        "$.pools[0].engine.url",
+    ),
+    "engine url of another scheme": (
+        changed(HEARTBEAT, "pools.0.engine.url", "file:///etc/passwd"),
+        "$.pools[0].engine.url",
+    ),
+    "engine url with a newline": (
+        changed(HEARTBEAT, "pools.0.engine.url", "http://10.89.0.11:8101\nforged"),
+        "$.pools[0].engine.url",
+    ),
+    "engine url with a space": (
+        changed(HEARTBEAT, "pools.0.engine.url", "http://10.89.0.11:8101/a b"),
+        "$.pools[0].engine.url",
+    ),
+    "engine model id with a space": (
+        changed(HEARTBEAT, "pools.0.engine.model_id", "bad model"),
+        "$.pools[0].engine.model_id",
+    ),
+    "engine without a model": (changed(HEARTBEAT, "pools.0.engine.model_id", ...), "model_id"),
+    "engine deferred count negative": (
+        changed(HEARTBEAT, "pools.0.engine.requests_deferred", -1),
+        "$.pools[0].engine.requests_deferred",
+    ),
+    "engine version with a control character": (
+        changed(HEARTBEAT, "pools.0.engine.version", "b1234\x1b[2J"),
+        "$.pools[0].engine.version",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", BAD_HEARTBEATS)
 def test_bad_heartbeat_is_400_naming_the_field(shared_daemon, case):
     body, field = BAD_HEARTBEATS[case]
-    assert_invalid(shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", body), field)
+    answer = shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", body)
+    assert_invalid(answer, field)
+    assert "\n" not in answer.body["message"]  # one line, whatever the body held
+
+
+def test_the_valid_engine_heartbeat_is_taken(shared_daemon):
+    answer = shared_daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", HEARTBEAT)
+    assert answer.status == 200, answer.text
+    node = shared_daemon.api("GET", "/v2/nodes/gpu-1").body
+    assert [pool["engine"] for pool in node["pools"]] == [pool["engine"] for pool in HEARTBEAT["pools"]]
 
 
 BAD_PLACEMENTS = {

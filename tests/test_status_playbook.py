@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import yaml
+from support import engine_status
 from support_registry import add_node, ansible_env, run
 
 
@@ -16,7 +17,8 @@ def table_rows(output: str) -> list[list[str]]:
 
 def test_status_prints_nodes_and_catalog_from_inventory_vars_or_environment(daemon_factory, tmp_path):
     daemon = daemon_factory(node_timeout_ms=120_000)
-    add_node(daemon, "gpu-a", ["m-shared", "m-alone"], slots_free=3)
+    engines = [engine_status("m-shared", "http://10.89.0.11:8101"), engine_status("m-alone", state="dead")]
+    add_node(daemon, "gpu-a", ["m-shared", "m-alone"], engines=engines, slots_free=3)
     add_node(daemon, "gpu-b", ["m-shared"])
     add_node(daemon, "gpu-c", heartbeat=False)
     assert daemon.api("POST", "/v2/nodes/gpu-b/drain", {"drain": True}).status == 200
@@ -35,15 +37,19 @@ def test_status_prints_nodes_and_catalog_from_inventory_vars_or_environment(daem
     assert from_vars.returncode == 0, from_vars.stdout + from_vars.stderr
     assert from_env.returncode == 0, from_env.stdout + from_env.stderr
     rows = table_rows(from_vars.stdout)
-    assert rows[0] == ["NODE", "STATUS", "POOLS", "FREE SLOTS", "FREE VRAM", "MODELS", "HEARTBEAT"]
+    assert rows[0] == [
+        "NODE", "STATUS", "POOLS", "FREE SLOTS", "FREE VRAM", "MODELS", "HEARTBEAT", "ENGINES"
+    ]  # fmt: skip
     nodes = {row[0]: row for row in rows[1:4]}
     assert nodes["gpu-a"][:6] == ["gpu-a", "online", "2/2", "6", "140.00 GB", "m-alone,m-shared"]
     assert re.fullmatch(r"\d+ s ago", nodes["gpu-a"][6])
+    assert nodes["gpu-a"][7] == "pool-0: ready m-shared, pool-1: dead m-alone"
     assert nodes["gpu-b"][:3] == ["gpu-b", "draining", "2/2"]
-    assert nodes["gpu-c"] == ["gpu-c", "registering", "0/2", "0", "-", "-", "-"]
-    assert rows[4] == ["MODEL", "REPLICAS", "NODES"]
-    # gpu-b is draining, so only gpu-a counts as holding a model.
-    assert sorted(rows[5:]) == [["m-alone", "1", "gpu-a"], ["m-shared", "1", "gpu-a"]]
+    assert nodes["gpu-b"][7] == "pool-0: none, pool-1: none"
+    assert nodes["gpu-c"] == ["gpu-c", "registering", "0/2", "0", "-", "-", "-", "-"]
+    assert rows[4] == ["MODEL", "REPLICAS", "SERVING", "NODES"]
+    # gpu-b is draining, so only gpu-a counts as holding a model; its engine for m-alone is dead.
+    assert sorted(rows[5:]) == [["m-alone", "1", "0/1", "gpu-a"], ["m-shared", "1", "1/1", "gpu-a"]]
     # Same table from the environment's URL and token (the heartbeat ages may differ by now).
     assert [row[:6] for row in table_rows(from_env.stdout)] == [row[:6] for row in rows]
     for done in (from_vars, from_env):

@@ -178,8 +178,18 @@ def registration(node_id: str, pools: int) -> dict:
 
 
 def pool_status(
-    pool_id: str, slots_free: int, vram_free_gib: int, models: list[str], vram_total_gib: int = 80
+    pool_id: str,
+    slots_free: int,
+    vram_free_gib: int,
+    models: list[str],
+    vram_total_gib: int = 80,
+    serves: str | None = None,
 ) -> dict:
+    """A pool reading whose engine is ready and serves `serves` (default: the first of `models`)."""
+    served = serves if serves is not None else (models[0] if models else None)
+    engine = None
+    if served is not None:
+        engine = {"kind": "llama.cpp", "state": "ready", "model_id": served, "url": "http://10.0.0.1:8101"}
     return {
         "pool_id": pool_id,
         "ready": True,
@@ -188,7 +198,7 @@ def pool_status(
         "slots_free": slots_free,
         "vram_total_bytes": vram_total_gib * 1024**3,
         "vram_free_bytes": vram_free_gib * 1024**3,
-        "engine": "vllm",
+        "engine": engine,
         "models_available": models,
     }
 

@@ -10,9 +10,16 @@ description:
   - Groups C(llorch_nodes) (every node), C(llorch_online), C(llorch_offline), C(llorch_draining),
     C(llorch_registering) (always defined, possibly empty), and one group per model held by an online node,
     C(llorch_model_<model id>) with every character outside C([A-Za-z0-9_]) made C(_).
-  - Host variables C(llorch_node_id), C(llorch_status), C(llorch_address), C(llorch_models) (model ids),
-    C(llorch_pools) (pool ids), C(llorch_gpus) (how many GPUs), C(llorch_last_heartbeat_at) (UTC, null before
-    the first heartbeat), and with O(set_ansible_host) C(ansible_host) (the host part of the node's address).
+  - One group per model an engine of an online node serves now (engine state C(ready) or C(busy)),
+    C(llorch_serving_<model id>), sanitized the same way; a node that only stages the model is in its
+    C(llorch_model_) group, not in this one.
+  - C(llorch_engine_down) (always defined, possibly empty) holds the online and draining nodes with at
+    least one engine that does not serve (state C(loading) or C(dead)), so a playbook can look at them.
+  - Host variables C(llorch_node_id), C(llorch_status), C(llorch_address), C(llorch_models) (model ids
+    staged), C(llorch_served) (model ids its engines serve now), C(llorch_engines) (per pool with an engine,
+    its C(pool_id), C(kind), C(state), C(model_id) and C(url)), C(llorch_pools) (pool ids), C(llorch_gpus)
+    (how many GPUs), C(llorch_last_heartbeat_at) (UTC, null before the first heartbeat), and with
+    O(set_ansible_host) C(ansible_host) (the host part of the node's address).
   - Host variables are kept lean (ids and a count), because Ansible's time per host grows with the size of its
     variables; set O(detailed_vars) to add whole pool and GPU records.
   - Uses a YAML configuration file whose name ends with C(.llorch_registry.yml) or C(.llorch_registry.yaml).
@@ -47,8 +54,8 @@ options:
   detailed_vars:
     description:
       - Also set C(llorch_pools_detail), each pool's last reported status (slots, VRAM, models, ready,
-        draining), and C(llorch_gpus_detail), each GPU's capabilities record (name, VRAM, compute capability,
-        driver).
+        draining, its whole engine record), and C(llorch_gpus_detail), each GPU's capabilities record
+        (name, VRAM, compute capability, driver).
       - Whole records cost Ansible noticeably more time on large inventories (see the README's figures).
     type: bool
     default: false
@@ -86,17 +93,48 @@ from urllib.parse import urlsplit  # noqa: E402
 from ansible.errors import AnsibleParserError  # noqa: E402
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable  # noqa: E402
 from ansible_collections.llorch.kit.plugins.module_utils import llorch_api  # noqa: E402
-from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import NODE_STATUSES  # noqa: E402
+from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (  # noqa: E402
+    ENGINE_SERVING_STATES,
+    NODE_STATUSES,
+)
 
 BASE_GROUP = "llorch_nodes"
-CACHE_FORMAT = 2  # 2: ansible_host is no longer in the cached records (set_ansible_host adds it on reading)
+# 2: ansible_host is no longer in the cached records (set_ansible_host adds it on reading)
+# 3: records carry llorch_served and llorch_engines
+CACHE_FORMAT = 3
 STATUS_GROUPS = {status: f"llorch_{status}" for status in NODE_STATUSES}
+ENGINE_DOWN_GROUP = "llorch_engine_down"
+# Nodes whose agent speaks now: an offline node's engine states are as old as its last heartbeat.
+_AGENT_ALIVE = ("online", "draining")
 _UNSAFE_IN_GROUP = re.compile(r"[^A-Za-z0-9_]")
 
 
 def model_group(model_id: str) -> str:
     """The group for the online nodes that hold `model_id`."""
     return "llorch_model_" + _UNSAFE_IN_GROUP.sub("_", model_id)
+
+
+def serving_group(model_id: str) -> str:
+    """The group for the online nodes with an engine that serves `model_id` now."""
+    return "llorch_serving_" + _UNSAFE_IN_GROUP.sub("_", model_id)
+
+
+def engine_records(pools: list) -> list[dict]:
+    """Each pool's engine, lean: what a playbook targets by (no version, no counters)."""
+    records = []
+    for pool in pools:
+        engine = pool.get("engine") if isinstance(pool, dict) else None
+        if isinstance(engine, dict):
+            records.append(
+                {
+                    "pool_id": pool.get("pool_id"),
+                    "kind": engine.get("kind"),
+                    "state": engine.get("state"),
+                    "model_id": engine.get("model_id"),
+                    "url": engine.get("url"),
+                }
+            )
+    return records
 
 
 def address_host(address: str) -> str | None:
@@ -113,11 +151,16 @@ def host_record(node: dict, detailed: bool) -> dict:
     """The host variables for one registry node (what the cache stores)."""
     pools = node.get("pools") or []
     gpus = (node.get("capabilities") or {}).get("gpus") or []
+    engines = engine_records(pools)
     record = {
         "llorch_node_id": node["node_id"],
         "llorch_status": node.get("status"),
         "llorch_address": node.get("address"),
         "llorch_models": list(node.get("models") or []),
+        "llorch_served": sorted(
+            {engine["model_id"] for engine in engines if engine["state"] in ENGINE_SERVING_STATES}
+        ),
+        "llorch_engines": engines,
         "llorch_pools": [pool.get("pool_id") for pool in pools],
         "llorch_gpus": len(gpus),
         "llorch_last_heartbeat_at": node.get("last_heartbeat_at"),
@@ -182,7 +225,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def _populate(self, records):
         inventory = self.inventory
-        for group in (BASE_GROUP, *STATUS_GROUPS.values()):
+        for group in (BASE_GROUP, *STATUS_GROUPS.values(), ENGINE_DOWN_GROUP):
             inventory.add_group(group)
         wanted = set(self.get_option("statuses"))
         compose = self.get_option("compose")
@@ -208,6 +251,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if status == "online":
                 for model_id in record["llorch_models"]:
                     inventory.add_child(inventory.add_group(model_group(model_id)), host)
+                for model_id in record["llorch_served"]:
+                    inventory.add_child(inventory.add_group(serving_group(model_id)), host)
+            if status in _AGENT_ALIVE and any(
+                engine["state"] not in ENGINE_SERVING_STATES for engine in record["llorch_engines"]
+            ):
+                inventory.add_child(ENGINE_DOWN_GROUP, host)
             if constructed:
                 self._set_composite_vars(compose, record, host, strict=strict)
                 self._add_host_to_composed_groups(groups, record, host, strict=strict)

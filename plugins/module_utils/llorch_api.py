@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from ansible.module_utils.basic import env_fallback
 from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (
+    ENGINE_SERVING_STATES,
     SecretFileError,
     read_secret_file,
 )
@@ -294,12 +295,22 @@ def wait_for_node(client: LlorchClient, node_id: str, ready, timeout_s: float) -
         time.sleep(min(POLL_INTERVAL_S, remaining))
 
 
+def pool_busy_slots(pool: dict) -> int:
+    """Slots of one pool with a request in flight, as its last heartbeat reported them.
+
+    A pool whose engine is loading or dead has nothing in flight: its agent reports every slot free, and
+    should a record say otherwise (an older agent, a reading taken as the engine died) it still counts
+    none, so that an engine that will not come back never holds up a drain until its timeout.
+    """
+    engine = pool.get("engine")
+    if isinstance(engine, dict) and engine.get("state") not in ENGINE_SERVING_STATES:
+        return 0
+    return max(int(pool.get("slots_total") or 0) - int(pool.get("slots_free") or 0), 0)
+
+
 def busy_slots(node: dict) -> int:
-    """Slots in use across the node's pools, as its last heartbeat reported them."""
-    return sum(
-        max(int(pool.get("slots_total") or 0) - int(pool.get("slots_free") or 0), 0)
-        for pool in node.get("pools") or []
-    )
+    """Slots with a request in flight across the node's pools (see pool_busy_slots)."""
+    return sum(pool_busy_slots(pool) for pool in node.get("pools") or [])
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -318,9 +329,12 @@ def node_summary(node: dict, now: datetime | None = None) -> dict:
     pools = node.get("pools") or []
     last_heartbeat = _parse_time(node.get("last_heartbeat_at"))
     now = now or datetime.now(UTC)
+    engines = [pool.get("engine") for pool in pools if isinstance(pool.get("engine"), dict)]
     return {
         "pools_ready": sum(1 for pool in pools if pool.get("ready")),
         "pools_total": len(pools),
+        "engines_total": len(engines),
+        "engines_serving": sum(1 for engine in engines if engine.get("state") in ENGINE_SERVING_STATES),
         "slots_free": sum(int(pool.get("slots_free") or 0) for pool in pools),
         "slots_busy": busy_slots(node),
         "vram_free_bytes": sum(int(pool.get("vram_free_bytes") or 0) for pool in pools),

@@ -7,8 +7,10 @@ DOCUMENTATION = r"""
 module: llorch_catalog_info
 short_description: Which models the cluster can serve, and where
 description:
-  - Returns the llorch registry's model catalog. C(models) is the per-model view (nodes, replicas, ready
-    pools, free slots; C(GET /v2/catalog/models)).
+  - Returns the llorch registry's model catalog. C(models) is the per-model view (C(GET /v2/catalog/models))
+    telling where each model is staged (nodes, replicas) and where it is served (its engines and their
+    states, the pools serving it now and their free slots), so a model served can be told from one merely
+    staged.
   - C(replicated_models), C(single_node_models), C(total_models) and C(availability) come from
     C(GET /v2/catalog/availability), counted per online node.
 extends_documentation_fragment:
@@ -55,24 +57,39 @@ models:
       description: The model's id.
       type: str
     nodes:
-      description: Ids of the online nodes that hold it.
+      description: Ids of the online nodes where it is staged.
       type: list
       elements: str
     replicas:
-      description: How many online nodes hold it.
+      description: How many online nodes stage it.
       type: int
     pools_ready:
-      description: Ready pools that hold it.
+      description: Pools whose engine serves it now (engine ready or busy, pool ready and not draining).
       type: int
     slots_free:
       description: Free slots in those pools.
       type: int
+    served:
+      description: Whether at least one engine serves it now; false when it is only staged (or loading).
+      type: bool
+    engines:
+      description:
+        - Every engine on an online node set up to serve it, in any state, by node and pool.
+        - Each with C(node_id), C(pool_id), C(kind), C(state), C(url) and C(serving) (it serves now).
+      type: list
+      elements: dict
   sample:
     - model_id: meta-llama/Llama-3.1-8B-Instruct
       nodes: [gpu-1, gpu-2]
       replicas: 2
-      pools_ready: 2
-      slots_free: 7
+      pools_ready: 1
+      slots_free: 3
+      served: true
+      engines:
+        - {node_id: gpu-1, pool_id: pool-0, kind: llama.cpp, state: ready, url: "http://10.0.0.11:8101",
+           serving: true}
+        - {node_id: gpu-2, pool_id: pool-0, kind: llama.cpp, state: loading, url: "http://10.0.0.12:8101",
+           serving: false}
 total_models:
   description: How many distinct models online nodes hold.
   returned: success
@@ -92,7 +109,8 @@ single_node_models:
   sample: [Qwen/Qwen2.5-7B-Instruct]
 availability:
   description:
-    - Per node id, whether it is online and which models its pools hold (the registry's C(nodes) map).
+    - Per node id, whether it is online, which models its pools hold and serve, and each pool's engine
+      (the registry's C(nodes) map).
   returned: success
   type: dict
   sample:
@@ -101,7 +119,8 @@ availability:
       address: http://10.0.0.11:8080
       online: true
       models: [meta-llama/Llama-3.1-8B-Instruct]
-      pools: [{pool_id: pool-0, ready: true, models: [meta-llama/Llama-3.1-8B-Instruct]}]
+      served: []
+      pools: [{pool_id: pool-0, ready: true, models: [meta-llama/Llama-3.1-8B-Instruct], engine: null}]
 """
 
 # Below the documentation blocks, where ansible-test's validate-modules wants imports.

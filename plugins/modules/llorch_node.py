@@ -9,7 +9,9 @@ short_description: Drain, undrain or remove a node in the llorch registry
 description:
   - Sets a registered node's place in the llorch registry (orchestratord).
   - C(drained) asks the registry to stop placing work on the node; with O(wait) the module then waits until
-    the node's pools report no busy slots.
+    the node's pools report no busy slots, that is until the requests in flight on its engines have
+    finished (each pool's engine reports its busy slots to pool-managerd, which reports them at each
+    heartbeat). A pool whose engine is loading or dead has nothing in flight and never holds up the wait.
   - C(present) undrains a drained node; with O(wait) the module then waits until the node is online. It cannot
     create one, because nodes join the registry themselves when
     their pool-managerd starts.
@@ -30,7 +32,9 @@ options:
     default: present
   wait:
     description:
-      - With O(state=drained), wait until the node's pools report no busy slots (its requests finished).
+      - With O(state=drained), wait until every pool reports C(slots_free == slots_total), so that no request
+        is in flight on its engine. Requests already running finish; placement sends no new ones meanwhile.
+        Pools whose engine is C(loading) or C(dead) count as idle.
       - With O(state=present), wait until the node is C(online), the way a restarted or undrained node comes
         back at its agent's next heartbeat (an agent that registers again after a restart is waited for too).
       - Fail if O(wait_timeout) runs out first. Ignored for O(state=absent) and in check mode.
@@ -87,7 +91,9 @@ node:
     address: http://10.0.0.13:8080
     models: [meta-llama/Llama-3.1-8B-Instruct]
 busy_slots:
-  description: Slots still busy over the node's pools, as its last heartbeat reported them.
+  description:
+    - Slots with a request in flight over the node's pools, as its last heartbeat reported them (pools whose
+      engine is loading or dead count none).
   returned: success, when the node exists after the change
   type: int
   sample: 0

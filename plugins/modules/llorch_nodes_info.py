@@ -105,12 +105,20 @@ nodes:
       type: str
       sample: http://10.0.0.11:8080
     models:
-      description: Model ids held by the node.
+      description: Model ids staged on the node.
+      type: list
+      elements: str
+      sample: [meta-llama/Llama-3.1-8B-Instruct]
+    served:
+      description: Model ids its pools' engines are set up to serve, whatever their state.
       type: list
       elements: str
       sample: [meta-llama/Llama-3.1-8B-Instruct]
     pools:
-      description: Each pool's last reported status.
+      description:
+        - Each pool's last reported status; its C(engine) is null for a pool without one, else C(kind),
+          C(state) (C(loading), C(ready), C(busy) or C(dead)), C(model_id), C(url), C(version) and
+          C(requests_deferred).
       type: list
       elements: dict
     last_heartbeat_at:
@@ -127,11 +135,17 @@ nodes:
         pools_total:
           description: Pools the node registered.
           type: int
+        engines_total:
+          description: Pools with an engine.
+          type: int
+        engines_serving:
+          description: Engines that serve now (state C(ready) or C(busy)).
+          type: int
         slots_free:
           description: Free slots over all pools.
           type: int
         slots_busy:
-          description: Slots in use over all pools.
+          description: Slots with a request in flight over all pools (engines loading or dead count none).
           type: int
         vram_free_bytes:
           description: Free VRAM over all pools, in bytes.
@@ -143,6 +157,8 @@ nodes:
       sample:
         pools_ready: 2
         pools_total: 2
+        engines_total: 2
+        engines_serving: 2
         slots_free: 7
         slots_busy: 1
         vram_free_bytes: 150323855360

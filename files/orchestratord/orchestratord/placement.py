@@ -1,9 +1,14 @@
 """Placement: the index of pools that can take work, and the strategies that pick from it.
 
-The index is kept up to date by the registry as readings settle (pools that can take work, by model,
-ordered by load and by id), so a decision looks at the best few candidates instead of scanning every
-node. Liveness is not in the index: it is checked when a decision meets a candidate, and an offline
-node met that way leaves the index until its next heartbeat brings it back.
+A pool takes work for a model only while its engine serves that model and says so itself: the pool is
+ready (GPUs healthy), its engine's state is `ready` (healthy, model loaded, a slot idle) and it has a free
+slot. A pool whose engine is loading, busy or dead, or that has no engine, holds its staged models but
+serves none of them. The answer carries the engine's URL: where the request goes.
+
+The index is kept up to date by the registry as readings settle (pools that can take work, by the model
+their engine serves, ordered by load and by id), so a decision looks at the best few candidates instead
+of scanning every node. Liveness is not in the index: it is checked when a decision meets a candidate,
+and an offline node met that way leaves the index until its next heartbeat brings it back.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ if TYPE_CHECKING:
 ANY_MODEL = ""  # index key for "no model asked"; model ids are never empty
 RANDOM_TRIES = 16
 MODEL_SETS_KEPT = 4096
+# The one engine state that takes new work: `busy` has no idle slot, `loading` and `dead` do not answer.
+ENGINE_TAKES_WORK = "ready"
+
+NO_MODELS: frozenset[str] = frozenset()
 
 PoolKey = tuple[str, str]  # (node_id, pool_id): the tie-break order everywhere
 LoadKey = tuple[int, int, str, str]  # (-slots_free, -vram_free, node_id, pool_id): least loaded first
@@ -38,12 +47,14 @@ class NoPlacement(Exception):
 class PlacementIndex:
     """Pools that can take work now (liveness aside, which is checked at decision time), by model.
 
-    A load change costs the same whatever number of models the pool holds: it records the pool's new
-    load in `entries` and appends the pool to one change log. The per-model heaps catch up only when that
-    model is asked for (`heap_for`): they take in the log's changes since they last looked (pushing the
-    new loads of the pools that hold the model), or are rebuilt from the model's members when more pools
-    changed since than it has members. A heartbeat from a pool of 4,096 models thus costs one append, not
-    4,096 pushes; the pushes that remain are those of the models actually placed.
+    A pool's models are those its engine serves (one today; the index keeps a set per pool so that an
+    engine kind serving several models can follow without changing it). A load change costs the same
+    whatever number of models the pool holds: it records the pool's new load in `entries` and appends
+    the pool to one change log. The per-model heaps catch up only when that model is asked for
+    (`heap_for`): they take in the log's changes since they last looked (pushing the new loads of the
+    pools that hold the model), or are rebuilt from the model's members when more pools changed since
+    than it has members. A load change thus costs one append, not a push per model; the pushes that
+    remain are those of the models actually placed.
 
     by_load: per model a heap in least-loaded order, current up to the log position in `synced`. Old keys
     stay behind (skipped as stale when met, swept out when the heap grows past twice its members).
@@ -70,20 +81,29 @@ class PlacementIndex:
             if key[1] not in reported:
                 self.set_pool(key, None, frozenset())
         for pool in node.pools or ():
-            takes_work = not node.drain and pool.ready and not pool.draining and pool.slots_free > 0
-            load = (
-                (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id) if takes_work else None
+            engine = pool.engine
+            takes_work = (
+                not node.drain
+                and pool.ready
+                and not pool.draining
+                and pool.slots_free > 0
+                and engine is not None
+                and engine.state == ENGINE_TAKES_WORK
             )
-            self.set_pool((node.node_id, pool.pool_id), load, self._model_set(pool.models_available))
+            key = (node.node_id, pool.pool_id)
+            if takes_work:
+                load = (-pool.slots_free, -pool.vram_free_bytes, node.node_id, pool.pool_id)
+                self.set_pool(key, load, self._model_set((engine.model_id,)))
+            else:
+                self.set_pool(key, None, NO_MODELS)
 
-    def _model_set(self, models: list[str]) -> frozenset[str]:
+    def _model_set(self, models: tuple[str, ...]) -> frozenset[str]:
         # Interned: most pools report one of a few model lists, and equal sets compare fastest when identical.
-        key = tuple(models)
-        found = self._model_sets.get(key)
+        found = self._model_sets.get(models)
         if found is None:
             if len(self._model_sets) > MODEL_SETS_KEPT:
                 self._model_sets.clear()
-            found = self._model_sets[key] = frozenset(models)
+            found = self._model_sets[models] = frozenset(models)
         return found
 
     def set_pool(self, key: PoolKey, load: LoadKey | None, models: frozenset[str]) -> None:
@@ -171,7 +191,9 @@ class PlacementIndex:
 
 
 class Placer:
-    """The strategies over the index. `nodes` and `model_nodes` are the registry's own dicts, read live."""
+    """The strategies over the index. `nodes`, `model_nodes` (model -> nodes that stage it) and
+    `served_nodes` (model -> nodes with an engine configured for it, in any state) are the registry's own
+    dicts, read live."""
 
     def __init__(
         self,
@@ -179,10 +201,12 @@ class Placer:
         nodes: dict[str, NodeState],
         model_nodes: dict[str, set[str]],
         is_live: Callable[[NodeState, float], bool],
+        served_nodes: dict[str, set[str]] | None = None,
     ) -> None:
         self.index = index
         self.nodes = nodes
         self.model_nodes = model_nodes
+        self.served_nodes = {} if served_nodes is None else served_nodes
         self.is_live = is_live
         self.round_robin_after: dict[str, PoolKey] = {}
         self.random = random.Random()
@@ -200,8 +224,15 @@ class Placer:
         if pick is None:
             raise self._why_not(request, now)
         node = self.nodes[pick[0]]
+        engine = engine_of(node, pick[1])
         return schemas.Placement(
-            node_id=pick[0], pool_id=pick[1], address=node.registration.address, strategy=strategy
+            node_id=pick[0],
+            pool_id=pick[1],
+            address=node.registration.address,
+            strategy=strategy,
+            engine_url=engine.url,
+            engine_kind=engine.kind,
+            model_id=engine.model_id,
         )
 
     def _fits(self, key: PoolKey, vram_needed: int, now: float, stale: list[str]) -> bool:
@@ -276,11 +307,37 @@ class Placer:
         return self.random.choice(fitting) if fitting else None
 
     def _why_not(self, request: schemas.PlacementRequest, now: float) -> NoPlacement:
-        if request.model_id is not None:
-            holders = self.model_nodes.get(request.model_id, ())
-            if not any(self.is_live(self.nodes[node_id], now) for node_id in holders):
-                return NoPlacement("MODEL_NOT_AVAILABLE", f"no online node holds model {request.model_id!r}")
+        # MODEL_NOT_AVAILABLE: no engine on an online node is set up to serve the model, so waiting will
+        # not help. NO_CAPACITY: one is, but none of them takes work now (busy, loading, dead for a moment,
+        # drained, or short of VRAM): a retry later may succeed.
+        model = request.model_id
+        if model is not None:
+            if not self._any_live(self.served_nodes.get(model, ()), now):
+                staged = sum(1 for node_id in self.model_nodes.get(model, ()) if self._live_id(node_id, now))
+                if staged:
+                    return NoPlacement(
+                        "MODEL_NOT_AVAILABLE",
+                        f"model {model!r} is staged on {staged} online node(s) but no engine serves it",
+                    )
+                return NoPlacement("MODEL_NOT_AVAILABLE", f"no online node holds model {model!r}")
             return NoPlacement(
-                "NO_CAPACITY", f"no ready pool with free slots and enough VRAM holds {request.model_id!r}"
+                "NO_CAPACITY",
+                f"no engine serving {model!r} is ready with a free slot and enough VRAM "
+                "(busy, loading, dead or drained)",
             )
-        return NoPlacement("NO_CAPACITY", "no ready pool with free slots and enough VRAM")
+        return NoPlacement("NO_CAPACITY", "no engine is ready with a free slot and enough VRAM")
+
+    def _live_id(self, node_id: str, now: float) -> bool:
+        node = self.nodes.get(node_id)
+        return node is not None and self.is_live(node, now)
+
+    def _any_live(self, node_ids, now: float) -> bool:
+        return any(self._live_id(node_id, now) for node_id in node_ids)
+
+
+def engine_of(node: NodeState, pool_id: str) -> schemas.EngineStatus:
+    """The engine of a pool the index holds (so it has one): read from the readings the index took in."""
+    for pool in node.pools or ():
+        if pool.pool_id == pool_id and pool.engine is not None:
+            return pool.engine
+    raise LookupError(f"pool {node.node_id}/{pool_id} is indexed without an engine")

@@ -35,11 +35,31 @@ def utc_now() -> str:
     return rfc3339(time.time())
 
 
+def _served_model(pool: schemas.PoolStatus) -> str | None:
+    return None if pool.engine is None else pool.engine.model_id
+
+
 def _same_models(pools: list[schemas.PoolStatus], before: list[schemas.PoolStatus]) -> bool:
+    """Whether the pools, their staged models and their engines' models are those of `before` (only loads
+    and engine states moved: the usual heartbeat)."""
     return len(pools) == len(before) and all(
-        new.pool_id == old.pool_id and new.models_available == old.models_available
+        new.pool_id == old.pool_id
+        and new.models_available == old.models_available
+        and _served_model(new) == _served_model(old)
         for new, old in zip(pools, before, strict=True)
     )
+
+
+def _move_holder(holders_by_model: dict[str, set[str]], node_id: str, old: set[str], new: set[str]) -> None:
+    """Update a model -> nodes map for one node whose models went from `old` to `new`."""
+    for model in old - new:
+        holders = holders_by_model.get(model)
+        if holders is not None:
+            holders.discard(node_id)
+            if not holders:
+                del holders_by_model[model]
+    for model in new - old:
+        holders_by_model.setdefault(model, set()).add(node_id)
 
 
 def _pool_ids(registration: schemas.Registration) -> frozenset[str]:
@@ -62,7 +82,8 @@ class NodeState:
     last_heartbeat_epoch: float | None = None  # wall clock, for display and the database only
     last_contact: float = 0.0  # daemon monotonic time of the registration or the last heartbeat
     heard: bool = False  # a heartbeat arrived since the registration
-    models: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # staged on the node (its pools' models_available)
+    served: list[str] = field(default_factory=list)  # what its engines are set up to serve, in any state
     reported_status: str = "registering"  # the status last logged
 
 
@@ -85,8 +106,9 @@ class Registry:
         # Nodes not yet known to be offline, oldest contact first: the sweep reads only the front.
         self.by_contact: OrderedDict[str, NodeState] = OrderedDict()
         self.index = PlacementIndex()
-        self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it
-        self.placer = Placer(self.index, self.nodes, self.model_nodes, self.is_live)
+        self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it staged
+        self.served_nodes: dict[str, set[str]] = {}  # model -> nodes with an engine set up for it
+        self.placer = Placer(self.index, self.nodes, self.model_nodes, self.is_live, self.served_nodes)
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
         self.heartbeat_writeback_passes = 0  # flushes begun, with or without heartbeats to write
         # Registrations, drains and deletions one at a time, each checking the state it changes only once
@@ -331,18 +353,11 @@ class Registry:
         if pools and applied and _same_models(pools, applied):
             self.index.update_node(node)  # the usual heartbeat: loads moved, the models stayed
             return
-        old_models = set(node.models)
-        models = sorted({model for pool in pools or () for model in pool.models_available})
-        node.models = models
-        new_models = set(models)
-        for model in old_models - new_models:
-            holders = self.model_nodes.get(model)
-            if holders is not None:
-                holders.discard(node.node_id)
-                if not holders:
-                    del self.model_nodes[model]
-        for model in new_models - old_models:
-            self.model_nodes.setdefault(model, set()).add(node.node_id)
+        old_models, old_served = set(node.models), set(node.served)
+        node.models = sorted({model for pool in pools or () for model in pool.models_available})
+        node.served = sorted({pool.engine.model_id for pool in pools or () if pool.engine is not None})
+        _move_holder(self.model_nodes, node.node_id, old_models, set(node.models))
+        _move_holder(self.served_nodes, node.node_id, old_served, set(node.served))
         self.index.update_node(node)
 
     # --- reads

@@ -13,6 +13,8 @@ from .contract import ID_PATTERN, MODEL_ID_PATTERN
 from .wire import (
     Bytes,
     Capabilities,
+    EngineKind,
+    EngineState,
     EngineStatus,
     GpuInfo,
     Heartbeat,
@@ -100,7 +102,10 @@ class Node(Wire):
     last_heartbeat_at: str | None
     capabilities: Capabilities
     pools: list[PoolView]
-    models: list[str]
+    models: Annotated[list[str], Meta(description="models staged on the node (its pools' models_available)")]
+    served: Annotated[
+        list[str], Meta(description="models its pools' engines are set up to serve, whatever their state")
+    ]
 
 
 class NodeList(Wire):
@@ -110,15 +115,17 @@ class NodeList(Wire):
 
 class AvailabilityPool(Wire):
     pool_id: str
-    ready: bool
-    models: list[str]
+    ready: Annotated[bool, Meta(description="ready and not draining: the pool could take work")]
+    models: Annotated[list[str], Meta(description="models staged for the pool")]
+    engine: Annotated[EngineStatus | None, Meta(description="the pool's engine; null: it serves nothing")]
 
 
 class AvailabilityNode(Wire):
     node_id: str
     address: str
     online: bool
-    models: list[str]
+    models: Annotated[list[str], Meta(description="models staged on the node")]
+    served: Annotated[list[str], Meta(description="models its engines are set up to serve, any state")]
     pools: list[AvailabilityPool]
 
 
@@ -129,12 +136,32 @@ class Availability(Wire):
     single_node_models: list[str]
 
 
+class CatalogEngine(Wire):
+    """One engine set up to serve a model, on an online node, in whatever state it reports."""
+
+    node_id: str
+    pool_id: str
+    kind: EngineKind
+    state: EngineState
+    url: str
+    serving: Annotated[
+        bool, Meta(description="ready or busy, in a ready pool that is not draining: it serves now")
+    ]
+
+
 class CatalogModel(Wire):
     model_id: str
-    nodes: list[str]
-    replicas: int
-    pools_ready: int
-    slots_free: int
+    nodes: Annotated[list[str], Meta(description="online nodes where the model is staged")]
+    replicas: Annotated[int, Meta(description="how many online nodes stage it")]
+    pools_ready: Annotated[int, Meta(description="pools whose engine serves it now (see engines.serving)")]
+    slots_free: Annotated[int, Meta(description="idle slots of those engines")]
+    engines: Annotated[
+        list[CatalogEngine],
+        Meta(description="every engine on an online node set up to serve it, by (node_id, pool_id)"),
+    ] = []
+    served: Annotated[
+        bool, Meta(description="at least one engine serves it now; false: staged (or loading) only")
+    ] = False
 
 
 class CatalogModels(Wire):
@@ -144,8 +171,11 @@ class CatalogModels(Wire):
 class Placement(Wire):
     node_id: str
     pool_id: str
-    address: str
+    address: Annotated[str, Meta(description="the node agent's address, as it registered")]
     strategy: Strategy
+    engine_url: Annotated[str, Meta(description="the chosen pool's engine: where the request goes")]
+    engine_kind: EngineKind
+    model_id: Annotated[str, Meta(description="the model the chosen engine serves")]
 
 
 def encode(value: Any) -> bytes:

@@ -4,7 +4,7 @@ settled state. Read-only: nothing here changes a node or the index."""
 from __future__ import annotations
 
 from . import schemas
-from .contract import NODE_STATUSES
+from .contract import ENGINE_SERVING_STATES, NODE_STATUSES
 from .registry import NodeState, Registry, rfc3339
 
 
@@ -29,7 +29,16 @@ def node_view(registry: Registry, node: NodeState, now: float) -> schemas.Node:
         capabilities=reg.capabilities,
         pools=pools,
         models=node.models,
+        served=node.served,
     )
+
+
+def serves_now(pool: schemas.PoolStatus) -> bool:
+    """Whether the pool's engine serves its model now: healthy (ready or busy), in a ready, undrained pool.
+
+    Busy counts: it serves, only not one more request this instant (placement's stricter rule)."""
+    engine = pool.engine
+    return engine is not None and engine.state in ENGINE_SERVING_STATES and pool.ready and not pool.draining
 
 
 def _pool_view(
@@ -91,6 +100,7 @@ def availability(registry: Registry) -> schemas.Availability:
                 pool_id=pool.pool_id,
                 ready=pool.ready and not pool.draining,
                 models=sorted(set(pool.models_available)),
+                engine=pool.engine,
             )
             for pool in node.pools or ()
         ]
@@ -99,6 +109,7 @@ def availability(registry: Registry) -> schemas.Availability:
             address=node.registration.address,
             online=online,
             models=node.models,
+            served=node.served,
             pools=pools,
         )
         if online:
@@ -122,14 +133,23 @@ def catalog_models(registry: Registry) -> schemas.CatalogModels:
         if registry.status_of(node, now) != "online":
             continue
         for model in node.models:
-            entry = by_model.setdefault(model, schemas.CatalogModel(model, [], 0, 0, 0))
+            entry = by_model.setdefault(model, schemas.CatalogModel(model, [], 0, 0, 0, []))
             entry.nodes.append(node_id)
             entry.replicas += 1
-        for pool in node.pools or ():
-            if not pool.ready or pool.draining:
+        for pool in sorted(node.pools or (), key=lambda pool: pool.pool_id):
+            engine = pool.engine
+            if engine is None:
                 continue
-            for model in set(pool.models_available):
-                entry = by_model[model]
+            # An engine whose model is not staged (it should be; the role checks) is still listed.
+            entry = by_model.setdefault(
+                engine.model_id, schemas.CatalogModel(engine.model_id, [], 0, 0, 0, [])
+            )
+            serving = serves_now(pool)
+            entry.engines.append(
+                schemas.CatalogEngine(node_id, pool.pool_id, engine.kind, engine.state, engine.url, serving)
+            )
+            if serving:
+                entry.served = True
                 entry.pools_ready += 1
                 entry.slots_free += pool.slots_free
     return schemas.CatalogModels(models=[by_model[model] for model in sorted(by_model)])
