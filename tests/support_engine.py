@@ -25,6 +25,10 @@ import pytest
 import yaml
 from support import REPO_ROOT, free_port, http, package_env, wait_until
 
+# The contract is stdlib only: the tests write manifests with the very code staging uses.
+sys.path.insert(0, str(REPO_ROOT / "plugins" / "module_utils"))
+import llorch_contract
+
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-engine.sh"
 MODEL_GENERATOR = REPO_ROOT / "lab" / "model_mirror" / "make_gguf.py"
 BUILD_TOOLS = ("cmake", "g++", "make")
@@ -179,25 +183,28 @@ class Engine:
 
 
 def stage_model(models_dir: Path, model_id: str, source: Path, name: str = "tiny.gguf") -> Path:
-    """Put `source` into models_dir and record it in the manifest as staging does (sha256, size, mtime)."""
+    """Put `source` into models_dir and record it in the manifest as staging does (sha256, size, mtime),
+    with the contract's own manifest writer."""
     models_dir.mkdir(parents=True, exist_ok=True)
     path = models_dir / name
     if not path.exists():
         shutil.copyfile(source, path)
     info = path.stat()
-    manifest_path = models_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest[model_id] = {
-        "path": str(path),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "size_bytes": info.st_size,
-        "mtime_ns": info.st_mtime_ns,
-        "staged_at": "2026-01-01T00:00:00Z",
-        "source": "file://test",
-    }
-    temporary = models_dir / ".manifest.json.tmp"
-    temporary.write_text(json.dumps(manifest))
-    os.replace(temporary, manifest_path)
+    folder = llorch_contract.open_models_dir(str(models_dir))
+    try:
+        with llorch_contract.manifest_lock(folder):
+            entries, _problems = llorch_contract.read_manifest_at(folder)
+            entries[model_id] = {
+                "path": str(path),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "size_bytes": info.st_size,
+                "mtime_ns": info.st_mtime_ns,
+                "staged_at": "2026-01-01T00:00:00Z",
+                "source": "file://test",
+            }
+            llorch_contract.write_manifest_at(folder, entries)
+    finally:
+        os.close(folder)
     return path
 
 
@@ -332,9 +339,13 @@ class LongCompletion:
             )
             answer = connection.getresponse()
             assert answer.status == 200, answer.read()
-            for line in answer:
-                if line.startswith(b"data:"):
-                    self.tokens += 1
+            # Read as fast as the engine writes: a client slower than the engine leaves the end of the
+            # answer queued after the engine's slot is already idle (a line-by-line reader fell ~15,000
+            # tokens behind on 2 busy cores), and the tests must see the request end when the engine does.
+            tail = b""
+            while chunk := answer.read1(1 << 16):
+                self.tokens += (tail + chunk).count(b"data: ")
+                tail = chunk[-5:]
         except BaseException as error:  # reported by wait()
             self.error = error
         finally:

@@ -24,6 +24,7 @@ from support_engine import (
     stage_model,
     unpack_engine,
 )
+from support_registry import ansible_env, run_tasks
 
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_S)
 
@@ -238,3 +239,47 @@ def test_a_dead_engine_is_reported_at_once_not_at_the_next_heartbeat(built, daem
     finally:
         agent.stop()
         unit.stop()
+
+
+def test_the_drain_wait_of_llorch_node_outlasts_a_request_in_flight_then_the_restart_happens(
+    node, daemon, tmp_path
+):
+    """What upgrade.yml does to a serving node: drain and wait (llorch.kit.llorch_node), restart, undrain.
+    The wait ends only once the engine itself has finished the request in flight: its own /slots shows
+    every slot idle when the module returns.
+
+    The engine's slots say when generation ends, not when the last byte reaches the client: on 2 busy cores
+    the tiny model generates faster than llama-server's HTTP side sends, and the end of a long stream was
+    still being delivered up to ~20 s after its slot went idle. So the restart waits for the client here;
+    the gateway of issue 14, which sees the last byte, makes the drain wait exact.
+    """
+    unit, agent = node
+    unit.start()
+    agent.start()
+    wait_for_pool(daemon, "pool ready", engine_state="ready", slots_free=2)
+    # Four times the usual length: long enough to outlast ansible-playbook's own start-up on a busy machine,
+    # so the module really finds the slot busy and waits.
+    completion = LongCompletion(unit.url, 4 * LONG).start()
+    wait_for_pool(daemon, "one slot in flight", slots_free=1)
+    assert not completion.finished.is_set(), "the completion must outlast the start of the drain"
+
+    env = ansible_env(daemon, tmp_path)
+    drain = {
+        "llorch.kit.llorch_node": {"node_id": NODE, "state": "drained", "wait": True, "wait_timeout": 120}
+    }
+    (drained,) = run_tasks(env, tmp_path, [drain])
+
+    assert not drained.get("failed"), drained
+    assert drained["busy_slots"] == 0
+    slots = unit.api("GET", "/slots").body
+    assert not any(slot["is_processing"] for slot in slots), f"the wait returned mid-generation: {slots}"
+    assert completion.wait() >= 4 * LONG * 0.99, "the request in flight was cut short"
+    # The restart that follows the wait, as systemd's restart of the unit does it; the agent keeps running.
+    unit.stop()
+    unit.start()
+    undrain = {"llorch.kit.llorch_node": {"node_id": NODE, "state": "present"}}
+    (undrained,) = run_tasks(env, tmp_path, [undrain])
+    assert not undrained.get("failed"), undrained
+    wait_for_pool(
+        daemon, "pool serving again", ready=True, draining=False, engine_state="ready", slots_free=2
+    )
