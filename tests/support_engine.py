@@ -6,12 +6,14 @@ machine, then cached outside the clone), unpacked the way a node will unpack it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import REPO_ROOT, free_port, http, wait_until
+import yaml
+from support import REPO_ROOT, free_port, http, package_env, wait_until
 
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-engine.sh"
 MODEL_GENERATOR = REPO_ROOT / "lab" / "model_mirror" / "make_gguf.py"
@@ -28,6 +31,7 @@ BUILD_TOOLS = ("cmake", "g++", "make")
 # A build on 2 busy cores takes minutes; `make unit` runs `make engine` first, so tests normally find it.
 BUILD_TIMEOUT_S = 3600
 ENGINE_API_KEY = "engine-key-" + "k" * 40
+TINY_MODEL_ID = "llorch-lab/tiny"
 
 
 def build_script(*args: str, timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -169,3 +173,175 @@ class Engine:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+# --- an engine as a node runs it: staged model, engine file, launched by pool_managerd.engine_exec --------
+
+
+def stage_model(models_dir: Path, model_id: str, source: Path, name: str = "tiny.gguf") -> Path:
+    """Put `source` into models_dir and record it in the manifest as staging does (sha256, size, mtime)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    path = models_dir / name
+    if not path.exists():
+        shutil.copyfile(source, path)
+    info = path.stat()
+    manifest_path = models_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest[model_id] = {
+        "path": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size_bytes": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "staged_at": "2026-01-01T00:00:00Z",
+        "source": "file://test",
+    }
+    temporary = models_dir / ".manifest.json.tmp"
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, manifest_path)
+    return path
+
+
+def engine_settings(pool_id: str, binary: Path, models_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """An engine file's content for a pool on 127.0.0.1 (the shape the roles render)."""
+    port = overrides.pop("port", None) or free_port()
+    settings: dict[str, Any] = {
+        "pool_id": pool_id,
+        "kind": "llama.cpp",
+        "model_id": TINY_MODEL_ID,
+        "models_dir": str(models_dir),
+        "binary": str(binary),
+        "host": "127.0.0.1",
+        "port": port,
+        "url": f"http://127.0.0.1:{port}",
+        "gpus": [0],
+        "context_size": 1024,
+        "parallel": 2,
+        # One thread: the test machines are small and shared; context shift lets a long completion run on.
+        "extra_args": ["--threads", "1", "--context-shift"],
+    }
+    settings.update(overrides)
+    return settings
+
+
+@dataclass
+class EngineUnit:
+    """One pool's engine started the way llorch-engine@<pool>.service starts it: `python -m
+    pool_managerd.engine_exec FILE` with the key in $CREDENTIALS_DIRECTORY (what LoadCredential= gives)."""
+
+    engine_file: Path
+    credentials_dir: Path
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return yaml.safe_load(self.engine_file.read_text())
+
+    @property
+    def url(self) -> str:
+        return self.settings["url"]
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pool_managerd.engine_exec", str(self.engine_file)]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return package_env(CREDENTIALS_DIRECTORY=str(self.credentials_dir), **extra)
+
+    def launch(self) -> EngineUnit:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env()
+            )
+        return self
+
+    def start(self, health_timeout: float = 60.0) -> EngineUnit:
+        self.launch()
+        wait_until(
+            self.healthy, timeout=health_timeout, interval=0.02, what=f"engine /health ({self.log_tail()})"
+        )
+        return self
+
+    def healthy(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, f"engine exited: {self.log_tail()}"
+        return http("GET", self.url + "/health", timeout=2).status == 200
+
+    def api(
+        self, method: str, path: str, body: Any = None, key: str | None = ENGINE_API_KEY, timeout: float = 30
+    ):
+        return http(method, self.url + path, body, token=key, timeout=timeout)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """kill -9, as the OOM killer would."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def engine_unit(workdir: Path, settings: dict[str, Any]) -> EngineUnit:
+    """Write the engine file and a credentials folder holding the key (0600), as systemd would."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    engine_file = workdir / f"{settings['pool_id']}.yml"
+    engine_file.write_text(yaml.safe_dump(settings))
+    credentials = workdir / "credentials"
+    if not credentials.exists():
+        credentials.mkdir(mode=0o700)
+        write_key_file(credentials / "engine-api-key")
+    return EngineUnit(engine_file, credentials, workdir / f"engine-{settings['pool_id']}.log")
+
+
+class LongCompletion:
+    """A streaming completion that keeps one slot processing until it ends or is closed (a thread)."""
+
+    def __init__(self, url: str, n_predict: int, key: str = ENGINE_API_KEY):
+        self.url, self.n_predict, self.key = url, n_predict, key
+        self.tokens = 0
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LongCompletion:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        connection = HTTPConnection(host, int(port), timeout=120)
+        body = {"prompt": "Once upon a time", "n_predict": self.n_predict, "ignore_eos": True, "stream": True}
+        try:
+            connection.request(
+                "POST",
+                "/completion",
+                json.dumps(body),
+                {"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
+            )
+            answer = connection.getresponse()
+            assert answer.status == 200, answer.read()
+            for line in answer:
+                if line.startswith(b"data:"):
+                    self.tokens += 1
+        except BaseException as error:  # reported by wait()
+            self.error = error
+        finally:
+            connection.close()
+            self.finished.set()
+
+    def wait(self, timeout: float = 120) -> int:
+        assert self.finished.wait(timeout), "the long completion did not finish"
+        assert self.error is None, repr(self.error)
+        return self.tokens

@@ -15,6 +15,8 @@ import threading
 
 from .config import PoolConfig, Settings
 from .control import Answer, ControlPlane
+from .engine_config import EngineFile
+from .engine_watch import EngineWatch, watch_engines
 from .models import ModelManifest
 from .node import heartbeat, pool_statuses, probe_gpus, registration
 from .nvidia_smi import NvidiaSmiError, ProbeResult
@@ -66,6 +68,8 @@ class Agent:
         token: str,
         pools: tuple[PoolConfig, ...],
         gpus: ProbeResult | None,
+        engines: dict[str, EngineFile] | None = None,
+        engine_key: str | None = None,
     ):
         self.settings = settings
         self._token = token
@@ -78,6 +82,9 @@ class Agent:
         self.state = "starting"
         self.registered_once = False
         self.node_timeout_ms: int | None = None
+        self.heartbeat_s: float | None = None  # the interval in force, once registered
+        self.engine_watches = {pool_id: EngineWatch(engine) for pool_id, engine in (engines or {}).items()}
+        self._engine_key = engine_key
         self._stop = asyncio.Event()
 
     # -- state and logging ------------------------------------------------------------------------------
@@ -197,6 +204,7 @@ class Agent:
             return None
         self.node_timeout_ms = answer.body.node_timeout_ms
         interval_s = heartbeat_delay_s(answer.body.heartbeat_interval_ms, self.node_timeout_ms)
+        self.heartbeat_s = interval_s
         again = "registered again" if self.registered_once else "registered"
         if self.state != HEARTBEAT_NOT_FOUND:  # that state ends with a heartbeat that works, not here
             self._enter(
@@ -211,7 +219,12 @@ class Agent:
     async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
         """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None)."""
         statuses = pool_statuses(
-            self.pools, self.gpus, self.gpus_healthy, self.draining, self.manifest.available()
+            self.pools,
+            self.gpus,
+            self.gpus_healthy,
+            self.draining,
+            self.manifest.available(),
+            {pool_id: watch.reading() for pool_id, watch in self.engine_watches.items()},
         )
         answer = await control.heartbeat(self.settings.node_id, heartbeat(statuses))
         if answer.status == 404:
@@ -229,7 +242,8 @@ class Agent:
                 str(drain).lower(),
             )
             self.draining = drain
-        return "ok", heartbeat_delay_s(answer.body.next_heartbeat_ms, self.node_timeout_ms)
+        self.heartbeat_s = heartbeat_delay_s(answer.body.next_heartbeat_ms, self.node_timeout_ms)
+        return "ok", self.heartbeat_s
 
     async def _back_off(self) -> None:
         delay = self.backoff.next_delay()
@@ -299,6 +313,16 @@ class Agent:
             tasks = [asyncio.create_task(self._loop(control)), asyncio.create_task(self._stop.wait())]
             if self.gpus is not None:
                 tasks.append(asyncio.create_task(self._watch_gpus()))
+            if self.engine_watches:
+                # Off the heartbeat's path, as the GPU probe: heartbeats send the last reading.
+                watching = watch_engines(
+                    list(self.engine_watches.values()),
+                    self._engine_key or "",
+                    self.settings.engine_poll_interval_s,
+                    self.settings.engine_timeout_s,
+                    lambda: self.heartbeat_s,
+                )
+                tasks.append(asyncio.create_task(watching))
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 task.cancel()

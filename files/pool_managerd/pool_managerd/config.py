@@ -43,6 +43,9 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         tuple[GpuIndex, ...], msgspec.Meta(max_length=1024, description="a list of GPU indices (0, 1, ...)")
     ] = ()
     slots_total: Annotated[Count, msgspec.Meta(description="a whole number from 0 to 1000000")] = 1
+    # The pool's engine (/etc/pool-managerd/engines/<pool_id>.yml): with one, the pool's slots are the
+    # engine's parallel slots and the pool is ready only while its engine serves.
+    engine_file: Text | None = None
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -60,7 +63,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             msgspec.Meta(
                 min_length=1,
                 max_length=DEFAULT_MAX_POOLS_PER_NODE,
-                description="a non-empty list of {pool_id, gpus, slots_total}",
+                description="a non-empty list of {pool_id, gpus, slots_total, engine_file}",
             ),
         ]
         | None
@@ -74,6 +77,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     backoff_initial_s: Seconds = 0.5
     backoff_max_s: Seconds = 30.0
     log_level: LogLevel = "info"
+    # The key the engines take (read once at start): None means $CREDENTIALS_DIRECTORY/engine-api-key,
+    # where systemd's LoadCredential= puts it. Needed only when a pool names an engine_file.
+    engine_api_key_file: Text | None = None
+    # How often each engine is read; never more than half the heartbeat interval apart.
+    engine_poll_interval_s: Seconds = 1.0
+    # The longest one read of an engine may take (also never above the interval): past it, the engine
+    # is dead.
+    engine_timeout_s: Seconds = 2.0
 
 
 SETTING_NAMES = tuple(Settings.__struct_fields__)
@@ -100,10 +111,11 @@ def _plain(node: Any) -> tuple[Any, str | None]:
             return node, description
 
 
-def _explain(error: msgspec.ValidationError, raw: dict) -> str:
-    """A msgspec error as a person reads it: which key, what it must be, what it is."""
+def explain(error: msgspec.ValidationError, raw: dict, root: type | None = None) -> str:
+    """A msgspec error as a person reads it: which key, what it must be, what it is. `root` is the struct
+    the mapping was decoded into (Settings unless said)."""
     detail, _sep, at = str(error).partition(" - at `")
-    node, _definitions = _plain(msgspec.inspect.type_info(Settings))
+    node, _definitions = _plain(msgspec.inspect.type_info(root or Settings))
     where, value = "", raw
     wanted: tuple[str, str, Any] | None = None  # (where, description, value) of the deepest described key
     for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at.rstrip("`")):
@@ -124,7 +136,8 @@ def _explain(error: msgspec.ValidationError, raw: dict) -> str:
     named = re.search(r"field `([^`]*)`", detail)
     if detail.startswith("Object contains unknown field") and named:
         known = ", ".join(field.name for field in getattr(node, "fields", ()))
-        return f"'{where}': unknown key {named.group(1)!r} (known: {known})"
+        inside = f"'{where}': " if where else ""
+        return f"{inside}unknown key {named.group(1)!r} (known: {known})"
     if detail.startswith("Object missing required field") and named:
         return f"'{where + '.' if where else ''}{named.group(1)}' is required"
     if wanted is not None:
@@ -179,7 +192,7 @@ def load_settings(config_path: str | Path) -> Settings:
         if settings.ca_file is not None:
             _check_ca_file(settings.ca_file)
     except msgspec.ValidationError as error:
-        raise ConfigError(f"config file {path}: {_explain(error, raw)}") from None
+        raise ConfigError(f"config file {path}: {explain(error, raw)}") from None
     except ConfigError as error:
         raise ConfigError(f"config file {path}: {error}") from None
     return msgspec.structs.replace(

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 
+import msgspec
+
 from . import __version__
 from .config import ConfigError, PoolConfig, Settings, machine_id, ram_total_bytes
+from .engine_config import EngineFile
+from .engine_watch import EngineReading
 from .nvidia_smi import NvidiaSmiError, ProbeResult, probe
 from .wire import Capabilities, GpuInfo, Heartbeat, PoolSpec, PoolStatus, Registration
 
@@ -47,6 +51,18 @@ def resolve_pools(settings: Settings, gpus: ProbeResult | None) -> tuple[PoolCon
     return settings.pools
 
 
+def with_engine_slots(
+    pools: tuple[PoolConfig, ...], engines: dict[str, EngineFile]
+) -> tuple[PoolConfig, ...]:
+    """The pools, each pool with an engine holding the engine's parallel slots (its slots_total)."""
+    return tuple(
+        msgspec.structs.replace(pool, slots_total=engines[pool.pool_id].parallel)
+        if pool.pool_id in engines
+        else pool
+        for pool in pools
+    )
+
+
 def registration(settings: Settings, gpus: ProbeResult | None, pools: tuple[PoolConfig, ...]) -> Registration:
     """The POST /v2/nodes/register body, as the contract's struct."""
     driver_version = (gpus.driver_version if gpus else None) or UNKNOWN
@@ -84,29 +100,35 @@ def pool_statuses(
     gpus_healthy: bool,
     draining: bool,
     models: list[str],
+    engines: dict[str, EngineReading] | None = None,
 ) -> list[PoolStatus]:
     """One heartbeat entry per pool.
 
-    slots_free counts slots with no request in flight. No engine runs yet, so every slot is free, draining
-    or not: a drain stops new placements (the `draining` flag), and free == total is how the rolling
-    upgrade sees that a draining node has gone idle.
+    slots_free counts slots with no request in flight, draining or not: a drain stops new placements (the
+    `draining` flag), and free == total is how the rolling upgrade sees that a draining node has gone idle.
+    A pool with an engine is ready only while its GPUs are and its engine serves (ready or busy); its
+    slots are the engine's (every one free while it does not serve: nothing is in flight). A pool without
+    one is ready by its GPUs alone and serves nothing, every slot free.
     """
+    engines = engines or {}
     by_index = {gpu.index: gpu for gpu in gpus.gpus} if gpus else {}
     statuses = []
     for pool in pools:
         members = [by_index[index] for index in pool.gpus if index in by_index]
         ready = len(members) == len(pool.gpus) and (gpus_healthy or not pool.gpus)
         total = sum(gpu.known_vram_total_bytes() or 0 for gpu in members)
+        engine = engines.get(pool.pool_id)
         statuses.append(
             PoolStatus(
                 pool_id=pool.pool_id,
-                ready=ready,
+                ready=ready and (engine is None or engine.serving),
                 draining=draining,
-                slots_total=pool.slots_total,
-                slots_free=pool.slots_total,
+                slots_total=engine.slots_total if engine else pool.slots_total,
+                slots_free=engine.slots_free if engine else pool.slots_total,
                 vram_total_bytes=total,
                 # Never above the total, which the daemon refuses (a driver printing free > total).
                 vram_free_bytes=min(total, sum(gpu.vram_free_bytes or 0 for gpu in members)),
+                engine=engine.status if engine else None,
                 models_available=list(models),
             )
         )
