@@ -213,3 +213,28 @@ def test_an_engine_file_of_another_pool_is_refused(node):
     assert answer.returncode == 2
     assert "describes pool 'p0', not pool 'p1'" in answer.stderr
     assert len(answer.stderr.strip().splitlines()) == 1
+
+
+def test_a_dead_engine_is_reported_at_once_not_at_the_next_heartbeat(built, daemon_factory, tmp_path):
+    """With a 10 s heartbeat the registry still learns of a kill within the watch interval (1 s): a change
+    into or out of serving sends the heartbeat at once."""
+    slow = daemon_factory("slow", heartbeat_interval_ms=10_000, node_timeout_ms=30_000)
+    binary, model = built
+    models_dir = tmp_path / "node" / "models"
+    stage_model(models_dir, TINY_MODEL_ID, model)
+    unit = engine_unit(tmp_path / "node" / "engine", engine_settings("p0", binary, models_dir))
+    agent = make_agent(
+        tmp_path / "node",
+        slow,
+        pools=[{"pool_id": "p0", "gpus": [0], "engine_file": str(unit.engine_file)}],
+        engine_api_key_file=str(unit.credentials_dir / "engine-api-key"),
+    )
+    try:
+        unit.start()
+        agent.start()
+        wait_for_pool(slow, "pool ready", ready=True, engine_state="ready")
+        unit.kill()
+        wait_for_pool(slow, "pool not ready well before the next heartbeat", timeout=4, ready=False)
+    finally:
+        agent.stop()
+        unit.stop()

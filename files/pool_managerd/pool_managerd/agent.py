@@ -83,7 +83,11 @@ class Agent:
         self.registered_once = False
         self.node_timeout_ms: int | None = None
         self.heartbeat_s: float | None = None  # the interval in force, once registered
-        self.engine_watches = {pool_id: EngineWatch(engine) for pool_id, engine in (engines or {}).items()}
+        # Set when an engine starts or stops serving: the next heartbeat goes at once, not at its time.
+        self._beat_now = asyncio.Event()
+        self.engine_watches = {
+            pool_id: EngineWatch(engine, self._beat_now.set) for pool_id, engine in (engines or {}).items()
+        }
         self._engine_key = engine_key
         self._stop = asyncio.Event()
 
@@ -291,7 +295,9 @@ class Agent:
             beat_since_registering = True
             self.backoff.reset()  # only a heartbeat that works ends a run of retries
             interval = next_interval
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), interval)
+            self._beat_now.clear()
 
     # -- the whole life -----------------------------------------------------------------------------------
 

@@ -64,14 +64,18 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
 class EngineWatch:
     """The last reading of one pool's engine, and the poll that renews it."""
 
-    def __init__(self, engine: EngineFile):
+    def __init__(self, engine: EngineFile, on_serving_change: Callable[[], None] | None = None):
         self.engine = engine
+        # Called when the engine starts or stops serving: the agent sends a heartbeat at once, so the
+        # registry learns it within one watch interval rather than up to a heartbeat later.
+        self.on_serving_change = on_serving_change
         self.adapter = adapter_for(engine.kind)
         self.state: str | None = None  # None until the first poll: reported as dead
         self.cause = "not read yet"
         self.slots_free = engine.parallel
         self.version: str | None = None
         self.requests_deferred: int | None = None
+        self.slots_problem = ""  # why /slots of a healthy engine cannot be read; "" while it can
 
     def reading(self) -> EngineReading:
         state = self.state or "dead"
@@ -140,6 +144,16 @@ class EngineWatch:
         self.requests_deferred = metrics.requests_deferred if metrics is not None else None
         if props:
             self.version = props[0][0]
+        if slots_problem != self.slots_problem:  # one line when it starts and one when it ends
+            if slots_problem:
+                log.warning(
+                    "engine of pool %s: healthy but its slots cannot be read (%s); reporting no free slot",
+                    self.engine.pool_id,
+                    slots_problem,
+                )
+            else:
+                log.info("engine of pool %s: its slots can be read again", self.engine.pool_id)
+            self.slots_problem = slots_problem
         if slots is None:
             self.slots_free = 0
             self._enter("busy", f"healthy but its slots cannot be read ({slots_problem}); no free slot")
@@ -180,6 +194,8 @@ class EngineWatch:
             f"engine of pool {self.engine.pool_id} ({self.engine.kind}, model {self.engine.model_id!r}, "
             f"{self.engine.url}): {before or 'not read yet'} -> {state}"
         )
+        if serving_before != serving_now and self.on_serving_change is not None:
+            self.on_serving_change()
         if serving_before and serving_now:  # follows the load: not worth a line at info level
             log.debug("%s (%s)", what, cause)
         elif serving_now:
