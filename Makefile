@@ -75,7 +75,8 @@ molecule: venv
 # system-deps first, so `make test` alone sets up a fresh Debian 12 machine (podman, debootstrap, ...).
 test: system-deps lint unit molecule
 
-lab: venv
+# The lab's nodes run llama-server: the archive is built (or found in the cache) first.
+lab: venv engine
 	bash lab/up.sh
 
 lab-down:

@@ -127,6 +127,31 @@ if [[ ${LAB_MEASURE:-0} == 1 ]]; then
 fi
 run_playbook playbooks/status.yml
 
+# The proof that the lab serves: one chat completion from the first GPU node's first engine, with that
+# node's engine API key read from its 0600 file here (never printed, never in argv).
+engine_node=$prefix-${roles[1]}
+step "a chat completion from $engine_node's engine (random weights: the reply is gibberish)"
+python3 - "${address[$engine_node]}" "$state_dir/engine-api-keys/$engine_node" inventories/lab/group_vars/gpu_nodes/main.yml <<'PY'
+import json, sys, time, urllib.request
+import yaml
+address, key_file, pools_file = sys.argv[1:]
+pool = next(p for p in yaml.safe_load(open(pools_file))["pool_managerd_pools"] if "engine" in p)
+url = f"http://{address}:{pool['engine']['port']}/v1/chat/completions"
+with open(key_file) as handle:
+    key = handle.read().strip()
+body = {"model": pool["engine"]["model"], "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Say hello to the lab."}]}
+request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+started = time.monotonic()
+with urllib.request.urlopen(request, timeout=60) as answer:
+    reply = json.load(answer)
+took_ms = (time.monotonic() - started) * 1000
+print(f"pool {pool['pool_id']} at {url} answered in {took_ms:.0f} ms:")
+print("  " + json.dumps(reply["choices"][0]["message"]["content"]))
+PY
+summary+=("first chat completion $(($(date +%s) - run_start)) s after make lab started")
+
 step "summary (LAB_PREFIX=$prefix)"
 printf '%s\n' "${summary[@]}"
 if ((lab_changed_total == 0)); then

@@ -117,3 +117,87 @@ def test_model_ids_are_checked_with_the_contract_rule_hub_ids_included(tmp_path)
     rc, message = validate(tmp_path / "bad", bad)
     assert rc != 0
     assert 'model_staging_models of gpu-1 has the model ids ["has space"]' in message
+
+
+def engine_inventory(pools, models=("llorch-lab/tiny",), node="gpu-3", **host_vars):
+    inv = inventory(gpu_pools={node: pools})
+    node_vars = inv["all"]["children"]["gpu_nodes"]["hosts"][node]
+    node_vars["model_staging_models"] = [
+        {"id": model, "source": "/srv/m.gguf", "sha256": "0" * 64} for model in models
+    ]
+    node_vars.update(host_vars)
+    return inv
+
+
+def engine(**overrides):
+    return {"kind": "llama.cpp", "model": "llorch-lab/tiny", "port": 8101, "parallel": 2, **overrides}
+
+
+def test_pools_with_engines_on_staged_models_pass(tmp_path):
+    pools = [
+        {"pool_id": "a", "gpus": [0], "engine": engine()},
+        {
+            "pool_id": "b",
+            "gpus": [1],
+            "engine": engine(port=8102, context_size=4096, extra_args=["--threads", "2"]),
+        },
+        {"pool_id": "c", "gpus": [2]},
+    ]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc == 0, message
+
+
+def test_an_engine_model_the_node_does_not_stage_is_refused_naming_host_and_pool(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0], "engine": engine(model="meta-llama/Other")}]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert 'gpu-3, pool a: engine model "meta-llama/Other" is not in model_staging_models of gpu-3' in message
+
+
+def test_a_gpu_in_two_pools_is_refused_naming_the_second_pool(tmp_path):
+    pools = [
+        {"pool_id": "a", "gpus": [0, 1], "engine": engine()},
+        {"pool_id": "b", "gpus": [1], "engine": engine(port=8102)},
+    ]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert "pool b: GPU 1 is already in pool a" in message
+
+
+def test_two_engines_on_one_port_are_refused(tmp_path):
+    pools = [
+        {"pool_id": "a", "gpus": [0], "engine": engine()},
+        {"pool_id": "b", "gpus": [1], "engine": engine()},
+    ]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert "gpu-3, pool b: engine port 8101 is already used by pool a" in message
+
+
+def test_an_engine_on_the_agents_port_is_refused(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0], "engine": engine(port=8000)}]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert "gpu-3, pool a: engine port 8000 is the agent's port" in message
+
+
+def test_an_unknown_engine_kind_is_refused(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0], "engine": engine(kind="vllm")}]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert 'gpu-3, pool a: unknown engine kind "vllm" (known: llama.cpp)' in message
+
+
+def test_an_api_key_in_extra_args_is_refused_without_echoing_it(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0], "engine": engine(extra_args=["--api-key", "sekrit-value-123"])}]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert "must not carry --api-key" in message
+    assert "sekrit-value-123" not in message
+
+
+def test_slots_total_that_differs_from_the_engines_parallel_is_refused(tmp_path):
+    pools = [{"pool_id": "a", "gpus": [0], "slots_total": 8, "engine": engine(parallel=2)}]
+    rc, message = validate(tmp_path, engine_inventory(pools))
+    assert rc != 0
+    assert "gpu-3, pool a: slots_total 8 differs from engine parallel 2" in message

@@ -60,8 +60,11 @@ def connect_from_unit_cgroup(host: Any, unit: str, address: str, port: int) -> s
         "except (TimeoutError, socket.timeout): print('timeout')\n"
         "except OSError as error: print(error.strerror)\n"
     )
-    script = f'echo $$ > /sys/fs/cgroup/unified{cgroup}/cgroup.procs && exec python3 -c "$0"'
-    return host.check_output("sh -c %s %s", script, probe).strip()
+    # The cgroup's path is an argument, not part of the script: a template unit's slice is escaped
+    # (system-llorch\x2dengine.slice), and a backslash inside the script would be taken by the shell.
+    script = 'echo $$ > "$1" && exec python3 -c "$0"'
+    procs = f"/sys/fs/cgroup/unified{cgroup}/cgroup.procs"
+    return host.check_output("sh -c %s %s %s", script, probe, procs).strip()
 
 
 def connect_from_host(host: Any, address: str, port: int) -> str:

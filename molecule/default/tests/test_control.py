@@ -1,6 +1,7 @@
 """The control host after converge: orchestratord runs hardened, as its own user, and knows the GPU node."""
 
 import os
+import time
 
 import pytest
 import testinfra.utils.ansible_runner
@@ -96,6 +97,22 @@ def test_the_gpu_node_is_online_in_the_registry(host):
     assert by_id["molecule-gpu"]["status"] == "online"
     gpus = by_id["molecule-gpu"]["capabilities"]["gpus"]
     assert [gpu["name"] for gpu in gpus] == ["NVIDIA L4", "NVIDIA L4"]
+
+
+def test_the_gpu_nodes_pool_is_ready_with_its_engine(host):
+    # The registry learns the engine's state at the agent's next heartbeat (every 5 s): poll, with a deadline.
+    deadline = time.monotonic() + 30
+    while True:
+        node = registry_get(host, "/v2/nodes/molecule-gpu", TOKEN_FILE)
+        pool = {pool["pool_id"]: pool for pool in node["pools"]}["gpus01"]
+        if pool["ready"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert pool["ready"], pool
+    assert (pool["slots_total"], pool["slots_free"]) == (2, 2)
+    engine = pool["engine"]
+    assert (engine["kind"], engine["state"], engine["model_id"]) == ("llama.cpp", "ready", "llorch-lab/tiny")
+    assert engine["url"] == "http://10.89.240.11:8101"
 
 
 @pytest.mark.parametrize("path", ["/v2/nodes"])

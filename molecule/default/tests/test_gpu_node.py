@@ -72,7 +72,7 @@ def test_pool_managerd_talks_only_to_the_inventory_networks(host):
 
 def test_models_folder_belongs_to_root_and_is_read_only_to_the_agent(host):
     models = host.file("/var/lib/llorch/models")
-    assert (models.user, models.group, models.mode) == ("root", "pool-managerd", 0o750)
+    assert (models.user, models.group, models.mode) == ("root", "llorch-models", 0o750)
     config = host.file("/etc/systemd/system/pool-managerd.service").content_string
     assert "ReadOnlyPaths=/var/lib/llorch/models" in config
     assert "/var/lib/llorch/models" not in config.split("ReadWritePaths=")[1].splitlines()[0]
