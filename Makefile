@@ -66,7 +66,7 @@ engine: venv
 unit: venv engine
 	$(BIN)/pytest -q tests
 
-molecule: venv
+molecule: venv engine
 	@for scenario in $$(ls molecule 2>/dev/null); do \
 	  echo "== molecule test -s $$scenario"; \
 	  $(BIN)/molecule test -s $$scenario || exit 1; \

@@ -190,4 +190,4 @@ def test_a_bad_engine_file_is_refused(unit):
 
 def test_a_missing_engine_file_is_refused(unit):
     unit.engine_file.unlink()
-    assert refused(unit) == f"llorch-engine: pool p0: config file {unit.engine_file} not found"
+    assert refused(unit) == f"llorch-engine: pool p0: engine file {unit.engine_file} not found"

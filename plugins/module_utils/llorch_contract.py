@@ -150,6 +150,11 @@ MAX_MANIFEST_ENTRIES = 4096
 _SHA256 = re.compile(r"^[0-9a-f]{64}(?!\n)$")
 
 
+def valid_sha256(value: object) -> bool:
+    """True for a sha256 as the manifest records it: 64 lowercase hex digits."""
+    return isinstance(value, str) and _SHA256.search(value) is not None
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be read or is not in the manifest's format."""
 

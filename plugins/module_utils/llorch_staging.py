@@ -36,6 +36,7 @@ from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import 
     read_manifest_at,
     shown,
     valid_model_id,
+    valid_sha256,
     write_manifest_at,
 )
 
@@ -43,7 +44,6 @@ PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 4 * 1024 * 1024  # big reads keep per-chunk overhead (GIL hand-offs, syscalls) negligible
 PIPELINE_DEPTH = 4  # buffers in flight between the reader, hasher and writer threads
 WRITEBACK_BYTES = 64 * 1024 * 1024  # how often the writer starts writeback of what it wrote
-SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 MAX_REDIRECTS = 10
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -436,7 +436,7 @@ class Stager:
             return
         if not self.source:
             raise StageError("source is required with state=present")
-        if not SHA256_PATTERN.match(self.sha256):
+        if not valid_sha256(self.sha256):  # lowercased above: any case is accepted from the inventory
             raise StageError(
                 f"sha256 for model {self.model_id} must be 64 hex digits, got {params['sha256']!r}"
             )

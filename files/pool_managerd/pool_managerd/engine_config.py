@@ -85,7 +85,11 @@ def load_engine_file(path: str | Path, pool_id: str | None = None) -> EngineFile
     one pool report another's engine.
     """
     path = Path(path)
-    raw = read_config_file(path)
+    try:
+        raw = read_config_file(path, "engine file")
+    except ConfigError as error:
+        # The agent reads every pool's file: say whose it is (engine_exec names the pool itself).
+        raise ConfigError(f"pool {pool_id}: {error}" if pool_id is not None else str(error)) from None
     try:
         engine = msgspec.convert(raw, EngineFile)
     except msgspec.ValidationError as error:
