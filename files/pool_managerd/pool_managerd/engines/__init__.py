@@ -57,11 +57,9 @@ class EngineAdapter(Protocol):
     def argv(self, engine: EngineFile, model_path: str, key_path: str, help_text: str) -> list[str]:
         """The engine's command line. `help_text` is what the binary's --help printed (for options
         that only some builds know); the key is passed as a file path, never as a value."""
-        ...
 
     def health(self, status: int) -> str:
         """ "healthy", "loading", or "failing" for the HTTP status of the health route."""
-        ...
 
     def slots(self, body: bytes) -> Slots: ...
 
