@@ -80,12 +80,13 @@ def connect_from_host(host: Any, address: str, port: int) -> str:
     return host.check_output("python3 -c %s", probe).strip()
 
 
-def registry_get(host: Any, path: str, token_file: str) -> Any:
-    """GET a registry route on the control host; the token is read there from its 0600 file, never argv."""
+def registry_get(host: Any, path: str, token_file: str, base_url: str = "http://127.0.0.1:9200") -> Any:
+    """GET a registry route from `host` (by default the control host itself); the token is read there from
+    its 0600 file, never argv."""
     script = (
         "import urllib.request;"
         f"token = open({token_file!r}).read().strip();"
-        f"req = urllib.request.Request('http://127.0.0.1:9200{path}',"
+        f"req = urllib.request.Request('{base_url}{path}',"
         " headers={'Authorization': 'Bearer ' + token});"
         "print(urllib.request.urlopen(req, timeout=5).read().decode())"
     )

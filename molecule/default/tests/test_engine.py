@@ -3,12 +3,14 @@ chat completion with the node's engine API key, which it never shows in argv."""
 
 import json
 import os
+import time
 
 import testinfra.utils.ansible_runner
 from service_checks import (
     assert_hardening_in_effect,
     assert_ip_filtering_in_effect,
     main_process,
+    registry_get,
     unit_properties,
 )
 
@@ -20,6 +22,8 @@ POOL = "gpus01"
 UNIT = f"llorch-engine@{POOL}"
 ENGINE_URL = "http://10.89.240.11:8101"
 KEY_FILE = "/etc/pool-managerd/engine-api-key"
+REGISTRY = "http://10.89.240.10:9200"
+AGENT_TOKEN_FILE = "/etc/llorch/pool-managerd.token"
 
 # Run on the node as root: reads the key from its 0600 file (its path in argv, never the key), asks the
 # engine, prints the status code and the body. argv: URL, the key file or "-" for none, JSON body or "".
@@ -145,3 +149,33 @@ def test_engine_refuses_a_completion_without_the_key(host):
     body = {"model": "llorch-lab/tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
     status, _ = ask_engine(host, "/v1/chat/completions", use_key=False, body=body)
     assert status == 401
+
+
+def pool_in_registry(host):
+    node = registry_get(host, "/v2/nodes/molecule-gpu", AGENT_TOKEN_FILE, base_url=REGISTRY)
+    return {pool["pool_id"]: pool for pool in node["pools"]}[POOL]
+
+
+def wait_for_pool(host, what, matches, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = pool_in_registry(host)
+        if matches(pool):
+            return pool
+        assert time.monotonic() < deadline, f"{what}: the registry still shows {pool}"
+        time.sleep(0.2)
+
+
+# Last in this file: it takes the engine down for a few seconds.
+def test_a_killed_engine_leaves_the_registry_and_systemd_brings_it_back(host):
+    wait_for_pool(host, "pool ready before the kill", lambda pool: pool["ready"])
+    killed = main_process(host, UNIT)["pid"]
+    host.check_output("kill -9 %s", killed)
+    # Dead within one poll of the agent: a change out of serving is sent to the registry at once.
+    down = wait_for_pool(host, "pool not ready after kill -9", lambda pool: not pool["ready"], timeout=10)
+    assert down["engine"]["state"] in ("dead", "loading"), down
+    # Restart=on-failure (RestartSec=2) starts a new engine; the agent, never restarted, sees it serve.
+    wait_for_pool(host, "pool ready again after systemd's restart", lambda pool: pool["ready"], timeout=60)
+    assert main_process(host, UNIT)["pid"] != killed
+    assert int(unit_properties(host, UNIT, "NRestarts")["NRestarts"]) >= 1
+    assert host.service("pool-managerd").is_running
