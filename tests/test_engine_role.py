@@ -187,3 +187,44 @@ def test_unit_runs_engine_exec_as_its_user_with_the_key_as_a_credential(rendered
     assert {"IPAddressDeny=any", "IPAddressAllow=localhost", "IPAddressAllow=10.0.0.0/24"} <= set(unit)
     # The key is a file systemd hands over: no line of the unit carries a key or an environment secret.
     assert not any(line.startswith(("Environment=", "EnvironmentFile=")) for line in unit)
+
+
+def _make_key(tmp_path, store) -> tuple[int, dict[str, Any]]:
+    play = {
+        "name": "key",
+        "hosts": "all",
+        "gather_facts": False,
+        "tasks": [
+            {
+                "ansible.builtin.include_role": {"name": "llorch_engine", "tasks_from": "key"},
+                "vars": {
+                    "llorch_engine_api_key_store": str(store),
+                    "llorch_engine_config_dir": str(tmp_path / "etc"),
+                    "llorch_engine_api_key_file": str(tmp_path / "etc" / "engine-api-key"),
+                },
+            }
+        ],
+    }
+    return run_playbook(tmp_path, [play], {"all": {"hosts": {"gpu-7": local_host()}}})
+
+
+def test_a_key_store_inside_the_inventory_folder_is_refused_before_a_key_is_made(tmp_path):
+    # The inventory is tmp_path/hosts.yml: a key file under tmp_path would be read as an inventory source.
+    rc, output = _make_key(tmp_path, tmp_path / "credentials")
+    assert rc != 0
+    (message,) = failures(output).values()
+    assert "lies inside the inventory folder" in message and "print the key as a host name" in message
+    assert not (tmp_path / "credentials").exists()
+
+
+def test_the_key_is_made_once_outside_the_inventory_and_kept_private(tmp_path):
+    store = tmp_path.parent / f"{tmp_path.name}-keys"
+    for _ in range(2):
+        rc, output = _make_key(tmp_path, store)
+        assert rc == 0, failures(output)
+    key = (store / "gpu-7").read_text().strip()
+    assert len(key) == 48 and key.isalnum()
+    assert (store / "gpu-7").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "etc" / "engine-api-key").read_text() == key + "\n"
+    assert (tmp_path / "etc" / "engine-api-key").stat().st_mode & 0o777 == 0o600
+    assert key not in str(output), "the key must never show in task output"
