@@ -53,21 +53,25 @@ class Answer:
 
 
 class TooLarge(Exception):
-    pass
+    """An answer over the reader's limit (announced or arrived); the message says the limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an answer over {limit} bytes")
 
 
-async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
-    """The body, or TooLarge as soon as more than MAX_ANSWER_BYTES arrived (or were announced)."""
-    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
-        raise TooLarge
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or TooLarge as soon as more than `limit` bytes arrived (or were announced). The one
+    bounded reader of the agent's HTTP answers: orchestratord's and its engines'."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TooLarge(limit)
     body = bytearray()
     while True:
-        chunk = await response.content.read(MAX_ANSWER_BYTES + 1 - len(body))
+        chunk = await response.content.read(limit + 1 - len(body))
         if not chunk:
             return bytes(body)
         body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            raise TooLarge
+        if len(body) > limit:
+            raise TooLarge(limit)
 
 
 def _decoded(status: int, raw: bytes, answer_type: type | None) -> Answer:
@@ -139,9 +143,9 @@ class ControlPlane:
                 if response.headers.get("Content-Encoding", "identity").lower() != "identity":
                     return Answer(response.status, problem="a compressed answer (not asked for)")
                 try:
-                    raw = await _read_bounded(response)
-                except TooLarge:
-                    return Answer(response.status, problem=f"an answer over {MAX_ANSWER_BYTES} bytes")
+                    raw = await read_bounded(response, MAX_ANSWER_BYTES)
+                except TooLarge as error:
+                    return Answer(response.status, problem=str(error))
                 return _decoded(response.status, raw, answer_type)
         except TimeoutError:
             return Answer(None, problem=f"no answer within {timeout.total:g} s")

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from .contract import ENGINE_SERVING_STATES, shown
+from .control import TooLarge, read_bounded
 from .engine_config import EngineFile
 from .engines import EngineAnswerError, adapter_for
 from .wire import EngineStatus
@@ -46,19 +47,6 @@ class EngineReading:
 
 class Unusable(Exception):
     """An engine answer the watcher cannot use; the message says why in a few words."""
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise Unusable(f"an answer over {limit} bytes")
-    body = bytearray()
-    while True:
-        chunk = await response.content.read(limit + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body += chunk
-        if len(body) > limit:
-            raise Unusable(f"an answer over {limit} bytes")
 
 
 class EngineWatch:
@@ -101,7 +89,10 @@ class EngineWatch:
         async with session.get(self.engine.url + path, allow_redirects=False, timeout=timeout) as response:
             if response.headers.get("Content-Encoding", "identity").lower() != "identity":
                 raise Unusable("a compressed answer (not asked for)")
-            return response.status, await _read_bounded(response, limit)
+            try:
+                return response.status, await read_bounded(response, limit)
+            except TooLarge as error:
+                raise Unusable(str(error)) from None
 
     async def poll(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
         """Read the engine once and move to the state its answers say; never raises for what it reads."""
