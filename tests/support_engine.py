@@ -88,6 +88,18 @@ def write_key_file(path: Path, key: str = ENGINE_API_KEY) -> Path:
     return path
 
 
+def stop_process(process: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s: how every engine of the tests ends (a no-op when it already has)."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @dataclass
 class Engine:
     """A real llama-server on 127.0.0.1, its key read from a 0600 file (never in argv)."""
@@ -169,14 +181,7 @@ class Engine:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 # --- an engine as a node runs it: staged model, engine file, launched by pool_managerd.engine_exec --------
@@ -290,14 +295,7 @@ class EngineUnit:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def engine_unit(workdir: Path, settings: dict[str, Any]) -> EngineUnit:
