@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from . import page  # noqa: F401  (puts the cluster page's routes on the route table)
 from .auth import BearerAuth
 from .config import Settings
 from .connections import ConnectionGuard
