@@ -3,9 +3,10 @@
 # podman with runc (crun fails in this sandbox), debootstrap for the lab image,
 # an ssh client for the lab's connection, python3-venv for the dev venv.
 # It also installs the shell linter that ansible-test sanity runs on scripts, and the
-# compiler and cmake that scripts/build-engine.sh builds llama.cpp's llama-server with.
+# compiler and cmake that scripts/build-engine.sh builds llama.cpp's llama-server with, and the headless
+# browser (chromium and its driver, one Debian source at one version) that tests/test_cluster_page.py drives.
 set -euo pipefail
-wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck cmake g++ make)
+wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck cmake g++ make chromium chromium-driver)
 missing=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
