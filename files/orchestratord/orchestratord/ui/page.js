@@ -103,6 +103,10 @@
       for (const pool of node.pools || []) {
         const engine = pool.engine;
         const ready = pool.draining ? "draining" : pool.ready ? "yes" : "no";
+        // Before its first heartbeat a node has said nothing about its slots or memory.
+        const reported = Boolean(node.last_heartbeat_at);
+        const slots = pool.slots_total - pool.slots_free + " / " + pool.slots_total;
+        const vram = bytes(pool.vram_total_bytes - pool.vram_free_bytes) + " / " + bytes(pool.vram_total_bytes);
         const tr = row(
           [
             cell(node.node_id + " / " + pool.pool_id, "id"),
@@ -110,12 +114,13 @@
             cell(engine ? engine.state : NONE, engine ? "state-" + engine.state : ""),
             cell(engine ? engine.model_id : NONE),
             cell(ready),
-            cell(pool.slots_total - pool.slots_free + " / " + pool.slots_total),
-            cell(bytes(pool.vram_total_bytes - pool.vram_free_bytes) + " / " + bytes(pool.vram_total_bytes)),
+            cell(reported ? slots : NONE),
+            cell(reported ? vram : NONE),
           ],
           { pool: node.node_id + "/" + pool.pool_id, nodeStatus: node.status },
         );
-        if (node.status !== "online") tr.className = "stale"; // its readings are as old as its last heartbeat
+        // An offline node's readings are as old as its last heartbeat: shown, but greyed.
+        if (node.status === "offline" || !reported) tr.className = "stale";
         rows.push(tr);
       }
     }
