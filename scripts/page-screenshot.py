@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write the README's picture of the cluster page: a real daemon on loopback with a few nodes in the states
 an operator meets (serving, busy, loading, drained, offline), shown in headless chromium.
 
