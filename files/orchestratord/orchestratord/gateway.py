@@ -145,6 +145,7 @@ class Gateway:
             body = await self._read_body(request)
             head = self._head(body)
             model = head.model
+            self.registry.settle()  # the served models below must be current
             if model in self.registry.served_nodes:
                 label = model
             response, outcome = await self._serve(request, path, body, model, label, started)
