@@ -74,7 +74,9 @@ def operations(daemon) -> list:
     # cases that leave it out really go without it.
     config = SchemathesisConfig.from_dict({"auth": {"openapi": {"bearer": {"bearer": daemon.token}}}})
     loaded = schemathesis.openapi.from_url(daemon.url + "/openapi.json", config=config)
-    return [result.ok() for result in loaded.get_all_operations()]
+    # /v1/* answers in OpenAI's error shape and passes bodies to engines: tests/test_gateway*.py cover it.
+    operations = [result.ok() for result in loaded.get_all_operations()]
+    return [operation for operation in operations if not operation.path.startswith("/v1/")]
 
 
 def no_server_error(ctx: CheckContext, response, case) -> bool | None:

@@ -54,6 +54,64 @@ NODE_ID_PARAM = {
 }
 
 
+OPENAI_ERROR = {"description": "OpenAI's error shape: {error: {message, type, param, code}}"}
+
+
+def _client_routes() -> dict[str, Any]:
+    """/v1/*: OpenAI's shapes, passed through to the engines (docs/gateway.md); needs a client key."""
+    client_key = [{"clientKey": []}]
+    passed_through = {
+        "200": {
+            "description": "The engine's answer, passed through (JSON, or text/event-stream when streaming)"
+        },
+        **{code: OPENAI_ERROR for code in ("400", "401", "404", "413", "429", "502", "503", "504")},
+    }
+    body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "properties": {
+                        "model": {"type": "string", "pattern": schemas.MODEL_ID_PATTERN},
+                        "stream": {"type": "boolean"},
+                    },
+                    "additionalProperties": True,
+                }
+            }
+        },
+    }
+    return {
+        "/v1/models": {
+            "get": {
+                "summary": "Models some serving engine serves",
+                "security": client_key,
+                "responses": {
+                    "200": {"description": "{object: list, data: [{id, object, created, owned_by}]}"},
+                    "401": OPENAI_ERROR,
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "Chat completion",
+                "security": client_key,
+                "requestBody": body,
+                "responses": passed_through,
+            }
+        },
+        "/v1/completions": {
+            "post": {
+                "summary": "Text completion",
+                "security": client_key,
+                "requestBody": body,
+                "responses": passed_through,
+            }
+        },
+    }
+
+
 def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
     _schemas, components = msgspec.json.schema_components(
         [
@@ -185,6 +243,16 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 },
             }
         },
+        "/v2/placement/errors": {
+            "get": {
+                "summary": "The last 100 placement errors (placement and gateway), newest first",
+                "responses": {
+                    "200": {"description": "{errors: [{at, source, model_id, code, message}], count}"},
+                    **_errors("401"),
+                },
+            }
+        },
+        **_client_routes(),
     }
     if metrics_enabled:
         paths["/metrics"] = {
@@ -199,7 +267,10 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
         "info": {"title": "orchestratord", "version": __version__},
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "clientKey": {"type": "http", "scheme": "bearer", "description": "a client API key"},
+            },
         },
         "security": secured,
         "paths": paths,
