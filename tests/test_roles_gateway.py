@@ -20,7 +20,9 @@ from support import REPO_ROOT
 from support_roles import failures, local_host, run_playbook
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "orchestratord"))
-from orchestratord.contract import valid_id
+from orchestratord.client_keys import load_client_keys
+from orchestratord.config import load_settings
+from orchestratord.engine_keys import EngineKeys
 
 ROLE = REPO_ROOT / "roles" / "orchestratord"
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -49,11 +51,15 @@ def _render_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     inventory = {"all": {"vars": defaults, "hosts": {"control-1": local_host(**overrides)}}}
     rc, output = run_playbook(tmp_path, [play], inventory)
     assert rc == 0, failures(output)
-    return {"path": out, "values": yaml.safe_load(out.read_text())}
+    # The daemon's own loader: an unknown key, a wrong type or a value out of range fails here.
+    return {"settings": load_settings(out, environ={}), "values": yaml.safe_load(out.read_text())}
 
 
 def test_the_gateway_settings_render_with_the_designs_defaults(tmp_path):
-    values = _render_config(tmp_path)["values"]
+    rendered = _render_config(tmp_path)
+    settings, values = rendered["settings"], rendered["values"]
+    assert settings.client_keys_file == "/etc/llorch/client-keys"
+    assert settings.engine_keys_dir == "/etc/llorch/engine-keys"
     gateway = {
         key: value for key, value in values.items() if key.startswith(("gateway_", "client_", "engine_"))
     }
@@ -70,16 +76,16 @@ def test_the_gateway_settings_render_with_the_designs_defaults(tmp_path):
 
 
 def test_no_client_keys_and_no_engine_keys_render_as_null(tmp_path):
-    values = _render_config(
+    settings = _render_config(
         tmp_path,
         orchestratord_client_keys=[],
         orchestratord_engine_keys_dir=None,
         orchestratord_gateway_queue_max="17",
         orchestratord_gateway_idle_timeout_ms=5000,
-    )["values"]
-    assert values["client_keys_file"] is None and values["engine_keys_dir"] is None
+    )["settings"]
+    assert settings.client_keys_file is None and settings.engine_keys_dir is None
     # A number given as a string in an inventory still reaches the daemon as a number.
-    assert (values["gateway_queue_max"], values["gateway_idle_timeout_ms"]) == (17, 5000)
+    assert (settings.gateway_queue_max, settings.gateway_idle_timeout_ms) == (17, 5000)
 
 
 def _client_keys(tmp_path: Path, store: Path, names: list[str]) -> tuple[int, dict[str, Any], Path]:
@@ -117,14 +123,13 @@ def _client_keys(tmp_path: Path, store: Path, names: list[str]) -> tuple[int, di
     return rc, output, written
 
 
-def _read_client_keys(path: Path) -> dict[str, str]:
-    """The design's format, strictly: '<name> <key>' per line, a valid id, a key of 32+ without whitespace."""
-    keys = {}
-    for line in path.read_text().splitlines():
-        name, key = line.split(" ")
-        assert valid_id(name) and len(key) >= 32 and not any(c.isspace() for c in key), line
-        assert name not in keys and key not in keys.values()
-        keys[name] = key
+def _read_client_keys(path: Path, names: list[str], store: Path) -> dict[str, str]:
+    """The file read by the daemon's own reader (format, id rule, lengths, owner-only 0600, no duplicates),
+    then each store key looked up by it: name -> key."""
+    client_keys = load_client_keys(str(path), cluster_token="t" * 48)
+    assert len(client_keys) == len(names)
+    keys = {name: (store / name).read_text().strip() for name in names}
+    assert {name: client_keys.name_of(f"Bearer {key}") for name, key in keys.items()} == {n: n for n in names}
     return keys
 
 
@@ -133,17 +138,15 @@ def test_client_keys_are_made_once_on_the_controller_and_written_name_and_key(tm
     names = ["default", "team-a.batch"]
     rc, output, written = _client_keys(tmp_path, store, names)
     assert rc == 0, failures(output)
-    first = _read_client_keys(written)
-    assert sorted(first) == sorted(names)
+    first = _read_client_keys(written, names, store)
     for name in names:
-        assert (store / name).read_text().strip() == first[name]
         assert (store / name).stat().st_mode & 0o777 == 0o600
         assert len(first[name]) == 48 and first[name].isalnum()
         assert first[name] not in str(output), "a client key must never show in task output"
     # A second run reads the same keys back: the host's file, and so the daemon, stay as they were.
     rc, output, written = _client_keys(tmp_path, store, names)
     assert rc == 0, failures(output)
-    assert _read_client_keys(written) == first
+    assert _read_client_keys(written, names, store) == first
 
 
 @pytest.mark.parametrize(
@@ -215,6 +218,8 @@ def test_each_node_key_reaches_the_control_hosts_gateway_and_leaves_with_the_nod
     node_key = (tmp_path / "etc" / "engine-api-key").read_text()
     copy = keys_dir / "gpu-seven"
     assert copy.read_text() == node_key and len(node_key.strip()) == 48
+    # The daemon's own reader (owner-only, no link, one line) sends it to the node's engines.
+    assert EngineKeys(str(keys_dir)).headers_for("gpu-seven")["Authorization"] == f"Bearer {node_key.strip()}"
     assert copy.stat().st_mode & 0o777 == 0o600
     assert (copy.owner(), copy.group()) == (ME, MY_GROUP)
     assert node_key.strip() not in str(output), "the key must never show in task output"
