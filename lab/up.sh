@@ -127,29 +127,23 @@ if [[ ${LAB_MEASURE:-0} == 1 ]]; then
 fi
 run_playbook playbooks/status.yml
 
-# The proof that the lab serves: one chat completion from the first GPU node's first engine, with that
-# node's engine API key read from its 0600 file here (never printed, never in argv).
-engine_node=$prefix-${roles[1]}
-step "a chat completion from $engine_node's engine (random weights: the reply is gibberish)"
-python3 - "${address[$engine_node]}" "$state_dir/engine-api-keys/$engine_node" inventories/lab/group_vars/gpu_nodes/main.yml <<'PY'
-import json, sys, time, urllib.request
-import yaml
-address, key_file, pools_file = sys.argv[1:]
-pool = next(p for p in yaml.safe_load(open(pools_file))["pool_managerd_pools"] if "engine" in p)
-url = f"http://{address}:{pool['engine']['port']}/v1/chat/completions"
-with open(key_file) as handle:
-    key = handle.read().strip()
-body = {"model": pool["engine"]["model"], "max_tokens": 16,
-        "messages": [{"role": "user", "content": "Say hello to the lab."}]}
-request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-started = time.monotonic()
-with urllib.request.urlopen(request, timeout=60) as answer:
-    reply = json.load(answer)
-took_ms = (time.monotonic() - started) * 1000
-print(f"pool {pool['pool_id']} at {url} answered in {took_ms:.0f} ms:")
-print("  " + json.dumps(reply["choices"][0]["message"]["content"]))
-PY
+# The proof that the lab serves: one chat completion streamed through the controller's gateway with the lab's
+# client key, read here from its 0600 file (made by site.yml). The header reaches curl on its stdin (-H @-,
+# printf being a shell builtin): the key is in no process's argv, and never printed.
+control_url=http://${address[$prefix-control]}:9200
+client_key_file=$state_dir/client-keys/default
+[[ -s $client_key_file ]] || die "no client key in ${client_key_file#"$repo"/}; site.yml makes it (orchestratord_client_keys)"
+model=$(python3 -c 'import sys, yaml
+print(next(p["engine"]["model"] for p in yaml.safe_load(open(sys.argv[1]))["pool_managerd_pools"] if "engine" in p))' \
+  inventories/lab/group_vars/gpu_nodes/main.yml)
+body=$(python3 -c 'import json, sys
+print(json.dumps({"model": sys.argv[1], "stream": True, "max_tokens": 16,
+                  "messages": [{"role": "user", "content": "Say hello to the lab."}]}))' "$model")
+step "a chat completion streamed through the controller's gateway $control_url/v1/chat/completions (random weights: gibberish)"
+printf 'Authorization: Bearer %s\n' "$(<"$client_key_file")" |
+  curl -sS -N --max-time 60 -H @- -H 'Content-Type: application/json' --data-binary "$body" \
+    "$control_url/v1/chat/completions" |
+  python3 lab/sse_reply.py "$(date +%s.%N)"
 summary+=("first chat completion $(($(date +%s) - run_start)) s after make lab started")
 
 step "summary (LAB_PREFIX=$prefix)"
@@ -159,4 +153,4 @@ if ((lab_changed_total == 0)); then
 else
   echo "changes on lab hosts: $lab_changed_total (a re-run of an unchanged lab should make none)"
 fi
-echo "lab up in $(($(date +%s) - run_start)) s; token in ${state_dir#"$repo"/}/api-token; controller URL http://${address[$prefix-control]}:9200"
+echo "lab up in $(($(date +%s) - run_start)) s; token in ${state_dir#"$repo"/}/api-token; client key in ${client_key_file#"$repo"/}; controller URL $control_url (OpenAI API at $control_url/v1)"
