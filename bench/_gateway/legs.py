@@ -31,8 +31,9 @@ def percentile(values: list[float], fraction: float) -> float:
 @dataclass
 class LegResult:
     label: str
-    elapsed_s: float
+    window_s: float
     sent: int
+    served_in_window: int
     first_token_ms: list[float] = field(repr=False)
     total_ms: list[float] = field(repr=False)
     lag_ms: list[float] = field(repr=False)
@@ -41,7 +42,8 @@ class LegResult:
 
     @property
     def served_per_s(self) -> float:
-        return len(self.total_ms) / self.elapsed_s if self.elapsed_s else 0.0
+        """Answers that ended well within the measured window, per second of it."""
+        return self.served_in_window / self.window_s
 
     def p(self, which: str, fraction: float) -> float:
         return percentile(getattr(self, which), fraction)
@@ -94,8 +96,9 @@ def run_leg(
             errors[text] = errors.get(text, 0) + count
     result = LegResult(
         label=label,
-        elapsed_s=max(part["elapsed_s"] for part in parts),
+        window_s=max(part["window_s"] for part in parts),
         sent=sum(part["sent"] for part in parts),
+        served_in_window=sum(part["served_in_window"] for part in parts),
         first_token_ms=[v for part in parts for v in part["first_token_ms"]],
         total_ms=[v for part in parts for v in part["total_ms"]],
         lag_ms=[v for part in parts for v in part["lag_ms"]],
