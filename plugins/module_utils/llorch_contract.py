@@ -93,11 +93,11 @@ class SecretFileError(ValueError):
     """A secret file that cannot be used; the message names the file, never its contents."""
 
 
-def read_secret_file(path: str, what: str = "token_file", min_length: int = MIN_TOKEN_LENGTH) -> str:
-    """The one-line secret in `path`, from a regular file that only its owner can read.
+def _read_owner_only(path: str, what: str, max_bytes: int) -> tuple[str, str]:
+    """(the expanded path, the UTF-8 text) of a regular file only its owner can read, at most max_bytes.
 
     Opened without following a link (the file may sit in a folder another user can write), checked on
-    the open descriptor, read up to a small bound. Raises SecretFileError.
+    the open descriptor, read up to the bound. Raises SecretFileError, whose message never holds content.
     """
     path = os.path.expanduser(str(path))
     try:
@@ -117,18 +117,35 @@ def read_secret_file(path: str, what: str = "token_file", min_length: int = MIN_
                 f"{what} {path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
                 f"run chmod 600 {path}"
             )
-        raw = os.read(fd, MAX_SECRET_FILE_BYTES + 1)
+        chunks, size = [], 0
+        while size <= max_bytes:  # a file may come back in pieces; read until EOF or past the bound
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        raw = b"".join(chunks)
     except OSError as exc:
         raise SecretFileError(f"{what} {path} cannot be read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_SECRET_FILE_BYTES:
-        raise SecretFileError(f"{what} {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    if len(raw) > max_bytes:
+        raise SecretFileError(f"{what} {path} is larger than {max_bytes} bytes")
     try:
-        secret = raw.decode("utf-8").strip()
+        return path, raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         # Only where, never the bytes: they are part of the secret.
         raise SecretFileError(f"{what} {path} is not UTF-8 text (at byte {exc.start})") from None
+
+
+def read_secret_file(path: str, what: str = "token_file", min_length: int = MIN_TOKEN_LENGTH) -> str:
+    """The one-line secret in `path`, from a regular file that only its owner can read.
+
+    Opened without following a link, checked on the open descriptor, read up to a small bound. Raises
+    SecretFileError.
+    """
+    path, text = _read_owner_only(path, what, MAX_SECRET_FILE_BYTES)
+    secret = text.strip()
     if not secret:
         raise SecretFileError(f"{what} {path} is empty")
     if any(char.isspace() for char in secret):
@@ -136,6 +153,25 @@ def read_secret_file(path: str, what: str = "token_file", min_length: int = MIN_
     if len(secret) < min_length:
         raise SecretFileError(f"{what} {path}: the secret must be at least {min_length} characters")
     return secret
+
+
+def read_secret_lines(path: str, what: str, max_bytes: int, max_lines: int) -> list[tuple[int, str]]:
+    """The meaningful lines of a multi-line secret file (several keys), as (line number, text) pairs.
+
+    The same checks as read_secret_file (no link, owner-only, bounded, UTF-8); blank lines and lines
+    starting with '#' are left out, each kept line is stripped of surrounding whitespace. More than
+    max_lines such lines is refused. Raises SecretFileError; what each line means is the caller's.
+    """
+    path, text = _read_owner_only(path, what, max_bytes)
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(lines) >= max_lines:
+            raise SecretFileError(f"{what} {path} holds more than {max_lines} entries")
+        lines.append((number, line))
+    return lines
 
 
 # --- the model manifest ---------------------------------------------------------------------------------

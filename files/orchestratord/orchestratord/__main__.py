@@ -16,6 +16,7 @@ import sys
 from aiohttp import web
 
 from . import __version__
+from .client_keys import load_client_keys
 from .config import ConfigError, Settings, load_settings, load_token, token_fingerprint
 from .store import StoreDamaged, StoreError
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         token = load_token(settings)
+        client_keys = load_client_keys(settings.client_keys_file, token)
     except ConfigError as exc:
         print(f"orchestratord: {exc}", file=sys.stderr)
         return EXIT_PERSON_MUST_ACT
@@ -44,17 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app  # after logging is set up
 
     log.info(
-        "orchestratord %s on %s:%d, database %s, token %s, heartbeat %d ms, node timeout %d ms",
+        "orchestratord %s on %s:%d, database %s, token %s, %d client key(s), heartbeat %d ms, "
+        "node timeout %d ms",
         __version__,
         settings.listen_host,
         settings.listen_port,
         settings.db_path,
         token_fingerprint(token),
+        len(client_keys),
         settings.heartbeat_interval_ms,
         settings.node_timeout_ms,
     )
     try:
-        asyncio.run(serve(create_app(settings, token), settings))
+        asyncio.run(serve(create_app(settings, token, client_keys), settings))
     except StoreDamaged as exc:
         log.error("%s", exc)
         return EXIT_PERSON_MUST_ACT

@@ -13,14 +13,18 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .auth import BearerAuth
+from .client_keys import ClientKeys
 from .config import Settings
 from .connections import ConnectionGuard
+from .engine_keys import EngineKeys
+from .gateway import Gateway
 from .limits import Limits
 from .metrics import Metrics
 from .middleware import add_guarded_routes
 from .openapi import build_document
+from .recent_errors import RecentErrors
 from .registry import Registry
-from .routes import CONNECTIONS, METRICS, OPENAPI, REGISTRY, routes
+from .routes import CONNECTIONS, GATEWAY, METRICS, OPENAPI, RECENT_ERRORS, REGISTRY, routes
 from .store import SqliteStore, StoreUnavailable
 from .views import count_by_status, pools_ready
 
@@ -55,18 +59,21 @@ async def _sweep(registry: Registry) -> None:
             settled_at = time.monotonic()
 
 
-def create_app(settings: Settings, token: str) -> web.Application:
+def create_app(settings: Settings, token: str, client_keys: ClientKeys | None = None) -> web.Application:
     registry = Registry(
         SqliteStore(settings.db_path),
         settings.node_timeout_ms,
         settings.heartbeat_interval_ms,
         Limits(settings),
     )
+    registry.routes.queue_max = settings.gateway_queue_max
+    registry.routes.set_aside_after = settings.gateway_set_aside_after
     metrics = (
         Metrics(
             lambda: count_by_status(registry),
             lambda: pools_ready(registry),
             lambda: registry.heartbeat_writeback_passes,
+            registry.routes,
         )
         if settings.metrics_enabled
         else None
@@ -77,7 +84,11 @@ def create_app(settings: Settings, token: str) -> web.Application:
     app[METRICS] = metrics
     app[OPENAPI] = json.dumps(build_document(settings.metrics_enabled)).encode()
     app[CONNECTIONS] = connections
-    add_guarded_routes(app, routes, BearerAuth(token), metrics, connections)
+    recent_errors = app[RECENT_ERRORS] = RecentErrors()
+    gateway = app[GATEWAY] = Gateway(
+        settings, registry, EngineKeys(settings.engine_keys_dir), metrics, recent_errors, connections
+    )
+    add_guarded_routes(app, routes, BearerAuth(token), client_keys or ClientKeys(), metrics, connections)
 
     async def state(app: web.Application) -> AsyncIterator[None]:
         await registry.open()
@@ -92,4 +103,5 @@ def create_app(settings: Settings, token: str) -> web.Application:
         await registry.close()
 
     app.cleanup_ctx.append(state)
+    app.cleanup_ctx.append(gateway.session_context)
     return app

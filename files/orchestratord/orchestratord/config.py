@@ -50,10 +50,26 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 16_384
     connection_idle_timeout_ms: PositiveMs = 10_000
     metrics_enabled: bool = True
+    # The client endpoint (/v1/*, gateway.py). None: no client keys, every /v1 call answers 401.
+    client_keys_file: str | None = None
+    # One file per node id holding that node's engine API key. None: engines are asked without a key.
+    engine_keys_dir: str | None = None
+    # Requests waiting per model for a free engine slot, and for how long at most.
+    gateway_queue_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 256
+    gateway_queue_timeout_ms: PositiveMs = 30_000
+    gateway_connect_timeout_ms: PositiveMs = 2000
+    # Request sent -> the engine's first real token: prompt processing of a long prompt counts here.
+    gateway_first_byte_timeout_ms: PositiveMs = 120_000
+    # Between two chunks of an engine's answer.
+    gateway_idle_timeout_ms: PositiveMs = 60_000
+    # Consecutive failures after which a pool gets nothing until its node's next heartbeat.
+    gateway_set_aside_after: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
 
 SETTING_NAMES = tuple(Settings.__struct_fields__)
+# Taken as written from the environment (a path "0600" stays a string).
+STRING_SETTINGS = ("listen_host", "token_file", "db_path", "log_level", "client_keys_file", "engine_keys_dir")
 
 
 def _field_of(error: msgspec.ValidationError) -> str:
@@ -80,7 +96,7 @@ def _env_overrides(environ: dict[str, str]) -> dict:
             overrides[key] = yaml.safe_load(value) if value != "" else None
         except yaml.YAMLError:
             overrides[key] = value
-        if key in ("listen_host", "token_file", "db_path", "log_level") and overrides[key] is not None:
+        if key in STRING_SETTINGS and overrides[key] is not None:
             overrides[key] = str(value)
     return overrides
 

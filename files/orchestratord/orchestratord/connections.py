@@ -71,6 +71,16 @@ class ConnectionGuard:
         self._evicted = self._refused = self._timed_out = 0
         self._logged_at = -LOG_INTERVAL_S
         self._reaper: asyncio.Task | None = None
+        # Per connection, what to call when its client goes: the gateway's cancel of the request's work.
+        self.watchers: dict[RequestHandler, Callable[[], object]] = {}
+
+    def watch(self, connection: RequestHandler, on_lost: Callable[[], object]) -> None:
+        """Call `on_lost` if the connection closes before `unwatch`: aiohttp does not cancel a handler
+        whose client left (and turning that on for every route would cancel registrations mid-write)."""
+        self.watchers[connection] = on_lost
+
+    def unwatch(self, connection: RequestHandler) -> None:
+        self.watchers.pop(connection, None)
 
     def trust(self, connection: RequestHandler) -> None:
         """Called when a request passed the token check: its connection is now the keep-alive timeout's."""
@@ -94,6 +104,10 @@ class ConnectionGuard:
             lost(handler, exc)
             self.open_count -= 1
             self.untrusted.pop(handler, None)
+            if self.watchers:
+                on_lost = self.watchers.pop(handler, None)
+                if on_lost is not None:
+                    on_lost()
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]

@@ -16,8 +16,10 @@ from aiohttp import web
 from . import schemas
 from .auth import BearerAuth
 from .bodies import ApiError
+from .client_keys import ClientKeys
 from .connections import ConnectionGuard
 from .metrics import Metrics
+from .openai_errors import CLIENT, openai_error
 from .routes import RULES, Rule
 from .store import StoreUnavailable
 
@@ -33,6 +35,14 @@ HTTP_CODES = {
 }
 UNAUTHORIZED = (401, "UNAUTHORIZED", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 NEEDS_TOKEN = Rule()
+
+
+def _client_refusal(client_keys: ClientKeys) -> web.Response:
+    # /v1 answers in OpenAI's error shape, which its clients parse.
+    message = "invalid API key" if len(client_keys) else "no client keys configured"
+    return openai_error(
+        401, "authentication_error", "invalid_api_key", message, {"WWW-Authenticate": "Bearer"}
+    )
 
 
 def envelope(status: int, code: str, message: str, headers=None) -> web.Response:
@@ -64,12 +74,18 @@ def _error_response(exc: Exception, request: web.Request) -> web.Response:
     return envelope(500, "INTERNAL", "internal error; see the daemon's log")
 
 
-def _guarded(route: web.RouteDef, auth: BearerAuth, metrics: Metrics | None, connections: ConnectionGuard):
-    """The route's handler wrapped in what every request gets: the token, the query check, the envelope,
-    timing. Its rule and metrics label are looked up once here, not per request."""
+def _guarded(
+    route: web.RouteDef,
+    auth: BearerAuth,
+    client_keys: ClientKeys,
+    metrics: Metrics | None,
+    connections: ConnectionGuard,
+):
+    """The route's handler wrapped in what every request gets: the credential its rule names, the query
+    check, the envelope, timing. Its rule and metrics label are looked up once here, not per request."""
     handler, method, template = route.handler, route.method, route.path
     rule = RULES.get(handler, NEEDS_TOKEN)
-    needs_token, accepted_query = rule.auth, rule.query
+    needs_token, needs_client_key, accepted_query = rule.auth == "token", rule.auth == "client", rule.query
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -77,6 +93,12 @@ def _guarded(route: web.RouteDef, auth: BearerAuth, metrics: Metrics | None, con
             if needs_token:
                 if not auth.allows(request.headers.get("Authorization")):
                     raise ApiError(*UNAUTHORIZED)
+                connections.trust(request.protocol)
+            elif needs_client_key:
+                client = client_keys.name_of(request.headers.get("Authorization"))
+                if client is None:
+                    return _client_refusal(client_keys)
+                request[CLIENT] = client
                 connections.trust(request.protocol)
             if request.query_string:
                 # A misspelt filter (?stauts=offline) must not silently answer everything.
@@ -129,6 +151,7 @@ def add_guarded_routes(
     app: web.Application,
     routes: web.RouteTableDef,
     auth: BearerAuth,
+    client_keys: ClientKeys,
     metrics: Metrics | None,
     connections: ConnectionGuard,
 ) -> None:
@@ -141,7 +164,7 @@ def add_guarded_routes(
     for route in routes:
         assert isinstance(route, web.RouteDef)
         web.RouteDef(
-            route.method, route.path, _guarded(route, auth, metrics, connections), route.kwargs
+            route.method, route.path, _guarded(route, auth, client_keys, metrics, connections), route.kwargs
         ).register(app.router)
     # Last: tried only after every route above (aiohttp resolves the most specific path first).
     fallback = app.router.add_resource("/{unmatched_path:.*}")

@@ -22,6 +22,7 @@ import msgspec
 from . import schemas
 from .limits import Limits
 from .placement import PlacementIndex, Placer
+from .routing import RoutingTable
 from .store import HeartbeatRow, SqliteStore, StoredNode
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Registry:
         self.model_nodes: dict[str, set[str]] = {}  # model -> nodes that last reported it staged
         self.served_nodes: dict[str, set[str]] = {}  # model -> nodes with an engine set up for it
         self.placer = Placer(self.index, self.nodes, self.model_nodes, self.is_live, self.served_nodes)
+        # The gateway's table, kept from the same readings as the index (both through _index_node).
+        self.routes = RoutingTable(self.is_live, clock)
         self.dirty: dict[str, NodeState] = {}  # heartbeats not yet written back
         self.heartbeat_writeback_passes = 0  # flushes begun, with or without heartbeats to write
         # Registrations, drains and deletions one at a time, each checking the state it changes only once
@@ -310,6 +313,11 @@ class Registry:
             self.unsettled.add(node_id)
             self._note_status(node, now)  # only new readings can change the status
         self.dirty[node_id] = node
+        routes = self.routes
+        if routes.set_aside:
+            routes.heard(node_id)  # pools set aside after failures take work again
+        if routes.waiting and node_id in self.unsettled:
+            self.settle()  # capacity this heartbeat brings goes to the waiting requests now
         return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
 
     async def set_drain(self, node_id: str, drain: bool) -> NodeState:
@@ -319,7 +327,7 @@ class Registry:
                 await self.store.update_drain(node_id, drain)
                 node.drain = drain
                 self.settle()  # heartbeats may have come in during the write: index their readings
-                self.index.update_node(node)
+                self._index_node(node)
                 log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
                 node.reported_status = self.status_of(node, self.clock())
             return node
@@ -351,14 +359,18 @@ class Registry:
         applied, node.applied_pools = node.applied_pools, pools
         node.pools = pools
         if pools and applied and _same_models(pools, applied):
-            self.index.update_node(node)  # the usual heartbeat: loads moved, the models stayed
+            self._index_node(node)  # the usual heartbeat: loads moved, the models stayed
             return
         old_models, old_served = set(node.models), set(node.served)
         node.models = sorted({model for pool in pools or () for model in pool.models_available})
         node.served = sorted({pool.engine.model_id for pool in pools or () if pool.engine is not None})
         _move_holder(self.model_nodes, node.node_id, old_models, set(node.models))
         _move_holder(self.served_nodes, node.node_id, old_served, set(node.served))
+        self._index_node(node)
+
+    def _index_node(self, node: NodeState) -> None:
         self.index.update_node(node)
+        self.routes.update_node(node)
 
     # --- reads
 
@@ -395,4 +407,5 @@ class Registry:
             del self.by_contact[node.node_id]
             log.warning("node %s offline: no heartbeat for %d ms", node.node_id, self.node_timeout_ms)
             self.index.drop_node(node.node_id)
+            self.routes.drop_node(node.node_id)
             node.reported_status = "offline"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 
@@ -16,9 +17,11 @@ from . import __version__, schemas, views
 from .bodies import ApiError, check, decode_body, json_response
 from .connections import ConnectionGuard
 from .contract import NODE_STATUSES
+from .gateway import Gateway
 from .limits import ClusterFull
 from .metrics import CONTENT_TYPE
 from .placement import NoPlacement
+from .recent_errors import RecentErrors
 from .registry import NodeNotFound, Registry
 from .store import StoreUnavailable
 
@@ -30,20 +33,27 @@ REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", object)  # a metrics.Metrics, or None when turned off
 OPENAPI = web.AppKey("openapi", bytes)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+GATEWAY = web.AppKey("gateway", Gateway)
+RECENT_ERRORS = web.AppKey("recent_errors", RecentErrors)
 
 routes = web.RouteTableDef()
 
 
+# Who may call a route: the cluster token (/v2/*), a client key (/v1/*, the gateway), or anyone. Neither
+# credential opens the other's routes.
+Auth = Literal["token", "client", "none"]
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    auth: bool = True  # needs the bearer token
+    auth: Auth = "token"
     query: tuple[str, ...] = ()  # accepted query parameters; any other is refused
 
 
 RULES: dict[object, Rule] = {}  # handler -> its rule; a handler without one needs the token
 
 
-def rule(*, auth: bool = True, query: tuple[str, ...] = ()):
+def rule(*, auth: Auth = "token", query: tuple[str, ...] = ()):
     def declare(handler):
         RULES[handler] = Rule(auth, query)
         return handler
@@ -63,13 +73,13 @@ def not_found(node_id: str) -> ApiError:
 
 
 @routes.get("/health")
-@rule(auth=False)
+@rule(auth="none")
 async def health(request: web.Request) -> web.Response:
     return json_response(schemas.Health(status="ok", version=__version__))
 
 
 @routes.get("/ready")
-@rule(auth=False)
+@rule(auth="none")
 async def ready(request: web.Request) -> web.Response:
     try:
         if await request.app[REGISTRY].ready():
@@ -82,13 +92,13 @@ async def ready(request: web.Request) -> web.Response:
 
 
 @routes.get("/openapi.json")
-@rule(auth=False)
+@rule(auth="none")
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 @routes.get("/metrics")
-@rule(auth=False)
+@rule(auth="none")
 async def metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     if metrics is None:
@@ -205,7 +215,34 @@ async def placement(request: web.Request) -> web.Response:
     except NoPlacement as exc:
         if metrics is not None:
             metrics.placements[exc.code.lower()] += 1
+        request.app[RECENT_ERRORS].record("placement", body.model_id, exc.code, exc.message)
         raise ApiError(503, exc.code, exc.message) from None
     if metrics is not None:
         metrics.placements["placed"] += 1
     return json_response(answer)
+
+
+@routes.get("/v2/placement/errors")
+async def placement_errors(request: web.Request) -> web.Response:
+    return json_response(request.app[RECENT_ERRORS].view())
+
+
+# --- the client endpoint (gateway.py): client keys, OpenAI's shapes
+
+
+@routes.get("/v1/models")
+@rule(auth="client")
+async def client_models(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[GATEWAY].models(), content_type="application/json")
+
+
+@routes.post("/v1/chat/completions")
+@rule(auth="client")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].forward(request, "/v1/chat/completions")
+
+
+@routes.post("/v1/completions")
+@rule(auth="client")
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].forward(request, "/v1/completions")
