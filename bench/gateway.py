@@ -120,9 +120,13 @@ def part_one(args, plan: layout.Layout, scratch: Path) -> list[str]:
                 f"warm-up {label}", url + path, body, key_file, plan.load, 2, scratch, rate=args.rate
             )
         for label, url in targets:
-            results[label] = legs.run_leg(
-                label, url + path, body, key_file, plan.load, args.duration, scratch, rate=args.rate
-            )
+            try:
+                results[label] = legs.run_leg(
+                    label, url + path, body, key_file, plan.load, args.duration, scratch, rate=args.rate
+                )
+            except legs.BenchFailed:
+                report_daemon_errors(gateway)
+                raise
             print("  " + results[label].describe(), flush=True)
             if (complaint := lagging(results[label], args.max_lag_ms)) is not None:
                 complaints.append(complaint)
@@ -244,16 +248,20 @@ def part_two(args, plan: layout.Layout, scratch: Path) -> list[str]:
         for concurrency in (args.engine_parallel, 2 * args.engine_parallel):
             pair = {}
             for label, url, key in targets:
-                pair[label] = legs.run_leg(
-                    f"{label} c={concurrency}",
-                    url + path,
-                    body,
-                    key,
-                    plan.load,
-                    args.engine_duration,
-                    scratch,
-                    concurrency=concurrency,
-                )
+                try:
+                    pair[label] = legs.run_leg(
+                        f"{label} c={concurrency}",
+                        url + path,
+                        body,
+                        key,
+                        plan.load,
+                        args.engine_duration,
+                        scratch,
+                        concurrency=concurrency,
+                    )
+                except legs.BenchFailed:
+                    report_daemon_errors(gateway)
+                    raise
                 print("  " + pair[label].describe(), flush=True)
             if gateway is None:
                 continue
@@ -268,6 +276,14 @@ def part_two(args, plan: layout.Layout, scratch: Path) -> list[str]:
             gateway.stop()
         engine.stop()
     return []
+
+
+def report_daemon_errors(gateway: cluster.GatewayCluster | None) -> None:
+    """What the daemon itself says went wrong (its recent placement errors), before the bench fails."""
+    if gateway is None:
+        return
+    for error in gateway.placement_errors()[:5]:
+        print(f"  daemon: {error.get('code')}: {error.get('message')}", flush=True)
 
 
 def main() -> None:
