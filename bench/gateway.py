@@ -282,8 +282,12 @@ def report_daemon_errors(gateway: cluster.GatewayCluster | None) -> None:
     """What the daemon itself says went wrong (its recent placement errors), before the bench fails."""
     if gateway is None:
         return
-    for error in gateway.placement_errors()[:5]:
-        print(f"  daemon: {error.get('code')}: {error.get('message')}", flush=True)
+    by_message: dict[tuple, int] = {}
+    for error in gateway.placement_errors():  # the newest 100, newest first
+        what = (error.get("code"), error.get("message"))
+        by_message[what] = by_message.get(what, 0) + 1
+    for (code, message), count in list(by_message.items())[:8]:
+        print(f"  daemon, {count} of its last errors: {code}: {message}", flush=True)
 
 
 def main() -> None:
