@@ -98,18 +98,6 @@ def node_status(driver, node_id: str) -> str | None:
     return cells[0] if cells else None
 
 
-def unexpected_errors(driver, daemon: Daemon) -> list[dict]:
-    """Console errors, less the one a daemon without the placement-errors route causes: its 404 is how
-    the page learns there is nothing recorded (the browser logs every 4xx fetch). The allowance holds only
-    while the daemon really answers 404 there."""
-    route_missing = daemon.api("GET", "/v2/placement/errors").status == 404
-    return [
-        entry
-        for entry in console_errors(driver)
-        if not (route_missing and entry["source"] == "network" and "/v2/placement/errors" in entry["message"])
-    ]
-
-
 def test_page_asks_for_the_token_shows_the_cluster_and_a_node_going_offline(cluster, browser):
     daemon, heartbeats = cluster
     sign_in(browser, daemon, TEST_TOKEN)
@@ -141,6 +129,17 @@ def test_page_asks_for_the_token_shows_the_cluster_and_a_node_going_offline(clus
     )
     assert browser.find_element(By.ID, "freshness").text.startswith("updated ")
 
+    # A placement the daemon refuses shows among the recent errors at the next refresh.
+    refused = daemon.api("POST", "/v2/placement", {"model_id": "no-such-model"})
+    assert refused.status == 503, refused.text
+    wait_until(
+        lambda: "MODEL_NOT_AVAILABLE" in " ".join(texts(browser, "#errors td")),
+        timeout=15,
+        what="the refused placement among the recent errors",
+    )
+    assert "no-such-model" in " ".join(texts(browser, "#errors td"))
+    assert not shown(browser, "errors-empty")
+
     # The credential: in this tab's sessionStorage only; not in the URL, localStorage or a cookie.
     assert TEST_TOKEN not in browser.current_url
     assert browser.execute_script(f"return sessionStorage.getItem('{STORAGE_KEY}')") == TEST_TOKEN
@@ -161,7 +160,7 @@ def test_page_asks_for_the_token_shows_the_cluster_and_a_node_going_offline(clus
     browser.refresh()
     wait_until(lambda: node_status(browser, "gpu-1") == "online", timeout=15, what="the page after a reload")
     assert not shown(browser, "login")
-    assert unexpected_errors(browser, daemon) == []
+    assert console_errors(browser) == []
 
     # The daemon going away is said, and the last tables stay.
     heartbeats.stop_all()

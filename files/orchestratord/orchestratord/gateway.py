@@ -34,6 +34,7 @@ from .sse import CommitScanner
 log = logging.getLogger(__name__)
 
 EVENT_STREAM = "text/event-stream"
+ENGINE_KEEPALIVE_S = 4.0  # below llama-server's own 5 s, so the engine never closes one under a request
 RETRY_AFTER_S = 1  # a slot frees within about a request's time; clients back off from there
 BROKEN_STREAM_EVENT = (
     b"data: "
@@ -101,7 +102,11 @@ class Gateway:
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """One client session for every engine: keep-alive connections, no limit but the engines' own."""
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
+        # Idle connections are dropped before the engine drops them: llama-server (cpp-httplib) closes an
+        # idle kept-alive connection after 5 s, and a request sent on one it just closed fails unsent.
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=ENGINE_KEEPALIVE_S, ttl_dns_cache=60
+        )
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
         )
@@ -378,7 +383,7 @@ class Gateway:
             headers = self.engine_keys.headers_for(node_id)
         except EngineKeyMissing as exc:
             raise _Failed("engine_key_missing", str(exc)) from None
-        engine = await self.session.post(pool.url + path, data=body, headers=headers)
+        engine = await self._post(pool.url + path, body, headers)
         # Never the client's fault (it passed the gateway's own check): an engine 401 is a key out of step.
         if engine.status == 401:
             if self.engine_keys.keys_dir is not None:
@@ -390,11 +395,21 @@ class Gateway:
                     raise _Failed("engine_key_missing", str(exc)) from None
                 if fresh != headers:
                     engine.close()
-                    engine = await self.session.post(pool.url + path, data=body, headers=fresh)
+                    engine = await self._post(pool.url + path, body, fresh)
             if engine.status == 401:
                 engine.close()
                 raise _Failed("engine_unauthorized", "the engine refused the node's engine key (401)")
         return engine
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        try:
+            return await self.session.post(url, data=body, headers=headers)
+        except aiohttp.ServerDisconnectedError:
+            # A kept-alive connection the engine closed as the request went out: nothing reached the engine.
+            # Once more on the same pool (expired connections are not reused); a second failure is the
+            # engine's, and counts against the pool as any other.
+            return await self.session.post(url, data=body, headers=headers)
 
     async def _until_commit(
         self, engine: aiohttp.ClientResponse, timer: asyncio.Timeout, first_byte_deadline: float

@@ -73,13 +73,13 @@ def _answer(request: web.Request, asset: Asset) -> web.Response:
 
 
 @routes.get("/")
-@rule(auth=False)
+@rule(auth="none")
 async def cluster_page(request: web.Request) -> web.Response:
     return _answer(request, ASSETS[INDEX])
 
 
 @routes.get("/ui/{name}")
-@rule(auth=False)
+@rule(auth="none")
 async def ui_file(request: web.Request) -> web.Response:
     asset = ASSETS.get(request.match_info["name"])
     if asset is None:

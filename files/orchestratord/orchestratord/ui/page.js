@@ -177,7 +177,7 @@
       const [nodes, models, errors] = await Promise.all([
         read("/v2/nodes"),
         read("/v2/catalog/models"),
-        read("/v2/placement/errors"), // null (404) on a daemon that keeps no such record: "none recorded"
+        read("/v2/placement/errors"),
       ]);
       if (!credential()) return; // forgotten while the answers were on their way
       if (!nodes || !models) throw new Error("this daemon lacks /v2/nodes or /v2/catalog/models");
