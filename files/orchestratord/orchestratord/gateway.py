@@ -405,10 +405,12 @@ class Gateway:
         assert self.session is not None
         try:
             return await self.session.post(url, data=body, headers=headers)
-        except aiohttp.ServerDisconnectedError:
-            # A kept-alive connection the engine closed as the request went out: nothing reached the engine.
-            # Once more on the same pool (expired connections are not reused); a second failure is the
-            # engine's, and counts against the pool as any other.
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # no connection at all (refused, unreachable): the engine's failure
+            # A kept-alive connection the engine closed as the request went out (llama-server closes them
+            # when idle and after a number of requests): the request never reached it. Once more on the
+            # same pool, on another connection; a second failure is the engine's, as any other.
             return await self.session.post(url, data=body, headers=headers)
 
     async def _until_commit(
