@@ -99,7 +99,11 @@ class Daemon:
         }
         config_path = workdir / "orchestratord.yml"
         config_path.write_text(json.dumps(config))
-        env = dict(os.environ, PYTHONPATH=str(DAEMON_SOURCE))
+        # The source tree first, then whatever path the bench itself runs with (its packages may live there).
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(DAEMON_SOURCE), os.environ.get("PYTHONPATH")])),
+        )
         env.pop("LLORCH_API_TOKEN", None)
         self.log = (workdir / "orchestratord.log").open("wb")
         self.proc = subprocess.Popen(
