@@ -58,6 +58,11 @@ def serve_pool(daemon: Daemon, node_id: str, url: str, model: str = MODEL, slots
     registration["pools"][0]["slots_total"] = slots
     answer = daemon.api("POST", "/v2/nodes/register", registration)
     assert answer.status == 200, answer.text
+    beat_pool(daemon, node_id, url, model, slots, **reading)
+
+
+def beat_pool(daemon: Daemon, node_id: str, url: str, model: str = MODEL, slots: int = 4, **reading) -> None:
+    """One heartbeat of a node `serve_pool` registered: its pool's engine at `url` serves `model`."""
     engine = {"kind": "llama.cpp", "state": "ready", "model_id": model, "url": url}
     pool = pool_reading("pool-0", [model], slots_total=slots, slots_free=slots, engine=engine, **reading)
     beat_pools(daemon, node_id, [pool])
@@ -116,7 +121,11 @@ def sse_answer(tokens: list[str], model: str = MODEL) -> list[bytes]:
 @dataclass
 class Upstream:
     """A scripted engine. `mode`: ok, refuse (stops listening), error500, stall, die_after (dies after
-    `die_after` events), hold (every request waits for `release()`)."""
+    `die_after` events), hold (every request waits for `release()`), preamble_stall (streams the role-only
+    first chunk, then stalls before any token), cut_plain and cut_plain_chunked (a plain answer that dies
+    halfway through its body, sent with a Content-Length or chunked), drop_reused (a kept-alive connection
+    that already carried an answer is closed, unanswered, when the next request arrives on it: what a
+    request sent as llama-server closes its idle connection meets)."""
 
     tokens: list[str] = field(default_factory=lambda: [f"tok{n} " for n in range(20)])
     mode: str = "ok"
@@ -126,12 +135,14 @@ class Upstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     client_gone: int = 0
     finished: int = 0
+    dropped: int = 0  # requests closed unanswered on a reused connection (drop_reused)
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self._held = asyncio.Event()
+        self._answered_on: set = set()  # connections that carried an answer (kept: tests are short)
 
     @property
     def url(self) -> str:
@@ -186,12 +197,19 @@ class Upstream:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if self.mode == "drop_reused" and request.protocol in self._answered_on:
+            self.dropped += 1
+            assert request.transport is not None
+            request.transport.close()  # a FIN, no status line: the request was not taken
+            return web.Response()  # never sent: the transport is closed
         self.requests.append({"headers": dict(request.headers), "body": body})
         try:
             return await self._script(request, body)
         except asyncio.CancelledError:
             self.client_gone += 1
             raise
+        finally:
+            self._answered_on.add(request.protocol)
 
     async def _script(self, request: web.Request, body: bytes) -> web.StreamResponse:
         if self.mode == "error500":
@@ -200,6 +218,8 @@ class Upstream:
             await asyncio.sleep(3600)
         if self.mode == "hold":
             await self._held.wait()
+        if self.mode in ("cut_plain", "cut_plain_chunked"):
+            return await self._cut_plain(request)
         if json.loads(body).get("stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
@@ -209,6 +229,8 @@ class Upstream:
                     request.transport.abort()
                     return response
                 await response.write(event)
+                if self.mode == "preamble_stall":
+                    await asyncio.sleep(3600)
                 if self.event_gap_s:
                     await asyncio.sleep(self.event_gap_s)
             await response.write_eof()
@@ -216,3 +238,15 @@ class Upstream:
             return response
         self.finished += 1
         return web.Response(body=self.plain_answer(), content_type="application/json")
+
+    async def _cut_plain(self, request: web.Request) -> web.StreamResponse:
+        """Half of the plain answer, flushed, then the connection dies."""
+        payload = self.plain_answer()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if self.mode == "cut_plain":
+            response.content_length = len(payload)
+        await response.prepare(request)
+        await response.write(payload[: len(payload) // 2])
+        assert request.transport is not None
+        request.transport.abort()
+        return response
