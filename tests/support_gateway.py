@@ -47,6 +47,8 @@ def gateway_daemon(workdir: Path, **overrides: Any) -> Daemon:
         "gateway_first_byte_timeout_ms": 3000,
         "gateway_idle_timeout_ms": 2000,
         "gateway_queue_timeout_ms": 3000,
+        # Exactly the engine's slots, unless a test says otherwise: counts stay easy to reason about.
+        "gateway_engine_backlog": 0,
     }
     settings.update(overrides)
     return make_daemon(workdir, **settings)

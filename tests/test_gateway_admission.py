@@ -129,6 +129,26 @@ def test_a_queued_request_is_served_when_a_slot_frees(gateway, upstreams):
     assert sorted(tag for tag, status, _h, _p in calls.answers if status == 200) == ["first", "second"]
 
 
+def test_the_engine_backlog_sends_that_many_beyond_the_slots_and_queues_the_rest(gateway, upstreams):
+    upstream = upstreams(mode="hold")
+    daemon = gateway(gateway_engine_backlog=1)
+    serve_pool(daemon, "gpu-1", upstream.url, slots=1)
+    calls = Calls(daemon)
+    calls.start("slot")
+    calls.start("backlog")
+    wait_until(lambda: len(upstream.requests) == 2, what="one request per slot plus one for the backlog")
+    calls.start("queued")
+    wait_until(lambda: queue_length(daemon) == 1, what="the third request in the daemon's queue")
+    assert len(upstream.requests) == 2
+    upstream.release()
+    calls.join()
+    assert sorted(tag for tag, status, _h, _p in calls.answers if status == 200) == [
+        "backlog",
+        "queued",
+        "slot",
+    ]
+
+
 def test_a_full_queue_answers_429_to_a_key_over_its_share_and_503_to_another(gateway, upstreams):
     upstream = upstreams(mode="hold")
     daemon = gateway(gateway_queue_max=2, gateway_queue_timeout_ms=10_000)

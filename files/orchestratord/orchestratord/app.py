@@ -69,6 +69,7 @@ def create_app(settings: Settings, token: str, client_keys: ClientKeys | None = 
     )
     registry.routes.queue_max = settings.gateway_queue_max
     registry.routes.set_aside_after = settings.gateway_set_aside_after
+    registry.routes.engine_backlog = settings.gateway_engine_backlog
     metrics = (
         Metrics(
             lambda: count_by_status(registry),

@@ -64,6 +64,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gateway_idle_timeout_ms: PositiveMs = 60_000
     # Consecutive failures after which a pool gets nothing until its node's next heartbeat.
     gateway_set_aside_after: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    # Requests sent to an engine beyond its free slots, which the engine queues itself: when a slot frees it
+    # starts the next at once, without a round trip through the daemon (bench/gateway.py part 2). 0: never
+    # more than its slots; everything else waits in the daemon's fair queue.
+    gateway_engine_backlog: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
 

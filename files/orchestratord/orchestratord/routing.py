@@ -8,8 +8,10 @@ the engines' only client; they are keyed, so it is, and the docs say so.
 
 A pool is routable for model M while its node is live and not drained, the pool is ready and not
 draining, its engine serves M in state `ready` or `busy` (a busy engine may have slots this daemon freed
-since the heartbeat), and it is not set aside after repeated failures. Capacity is `slots_total`, free
-slots `slots_total - in_flight`. Pick: most free slots; ties in (node_id, pool_id) order, rotated.
+since the heartbeat), and it is not set aside after repeated failures. Capacity is `slots_total` plus the
+engine backlog (requests the engine queues itself, so that a freed slot starts the next one with no round
+trip through the daemon; `gateway_engine_backlog`, default 1); free places are capacity - in_flight.
+Pick: most free places; ties in (node_id, pool_id) order, rotated.
 
 The queue per model is served round-robin across client keys: one key flooding it cannot starve another.
 Everything here runs on the event loop, with no awaits, so two requests never take the same last slot.
@@ -68,11 +70,13 @@ class RoutingTable:
         clock: Callable[[], float],
         queue_max: int = 256,
         set_aside_after: int = 3,
+        engine_backlog: int = 0,
     ) -> None:
         self.is_live = is_live
         self.clock = clock
         self.queue_max = queue_max
         self.set_aside_after = set_aside_after
+        self.engine_backlog = engine_backlog
         self.pools: dict[PoolKey, RoutePool] = {}  # routable by their readings
         self.by_model: dict[str, list[RoutePool]] = {}  # in (node_id, pool_id) order
         self.by_node: dict[str, list[PoolKey]] = {}
@@ -151,17 +155,18 @@ class RoutingTable:
     # --- decisions
 
     def pick(self, model: str, now: float, exclude: PoolKey | None = None) -> RoutePool | None:
-        """The pool with the most free slots, taking one of them; None when none has a free slot."""
+        """The pool with the most free places, taking one; None when none has a free place."""
         pools = self.by_model.get(model)
         if not pools:
             return None
         count = len(pools)
         start = self.rotation.get(model, 0) % count
         in_flight, set_aside, is_live = self.in_flight, self.set_aside, self.is_live
+        backlog = self.engine_backlog
         best, best_free = None, 0
         for offset in range(count):
             pool = pools[(start + offset) % count]
-            free = pool.slots_total - in_flight.get(pool.key, 0)
+            free = pool.slots_total + backlog - in_flight.get(pool.key, 0)
             if (
                 free > best_free
                 and pool.key != exclude
