@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import page  # noqa: F401  (puts the cluster page's routes on the route table)
 from .auth import BearerAuth
 from .client_keys import ClientKeys
 from .config import Settings
@@ -23,6 +22,7 @@ from .limits import Limits
 from .metrics import Metrics
 from .middleware import add_guarded_routes
 from .openapi import build_document
+from .page import page_routes
 from .recent_errors import RecentErrors
 from .registry import Registry
 from .routes import CONNECTIONS, GATEWAY, METRICS, OPENAPI, RECENT_ERRORS, REGISTRY, routes
@@ -90,7 +90,9 @@ def create_app(settings: Settings, token: str, client_keys: ClientKeys | None = 
     gateway = app[GATEWAY] = Gateway(
         settings, registry, EngineKeys(settings.engine_keys_dir), metrics, recent_errors, connections
     )
-    add_guarded_routes(app, routes, BearerAuth(token), client_keys or ClientKeys(), metrics, connections)
+    add_guarded_routes(
+        app, [*routes, *page_routes], BearerAuth(token), client_keys or ClientKeys(), metrics, connections
+    )
 
     async def state(app: web.Application) -> AsyncIterator[None]:
         await registry.open()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -149,7 +150,7 @@ def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metric
 
 def add_guarded_routes(
     app: web.Application,
-    routes: web.RouteTableDef,
+    routes: Iterable[web.AbstractRouteDef],
     auth: BearerAuth,
     client_keys: ClientKeys,
     metrics: Metrics | None,

@@ -18,7 +18,7 @@ from importlib import resources
 from aiohttp import web
 
 from .bodies import ApiError
-from .routes import routes, rule
+from .routes import rule
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -64,6 +64,8 @@ def _load_assets() -> dict[str, Asset]:
 
 ASSETS = _load_assets()
 
+page_routes = web.RouteTableDef()  # guarded like every route (app.py), each handler's rule declared below
+
 
 def _answer(request: web.Request, asset: Asset) -> web.Response:
     headers = {**HEADERS, "ETag": asset.etag}
@@ -72,13 +74,13 @@ def _answer(request: web.Request, asset: Asset) -> web.Response:
     return web.Response(body=asset.body, headers={**headers, "Content-Type": asset.content_type})
 
 
-@routes.get("/")
+@page_routes.get("/")
 @rule(auth="none")
 async def cluster_page(request: web.Request) -> web.Response:
     return _answer(request, ASSETS[INDEX])
 
 
-@routes.get("/ui/{name}")
+@page_routes.get("/ui/{name}")
 @rule(auth="none")
 async def ui_file(request: web.Request) -> web.Response:
     asset = ASSETS.get(request.match_info["name"])
