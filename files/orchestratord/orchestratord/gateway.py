@@ -67,6 +67,13 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
+class _PassThrough(web.StreamResponse):
+    """An answer whose headers wait for its first bytes, as aiohttp's own Response's do; only for bytes
+    already in hand, written right after prepare()."""
+
+    _send_headers_immediately = False
+
+
 class _Failed(Exception):
     """An attempt failed before the commit point: another pool may be tried."""
 
@@ -331,28 +338,34 @@ class Gateway:
                 self.routes.succeeded(pool)
                 if self.stats is not None:
                     self.stats.committed(label, time.perf_counter() - started)
-                client = web.StreamResponse(status=status)
+                # Headers go out with the first bytes (one write, not two) when those bytes are in hand: a
+                # stream's held preamble, a whole plain answer. A plain answer still coming gets its status
+                # line at once, as before: a client must see a cut-off answer as begun (200) and cut off.
+                whole = streaming or engine.content.is_eof()
+                client = _PassThrough(status=status) if whole else web.StreamResponse(status=status)
                 # The engine's header as it came: aiohttp must not add a charset of its own.
                 client.headers["Content-Type"] = engine.headers.get("Content-Type", engine.content_type)
                 if not streaming and engine.content_length is not None:
                     client.content_length = engine.content_length
                 reading_engine = False
                 await client.prepare(request)
-                for chunk in held:
-                    await client.write(chunk)
                 content = engine.content
                 idle_s = self.idle_timeout_s
-                while True:
+                # Bytes in hand go out at once, as one write: the held preamble with the headers; the
+                # answer's last bytes, once the engine's answer has ended, with the end of the answer.
+                data = b"".join(held)
+                while not content.at_eof():
+                    if data:
+                        await client.write(data)
                     timer.reschedule(loop.time() + idle_s)
                     reading_engine = True
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
+                    data = await content.readany()
                     reading_engine = False
-                    await client.write(chunk)
+                    if not data:
+                        break
                 timer.reschedule(None)
             reading_engine = False
-            await client.write_eof()
+            await client.write_eof(data)
             engine.release()
             engine = None
             return client, "ok" if status < 400 else "engine_4xx"
