@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 EVENT_STREAM = "text/event-stream"
 ENGINE_KEEPALIVE_S = 4.0  # below llama-server's own 5 s, so the engine never closes one under a request
 USER_AGENT = "orchestratord"  # what engines see; never aiohttp's version
+# The idle timer is moved only when it falls outside [last chunk + idle, that + slack]: once per slack, not
+# once per token (a reschedule costs about 1.7 us; a check 0.2). It fires at most this late.
+IDLE_SLACK_MAX_S = 0.5
 RETRY_AFTER_S = 1  # a slot frees within about a request's time; clients back off from there
 BROKEN_STREAM_EVENT = (
     b"data: "
@@ -106,6 +109,7 @@ class Gateway:
         self.connect_timeout_s = settings.gateway_connect_timeout_ms / 1000
         self.first_byte_timeout_s = settings.gateway_first_byte_timeout_ms / 1000
         self.idle_timeout_s = settings.gateway_idle_timeout_ms / 1000
+        self.idle_slack_s = min(self.idle_timeout_s / 16, IDLE_SLACK_MAX_S)
         self.session: aiohttp.ClientSession | None = None
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
@@ -357,14 +361,15 @@ class Gateway:
                 reading_engine = False
                 await client.prepare(request)
                 content = engine.content
-                idle_s = self.idle_timeout_s
+                idle_s, slack_s = self.idle_timeout_s, self.idle_slack_s
                 # Bytes in hand go out at once, as one write: the held preamble with the headers; the
                 # answer's last bytes, once the engine's answer has ended, with the end of the answer.
                 data = b"".join(held)
                 while not content.at_eof():
                     if data:
                         await client.write(data)
-                    timer.reschedule(loop.time() + idle_s)
+                    now = loop.time()
+                    _keep_deadline(timer, now + idle_s, now + idle_s + slack_s)
                     reading_engine = True
                     data = await content.readany()
                     reading_engine = False
@@ -441,8 +446,14 @@ class Gateway:
         scanner = CommitScanner()
         held: list[bytes] = []
         content = engine.content
+        idle_s, slack_s = self.idle_timeout_s, self.idle_slack_s
         while True:
-            timer.reschedule(min(first_byte_deadline, loop.time() + self.idle_timeout_s))
+            now = loop.time()
+            _keep_deadline(
+                timer,
+                min(first_byte_deadline, now + idle_s),
+                min(first_byte_deadline, now + idle_s + slack_s),
+            )
             chunk = await content.readany()
             if not chunk:
                 raise _Failed("engine_unavailable", "the engine's stream ended before its first token")
@@ -476,6 +487,13 @@ class Gateway:
             self.connections.unwatch(request.protocol)  # this close is ours, not the client leaving
             request.transport.close()  # the client sees a cut-off body, never a complete-looking one
         return client
+
+
+def _keep_deadline(timer: asyncio.Timeout, earliest: float, latest: float) -> None:
+    """Have the timer fire between `earliest` and `latest`, moving it (to `latest`) only when it is not."""
+    when = timer.when()
+    if when is None or not earliest <= when <= latest:
+        timer.reschedule(latest)
 
 
 def _too_large(limit: int) -> GatewayError:
