@@ -271,6 +271,14 @@ def part_two(args, plan: layout.Layout, scratch: Path) -> list[str]:
                 f"  concurrency {concurrency}: throughput orchestratord / direct {ratio:.3f} (goal >= 0.97); "
                 f"first token +{ft:.2f} ms at p50"
             )
+        if gateway is not None:
+            # Requests the daemon had to send again because the engine had closed a pooled connection.
+            resends = gateway.counter("orchestratord_gateway_engine_resends_total")
+            print(
+                f"  the daemon sent {resends:.0f} request(s) again on a fresh connection"
+                if resends is not None
+                else "  (no resend count on /metrics)"
+            )
     finally:
         if gateway is not None:
             gateway.stop()

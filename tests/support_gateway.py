@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
@@ -252,3 +253,11 @@ class Upstream:
         assert request.transport is not None
         request.transport.abort()
         return response
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    """One unlabelled sample of the daemon's /metrics."""
+    text = daemon.api("GET", "/metrics").text
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found, f"{name} is not on /metrics"
+    return float(found.group(1))

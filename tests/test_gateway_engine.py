@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from support_engine import (
     unpack_engine,
     write_key_file,
 )
-from support_gateway import CLIENT_KEY, client_call, gateway_daemon, raw_post, serve_pool
+from support_gateway import CLIENT_KEY, client_call, gateway_daemon, metric, raw_post, serve_pool
 
 # The first test may build llama-server (minutes, once per machine) before it starts its clock.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_S)
@@ -272,3 +273,19 @@ def test_a_wrong_engine_key_is_a_502_and_the_rotated_key_is_read_without_a_resta
     assert status == 200, payload
     assert answer_text(payload, False)[0]
     assert daemon.proc.pid == pid and daemon.proc.poll() is None
+
+
+def test_streams_back_to_back_need_no_resend(gateway):
+    """llama-server closes its connection after every streamed answer, without saying so. A request that
+    waited in the daemon's queue goes out the moment a stream ends, before that close arrives: were the
+    connection pooled, it would be taken and fail unsent (then be sent again on a fresh one)."""
+    daemon = gateway()
+    body = request_body("/v1/completions", True)
+
+    def client() -> list[int]:
+        return [raw_post(daemon.url, "/v1/completions", body, CLIENT_KEY)[0] for _ in range(5)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # twice the engine's slots: two wait each time
+        statuses = [status for answers in pool.map(lambda _n: client(), range(4)) for status in answers]
+    assert statuses == [200] * 20
+    assert metric(daemon, "orchestratord_gateway_engine_resends_total") == 0

@@ -125,6 +125,18 @@ class GatewayCluster:
         except OSError:
             return []
 
+    def counter(self, name: str) -> float | None:
+        """One unlabelled sample of the daemon's /metrics (None when it cannot be read)."""
+        try:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split(" ", 1)[1])
+        return None
+
     def stop(self) -> None:
         self._stop.set()
         self._heartbeater.join(timeout=10)

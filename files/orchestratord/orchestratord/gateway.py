@@ -111,6 +111,7 @@ class Gateway:
         self.idle_timeout_s = settings.gateway_idle_timeout_ms / 1000
         self.idle_slack_s = min(self.idle_timeout_s / 16, IDLE_SLACK_MAX_S)
         self.session: aiohttp.ClientSession | None = None
+        self.fresh_session: aiohttp.ClientSession | None = None
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """One client session for every engine: keep-alive connections, no limit but the engines' own."""
@@ -131,8 +132,17 @@ class Gateway:
             auto_decompress=False,
             headers={"User-Agent": USER_AGENT},
         )
+        # For the one resend after an engine closed a pooled connection under a request: always a new
+        # connection, never another pooled one that may be just as closed.
+        self.fresh_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, ttl_dns_cache=60),
+            timeout=timeout,
+            auto_decompress=False,
+            headers={"User-Agent": USER_AGENT},
+        )
         yield
         await self.session.close()
+        await self.fresh_session.close()
 
     # --- /v1/models
 
@@ -171,7 +181,7 @@ class Gateway:
             self.registry.settle()  # the served models below must be current
             if model in self.registry.served_nodes:
                 label = model
-            response, outcome = await self._serve(request, path, body, model, label, started)
+            response, outcome = await self._serve(request, path, body, head, label, started)
             return response
         except GatewayError as exc:
             outcome = exc.code
@@ -206,8 +216,9 @@ class Gateway:
         return head
 
     async def _serve(
-        self, request: web.Request, path: str, body: bytes, model: str, label: str, started: float
+        self, request: web.Request, path: str, body: bytes, head: RequestHead, label: str, started: float
     ) -> tuple[web.StreamResponse, str]:
+        model, stream = head.model, head.stream
         registry, routes = self.registry, self.routes
         registry.settle()
         now = registry.clock()
@@ -220,7 +231,7 @@ class Gateway:
         self.connections.watch(request.protocol, task.cancel)
         try:
             try:
-                return await self._attempt(request, path, body, pool, label, started)
+                return await self._attempt(request, path, body, stream, pool, label, started)
             except _Failed as first:
                 self._note_failure(pool, model, first)
                 routes.release(pool)
@@ -232,7 +243,7 @@ class Gateway:
                 if self.stats is not None:
                     self.stats.retries += 1
                 try:
-                    return await self._attempt(request, path, body, pool, label, started)
+                    return await self._attempt(request, path, body, stream, pool, label, started)
                 except _Failed as second:
                     self._note_failure(pool, model, second)
                     raise self._final(model, second) from None
@@ -327,7 +338,14 @@ class Gateway:
     # --- one attempt on one pool
 
     async def _attempt(
-        self, request: web.Request, path: str, body: bytes, pool: RoutePool, label: str, started: float
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes,
+        stream: bool,
+        pool: RoutePool,
+        label: str,
+        started: float,
     ) -> tuple[web.StreamResponse, str]:
         loop = asyncio.get_running_loop()
         first_byte_deadline = loop.time() + self.first_byte_timeout_s
@@ -337,7 +355,7 @@ class Gateway:
         client: web.StreamResponse | None = None
         try:
             async with asyncio.timeout_at(first_byte_deadline) as timer:
-                engine = await self._send(pool, path, body)
+                engine = await self._send(pool, path, body, stream)
                 status = engine.status
                 if status >= 500:
                     raise _Failed("engine_error", f"the engine answered {status}")
@@ -401,13 +419,19 @@ class Gateway:
             if engine is not None:
                 engine.close()  # drops the engine's connection: llama-server stops the slot's work
 
-    async def _send(self, pool: RoutePool, path: str, body: bytes) -> aiohttp.ClientResponse:
+    async def _send(self, pool: RoutePool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
         assert self.session is not None
         node_id = pool.key[0]
         try:
-            headers = self.engine_keys.headers_for(node_id)
+            key_headers = self.engine_keys.headers_for(node_id)
         except EngineKeyMissing as exc:
             raise _Failed("engine_key_missing", str(exc)) from None
+        headers = key_headers
+        if stream:
+            # llama-server closes the connection after every streamed answer without saying so (it even
+            # answers `Keep-Alive`). Said here, aiohttp does not pool it: pooled, it would fail the next
+            # request sent on it before the engine's FIN arrived.
+            headers = {**key_headers, "Connection": "close"}
         engine = await self._post(pool.url + path, body, headers)
         # Never the client's fault (it passed the gateway's own check): an engine 401 is a key out of step.
         if engine.status == 401:
@@ -418,25 +442,28 @@ class Gateway:
                 except EngineKeyMissing as exc:
                     engine.close()
                     raise _Failed("engine_key_missing", str(exc)) from None
-                if fresh != headers:
+                if fresh != key_headers:
                     engine.close()
-                    engine = await self._post(pool.url + path, body, fresh)
+                    headers = {**fresh, "Connection": "close"} if stream else fresh
+                    engine = await self._post(pool.url + path, body, headers)
             if engine.status == 401:
                 engine.close()
                 raise _Failed("engine_unauthorized", "the engine refused the node's engine key (401)")
         return engine
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
-        assert self.session is not None
+        assert self.session is not None and self.fresh_session is not None
         try:
             return await self.session.post(url, data=body, headers=headers)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # no connection at all (refused, unreachable): the engine's failure
-            # A kept-alive connection the engine closed as the request went out (llama-server closes them
-            # when idle and after a number of requests): the request never reached it. Once more on the
-            # same pool, on another connection; a second failure is the engine's, as any other.
-            return await self.session.post(url, data=body, headers=headers)
+            # A kept-alive connection the engine closed as the request went out (llama-server closes idle
+            # ones after 5 s): the request never reached it. Once more on the same pool, on a new
+            # connection; a second failure is the engine's, as any other.
+            if self.stats is not None:
+                self.stats.resends += 1
+            return await self.fresh_session.post(url, data=body, headers=headers)
 
     async def _until_commit(
         self, engine: aiohttp.ClientResponse, timer: asyncio.Timeout, first_byte_deadline: float

@@ -57,6 +57,7 @@ class GatewayMetrics:
         self.duration: dict[str, _Latency] = {}
         self.queue_wait: dict[str, _Latency] = {}
         self.retries = 0
+        self.resends = 0  # sent once more on a fresh connection: the engine had closed the pooled one
 
     def finished(self, model: str, outcome: str, seconds: float) -> None:
         key = (model, outcome)
@@ -173,6 +174,11 @@ class Metrics(Collector):
             "orchestratord_gateway_retries",
             "Requests tried again on another pool before the first token",
             value=gateway.retries,
+        )
+        yield CounterMetricFamily(
+            "orchestratord_gateway_engine_resends",
+            "Requests sent once more to the same engine on a fresh connection (it had closed the pooled one)",
+            value=gateway.resends,
         )
         routes = self._routes
         yield CounterMetricFamily(
