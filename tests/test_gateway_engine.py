@@ -275,10 +275,11 @@ def test_a_wrong_engine_key_is_a_502_and_the_rotated_key_is_read_without_a_resta
     assert daemon.proc.pid == pid and daemon.proc.poll() is None
 
 
-def test_streams_back_to_back_need_no_resend(gateway):
-    """llama-server closes its connection after every streamed answer, without saying so. A request that
-    waited in the daemon's queue goes out the moment a stream ends, before that close arrives: were the
-    connection pooled, it would be taken and fail unsent (then be sent again on a fresh one)."""
+def test_streams_back_to_back_all_answer_though_the_engine_closes_their_connections(gateway):
+    """llama-server closes its connection after every streamed answer, while answering Keep-Alive. A
+    request that waited in the daemon's queue goes out the moment a stream ends, often on that very
+    connection before its close arrived: it fails unsent and must go once more on a new connection, to
+    the same engine, without a retry elsewhere, an error recorded, or the pool counted as failing."""
     daemon = gateway()
     body = request_body("/v1/completions", True)
 
@@ -288,4 +289,5 @@ def test_streams_back_to_back_need_no_resend(gateway):
     with ThreadPoolExecutor(max_workers=4) as pool:  # twice the engine's slots: two wait each time
         statuses = [status for answers in pool.map(lambda _n: client(), range(4)) for status in answers]
     assert statuses == [200] * 20
-    assert metric(daemon, "orchestratord_gateway_engine_resends_total") == 0
+    assert metric(daemon, "orchestratord_gateway_retries_total") == 0
+    assert daemon.api("GET", "/v2/placement/errors").body["errors"] == []

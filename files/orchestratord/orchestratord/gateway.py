@@ -181,7 +181,7 @@ class Gateway:
             self.registry.settle()  # the served models below must be current
             if model in self.registry.served_nodes:
                 label = model
-            response, outcome = await self._serve(request, path, body, head, label, started)
+            response, outcome = await self._serve(request, path, body, model, label, started)
             return response
         except GatewayError as exc:
             outcome = exc.code
@@ -216,9 +216,8 @@ class Gateway:
         return head
 
     async def _serve(
-        self, request: web.Request, path: str, body: bytes, head: RequestHead, label: str, started: float
+        self, request: web.Request, path: str, body: bytes, model: str, label: str, started: float
     ) -> tuple[web.StreamResponse, str]:
-        model, stream = head.model, head.stream
         registry, routes = self.registry, self.routes
         registry.settle()
         now = registry.clock()
@@ -231,7 +230,7 @@ class Gateway:
         self.connections.watch(request.protocol, task.cancel)
         try:
             try:
-                return await self._attempt(request, path, body, stream, pool, label, started)
+                return await self._attempt(request, path, body, pool, label, started)
             except _Failed as first:
                 self._note_failure(pool, model, first)
                 routes.release(pool)
@@ -243,7 +242,7 @@ class Gateway:
                 if self.stats is not None:
                     self.stats.retries += 1
                 try:
-                    return await self._attempt(request, path, body, stream, pool, label, started)
+                    return await self._attempt(request, path, body, pool, label, started)
                 except _Failed as second:
                     self._note_failure(pool, model, second)
                     raise self._final(model, second) from None
@@ -338,14 +337,7 @@ class Gateway:
     # --- one attempt on one pool
 
     async def _attempt(
-        self,
-        request: web.Request,
-        path: str,
-        body: bytes,
-        stream: bool,
-        pool: RoutePool,
-        label: str,
-        started: float,
+        self, request: web.Request, path: str, body: bytes, pool: RoutePool, label: str, started: float
     ) -> tuple[web.StreamResponse, str]:
         loop = asyncio.get_running_loop()
         first_byte_deadline = loop.time() + self.first_byte_timeout_s
@@ -355,7 +347,7 @@ class Gateway:
         client: web.StreamResponse | None = None
         try:
             async with asyncio.timeout_at(first_byte_deadline) as timer:
-                engine = await self._send(pool, path, body, stream)
+                engine = await self._send(pool, path, body)
                 status = engine.status
                 if status >= 500:
                     raise _Failed("engine_error", f"the engine answered {status}")
@@ -419,19 +411,19 @@ class Gateway:
             if engine is not None:
                 engine.close()  # drops the engine's connection: llama-server stops the slot's work
 
-    async def _send(self, pool: RoutePool, path: str, body: bytes, stream: bool) -> aiohttp.ClientResponse:
+    async def _send(self, pool: RoutePool, path: str, body: bytes) -> aiohttp.ClientResponse:
         assert self.session is not None
         node_id = pool.key[0]
         try:
             key_headers = self.engine_keys.headers_for(node_id)
         except EngineKeyMissing as exc:
             raise _Failed("engine_key_missing", str(exc)) from None
+        # No `Connection: close` for streams, though llama-server closes the connection after each streamed
+        # answer while answering Keep-Alive: a request that takes such a connection from the pool fails
+        # unsent and goes once more on a new one (_post), which costs what a new connection every time
+        # would, while engines that keep their connections keep them (bench/gateway.py part 1: a new
+        # connection per request halved the daemon's capacity).
         headers = key_headers
-        if stream:
-            # llama-server closes the connection after every streamed answer without saying so (it even
-            # answers `Keep-Alive`). Said here, aiohttp does not pool it: pooled, it would fail the next
-            # request sent on it before the engine's FIN arrived.
-            headers = {**key_headers, "Connection": "close"}
         engine = await self._post(pool.url + path, body, headers)
         # Never the client's fault (it passed the gateway's own check): an engine 401 is a key out of step.
         if engine.status == 401:
@@ -444,8 +436,7 @@ class Gateway:
                     raise _Failed("engine_key_missing", str(exc)) from None
                 if fresh != key_headers:
                     engine.close()
-                    headers = {**fresh, "Connection": "close"} if stream else fresh
-                    engine = await self._post(pool.url + path, body, headers)
+                    engine = await self._post(pool.url + path, body, fresh)
             if engine.status == 401:
                 engine.close()
                 raise _Failed("engine_unauthorized", "the engine refused the node's engine key (401)")
