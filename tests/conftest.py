@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from support import Daemon, make_daemon
+from support_gateway import Upstream, gateway_daemon
 
 
 @pytest.fixture
@@ -36,3 +37,34 @@ def models_dir(tmp_path) -> Path:
     path = tmp_path / "models"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def upstreams() -> Iterator:
+    """Scripted engines for the gateway tests: `upstreams(mode="hold")` (tests/support_gateway.py)."""
+    started: list[Upstream] = []
+
+    def start(**settings) -> Upstream:
+        upstream = Upstream(**settings).start()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        upstream.release()  # a held answer must not keep the loop from stopping
+        upstream.close()
+
+
+@pytest.fixture
+def gateway(tmp_path) -> Iterator:
+    """Daemons with client keys and short gateway timeouts: `gateway(gateway_queue_max=2)`."""
+    started: list[Daemon] = []
+
+    def start(**overrides) -> Daemon:
+        daemon = gateway_daemon(tmp_path / f"d{len(started)}", **overrides).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()

@@ -261,3 +261,10 @@ def metric(daemon: Daemon, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert found, f"{name} is not on /metrics"
     return float(found.group(1))
+
+
+def placement_errors(daemon: Daemon) -> list[dict]:
+    """The daemon's recent placement errors, newest first."""
+    answer = daemon.api("GET", "/v2/placement/errors")
+    assert answer.status == 200, answer.text
+    return answer.body["errors"]

@@ -11,48 +11,14 @@ from support_daemon import run_daemon_once, write_yaml
 from support_gateway import (
     CLIENT_KEY,
     MODEL,
-    Upstream,
     chat_body,
     client_call,
     gateway_daemon,
+    placement_errors,
     raw_post,
     serve_pool,
     write_client_keys,
 )
-
-
-@pytest.fixture
-def upstreams():
-    started: list[Upstream] = []
-
-    def start(**settings) -> Upstream:
-        upstream = Upstream(**settings).start()
-        started.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in started:
-        upstream.close()
-
-
-@pytest.fixture
-def gateway(tmp_path):
-    started = []
-
-    def start(**overrides):
-        daemon = gateway_daemon(tmp_path / f"d{len(started)}", **overrides).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-
-
-def errors_of(daemon) -> list[dict]:
-    answer = daemon.api("GET", "/v2/placement/errors")
-    assert answer.status == 200, answer.text
-    return answer.body["errors"]
 
 
 def test_a_stream_is_byte_identical_to_asking_the_upstream_directly(gateway, upstreams):
@@ -113,7 +79,9 @@ def test_a_failure_before_the_first_token_is_retried_once_on_another_pool(gatewa
         status, _headers, payload = raw_post(daemon.url, "/v1/chat/completions", body, CLIENT_KEY)
         assert (status, payload) == (200, b"".join(good.expected()))
     assert good.finished == 4
-    assert any(error["source"] == "gateway" and "gpu-1" in error["message"] for error in errors_of(daemon))
+    assert any(
+        error["source"] == "gateway" and "gpu-1" in error["message"] for error in placement_errors(daemon)
+    )
 
 
 def test_nothing_is_retried_after_the_first_token_and_the_stream_ends_with_one_error_event(

@@ -5,49 +5,17 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
 from support import wait_until
 from support_daemon import beat_pools, pool_reading
 from support_gateway import (
     CLIENT_KEY,
     MODEL,
     OTHER_CLIENT_KEY,
-    Upstream,
     chat_body,
     client_call,
-    gateway_daemon,
     raw_post,
     serve_pool,
 )
-
-
-@pytest.fixture
-def upstreams():
-    started: list[Upstream] = []
-
-    def start(**settings) -> Upstream:
-        upstream = Upstream(**settings).start()
-        started.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in started:
-        upstream.release()
-        upstream.close()
-
-
-@pytest.fixture
-def gateway(tmp_path):
-    started = []
-
-    def start(**overrides):
-        daemon = gateway_daemon(tmp_path / f"d{len(started)}", **overrides).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 class Calls:

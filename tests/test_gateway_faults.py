@@ -14,48 +14,17 @@ import pytest
 from support import wait_until
 from support_gateway import (
     CLIENT_KEY,
-    Upstream,
     beat_pool,
     chat_body,
-    gateway_daemon,
     metric,
+    placement_errors,
     raw_post,
     serve_pool,
 )
 
 
-@pytest.fixture
-def upstreams():
-    started: list[Upstream] = []
-
-    def start(**settings) -> Upstream:
-        upstream = Upstream(**settings).start()
-        started.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in started:
-        upstream.close()
-
-
-@pytest.fixture
-def gateway(tmp_path):
-    started = []
-
-    def start(**overrides):
-        daemon = gateway_daemon(tmp_path / f"d{len(started)}", **overrides).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-
-
 def error_codes(daemon) -> list[str]:
-    answer = daemon.api("GET", "/v2/placement/errors")
-    assert answer.status == 200, answer.text
-    return [error["code"] for error in answer.body["errors"]]
+    return [error["code"] for error in placement_errors(daemon)]
 
 
 def send_and_leave_later(daemon, body: dict) -> socket.socket:
