@@ -29,7 +29,7 @@ from support_roles import local_host, run_playbook
 
 # The contract is stdlib only: the test reads the very file the modules receive as module_utils.
 sys.path.insert(0, str(REPO_ROOT / "plugins" / "module_utils"))
-from llorch_contract import valid_id, valid_model_id
+from llorch_contract import valid_id, valid_model_id, valid_node_id
 
 # (value, why it is in the table). Each value is tried as a node id, a pool id and a model id.
 ID_TABLE: list[tuple[str, str]] = [
@@ -52,12 +52,16 @@ ID_TABLE: list[tuple[str, str]] = [
     ("", "empty"),
     ("-leading-dash", "a leading dash is allowed"),
     ("tab\there", "a control character"),
+    ("localhost", "Ansible's name for the controller: a pool or model id, never a node id"),
+    ("127.0.0.1", "the same, as an address"),
+    ("LocalHost", "host names know no case"),
 ]
 ROW_IDS = [f"row{number}" for number in range(len(ID_TABLE))]
 VALUES = [value for value, _ in ID_TABLE]
 
 # What the contract says; every consumer is compared with these.
-NODE_OK = {value: valid_id(value) for value in VALUES}
+NODE_OK = {value: valid_node_id(value) for value in VALUES}
+POOL_OK = {value: valid_id(value) for value in VALUES}
 MODEL_OK = {value: valid_model_id(value) for value in VALUES}
 
 
@@ -66,6 +70,7 @@ def test_the_table_covers_both_verdicts_for_each_kind():
     assert MODEL_OK["meta-llama/Llama-3.1-8B-Instruct"] and not NODE_OK["a/b"] and MODEL_OK["a/b"]
     assert not NODE_OK["."] and not NODE_OK[".."] and not NODE_OK["gpu-1\n"] and not NODE_OK["a" * 129]
     assert NODE_OK["a" * 128] and MODEL_OK["m" * 256] and not MODEL_OK["m" * 257]
+    assert POOL_OK["localhost"] and not NODE_OK["localhost"] and not NODE_OK["LocalHost"]
 
 
 # --- orchestratord --------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def test_orchestratord_agrees_on_node_ids(registry, value):
 
 @pytest.mark.parametrize("value", VALUES, ids=ROW_IDS)
 def test_orchestratord_agrees_on_pool_ids(registry, value):
-    assert daemon_accepts_registration(registry, "pool-probe", value) is NODE_OK[value]
+    assert daemon_accepts_registration(registry, "pool-probe", value) is POOL_OK[value]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=ROW_IDS)
@@ -171,7 +176,7 @@ def test_validate_inventory_agrees_on_node_ids(inventory_verdicts, value):
 
 @pytest.mark.parametrize("value", VALUES, ids=ROW_IDS)
 def test_validate_inventory_agrees_on_pool_ids(inventory_verdicts, value):
-    assert inventory_verdicts["pool"][value] is NODE_OK[value]
+    assert inventory_verdicts["pool"][value] is POOL_OK[value]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=ROW_IDS)
@@ -250,7 +255,7 @@ def test_pool_managerd_config_agrees_on_node_ids(agent_verdicts, value):
 
 @pytest.mark.parametrize("value", VALUES, ids=ROW_IDS)
 def test_pool_managerd_config_agrees_on_pool_ids(agent_verdicts, value):
-    assert agent_verdicts["pool"][value] is NODE_OK[value]
+    assert agent_verdicts["pool"][value] is POOL_OK[value]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=ROW_IDS)

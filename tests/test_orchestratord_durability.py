@@ -131,6 +131,12 @@ def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
                 ("gpu-old", json.dumps(old_rules).encode(), "2026-01-01T00:00:00.000Z"),
                 ("gpu-garbled", b"\x00not json", "2026-01-01T00:00:00.000Z"),
                 ("gpu-no-date", json.dumps(sample_registration("gpu-no-date")).encode(), "yesterday"),
+                # An id this version refuses: Ansible's name for the controller.
+                (
+                    "localhost",
+                    json.dumps(sample_registration("localhost")).encode(),
+                    "2026-01-01T00:00:00.000Z",
+                ),
             ],
         )
         # A readable registration whose last readings are not: the node stays, its readings go.
@@ -141,7 +147,7 @@ def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
     assert nodes["gpu-1"]["models"] == []
     log = daemon.log()
     assert "Traceback" not in log
-    for node_id in ("gpu-old", "gpu-garbled", "gpu-no-date"):
+    for node_id in ("gpu-old", "gpu-garbled", "gpu-no-date", "'localhost'"):
         assert sum(node_id in line and "skipped" in line for line in log.splitlines()) == 1, log
     assert sum("gpu-1" in line and "readings" in line for line in log.splitlines()) == 1, log
     # Its agent's next heartbeat gets 404, so it registers again, and the new record replaces the old.

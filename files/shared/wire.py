@@ -22,7 +22,9 @@ from .contract import (
     ID_RULE,
     MODEL_ID_PATTERN,
     MODEL_ID_RULE,
+    NODE_ID_RULE,
     NODE_STATUSES,
+    valid_node_id,
 )
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN, description=ID_RULE)]
@@ -137,6 +139,8 @@ class Heartbeat(Wire):
 
 
 def check_registration(body: Registration) -> Registration:
+    if not valid_node_id(body.node_id):
+        raise ValidationProblem("$.node_id", f"node_id {body.node_id!r} is refused: {NODE_ID_RULE}")
     seen: set[str] = set()
     for number, pool in enumerate(body.pools):
         if pool.pool_id in seen:

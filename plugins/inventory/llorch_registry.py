@@ -96,6 +96,7 @@ from ansible_collections.llorch.kit.plugins.module_utils import llorch_api  # no
 from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (  # noqa: E402
     ENGINE_SERVING_STATES,
     NODE_STATUSES,
+    valid_node_id,
 )
 
 BASE_GROUP = "llorch_nodes"
@@ -212,7 +213,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             nodes = client.list_nodes()
         except llorch_api.LlorchApiError as exc:
             raise AnsibleParserError(str(exc)) from None
-        records = [host_record(node, detailed) for node in nodes if node.get("node_id")]
+        records = [host_record(node, detailed) for node in nodes if valid_node_id(node.get("node_id"))]
+        refused = len(nodes) - len(records)
+        if refused:
+            # Never a host named after the controller ("localhost"): the daemon refuses such a registration
+            # today, but a registry of another version or a restored database may still hold one.
+            self.display.warning(f"llorch_registry: left out {refused} node(s) whose id is no valid node id")
         if cache_on:
             # The records go in as one JSON string: Ansible's cache layer deep-copies and walks every value
             # it is given, which costs more than the registry request itself at 10,000 nodes.

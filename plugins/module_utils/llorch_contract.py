@@ -39,6 +39,18 @@ def valid_id(value: object) -> bool:
     return isinstance(value, str) and _ID.search(value) is not None
 
 
+# Names by which Ansible means the controller itself (its implicit localhost): a node registered under one of
+# them would turn the registry inventory's host into the controller, or an SSH target of that name.
+RESERVED_NODE_IDS = ("localhost", "127.0.0.1")
+NODE_ID_RULE = ID_RULE + ", not " + " or ".join(repr(name) for name in RESERVED_NODE_IDS)
+
+
+def valid_node_id(value: object) -> bool:
+    """True for a node id orchestratord accepts: an id that is not one of Ansible's names for the controller
+    (compared case-insensitively: host names are)."""
+    return valid_id(value) and value.lower() not in RESERVED_NODE_IDS  # type: ignore[union-attr]
+
+
 def valid_model_id(value: object) -> bool:
     """True for a model id that orchestratord accepts."""
     return isinstance(value, str) and _MODEL_ID.search(value) is not None

@@ -9,6 +9,7 @@ from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import 
     ENGINE_KINDS,
     valid_id,
     valid_model_id,
+    valid_node_id,
 )
 
 
@@ -21,6 +22,7 @@ class TestModule:
     def tests(self):
         return {
             "llorch_id": valid_id,
+            "llorch_node_id": valid_node_id,
             "llorch_model_id": valid_model_id,
             "llorch_engine_kind": valid_engine_kind,
         }

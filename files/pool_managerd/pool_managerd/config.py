@@ -17,7 +17,7 @@ import msgspec
 import msgspec.inspect
 
 from .config_file import ConfigError, read_config_file
-from .contract import DEFAULT_MAX_POOLS_PER_NODE, ID_RULE, valid_id
+from .contract import DEFAULT_MAX_POOLS_PER_NODE, ID_RULE, NODE_ID_RULE, valid_node_id
 from .wire import Address, Count, GpuIndex, Id
 
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
@@ -185,10 +185,9 @@ def load_settings(config_path: str | Path) -> Settings:
         if settings.backoff_max_s < settings.backoff_initial_s:
             raise ConfigError("'backoff_max_s' must not be below 'backoff_initial_s'")
         node_id = settings.node_id or _default_node_id()
-        if not valid_id(node_id):
-            raise ConfigError(
-                f"'node_id' is not set and the host name {node_id!r} is no valid id ({ID_RULE})"
-            )
+        if not valid_node_id(node_id):
+            where = "'node_id'" if settings.node_id else f"'node_id' is not set and the host name {node_id!r}"
+            raise ConfigError(f"{where} is no valid node id ({NODE_ID_RULE})")
         if settings.ca_file is not None:
             _check_ca_file(settings.ca_file)
     except msgspec.ValidationError as error:
