@@ -78,7 +78,9 @@ class PostgresStore:
                 database=self.target.database,
                 password=self._password,
                 ssl=self.target.sslmode,
-                min_size=1,
+                # No floor: asyncpg would keep reconnecting to a database that is away in the background,
+                # logging a traceback each time; a call that needs a connection opens it and says why not.
+                min_size=0,
                 max_size=POOL_MAX_SIZE,
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=STATEMENT_TIMEOUT_S,
