@@ -5,11 +5,16 @@ URL, argv and the log. The store's contract on both backends is in test_orchestr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from support import free_port, make_daemon, sample_registration, wait_until
+import pytest
+from support import REPO_ROOT, free_port, make_daemon, sample_registration, wait_until
 from support_daemon import beat, online_node, run_daemon_once, status_of
 from support_postgres import daemon_sql, fresh_database, postgres  # noqa: F401 (a session fixture)
+
+sys.path.insert(0, str(REPO_ROOT / "files" / "orchestratord"))
+from orchestratord.config import ConfigError, load_settings, parse_db_url
 
 WRITE_FAILURE_LINE = "writes to the database PostgreSQL"
 
@@ -154,3 +159,36 @@ def test_two_daemons_starting_together_migrate_once(postgres, tmp_path):  # noqa
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize(
+    ("db_url", "words"),
+    [
+        ("postgresql://llorch:s3cret-pw@db:5432/llorch", "holds a password"),
+        ("postgresql://llorch@db/llorch?password=s3cret-pw", "unknown parameter 'password'"),
+        ("postgresql://llorch@db/llorch?sslmode=maybe", "sslmode must be one of"),
+        ("mysql://llorch@db/llorch", "must start with postgresql://"),
+        ("postgresql://db:5432/llorch", "needs a user, a host and a database"),
+        ("postgresql://llorch@db:5432/", "needs a user, a host and a database"),
+        ("postgresql://llorch@db:99999/llorch", "the port must be a number"),
+    ],
+)
+def test_bad_db_url_is_one_clear_line_that_never_echoes_a_password(db_url, words):
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {"ORCHESTRATORD_DB_URL": db_url})
+    message = str(refused.value)
+    assert words in message and "ORCHESTRATORD_DB_URL" in message
+    assert "s3cret-pw" not in message and "\n" not in message
+
+
+def test_db_url_names_user_host_port_and_database():
+    target = parse_db_url("postgresql://orchestratord@db.lab:6432/llorch?sslmode=verify-full")
+    assert (target.user, target.host, target.port, target.database) == (
+        "orchestratord",
+        "db.lab",
+        6432,
+        "llorch",
+    )
+    assert target.sslmode == "verify-full"
+    assert str(target) == "PostgreSQL orchestratord@db.lab:6432/llorch"
+    assert parse_db_url("postgres://u@h/d").port == 5432
