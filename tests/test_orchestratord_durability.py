@@ -1,4 +1,8 @@
-"""Durability: what got a 2xx survives kill -9; heartbeats reach the disk in batches."""
+"""Durability: what got a 2xx survives kill -9; heartbeats reach the disk in batches.
+
+Every test runs on both stores: SQLite (the default) and PostgreSQL (db_url), on a server the session
+starts (support_postgres.py).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,47 @@ import json
 import signal
 import sqlite3
 import time
+from collections.abc import Iterator
 
-from support import sample_heartbeat, sample_registration, wait_until
+import pytest
+from support import Daemon, make_daemon, sample_heartbeat, sample_registration, wait_until
 from support_daemon import beat, online_node, place, status_of
+from support_postgres import daemon_sql, fresh_database, postgres  # noqa: F401 (a session fixture)
 
 
-def stored_heartbeats(db_path: str) -> dict[str, str | None]:
-    with sqlite3.connect(db_path) as db:
-        return dict(db.execute("SELECT node_id, last_heartbeat_at FROM nodes").fetchall())
+@pytest.fixture(params=["sqlite", "postgresql"])
+def daemon_factory(request, tmp_path) -> Iterator:
+    """conftest's daemon_factory, once per store; the PostgreSQL server starts only when a test needs it."""
+    started: list[Daemon] = []
+
+    def start(name: str = "orchestratord", **overrides) -> Daemon:
+        if request.param == "postgresql":
+            overrides = {**fresh_database(request.getfixturevalue("postgres"), tmp_path / name), **overrides}
+        daemon = make_daemon(tmp_path / name, **overrides).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def store_sql(daemon: Daemon, statement: str, *rows: tuple) -> list[tuple]:
+    """One statement on the daemon's database, whichever store it uses; `?` marks each argument."""
+    if daemon.config.get("db_url"):
+        numbered = statement
+        for n in range(1, statement.count("?") + 1):
+            numbered = numbered.replace("?", f"${n}", 1)
+        return daemon_sql(daemon.config, numbered, *rows)
+    with sqlite3.connect(daemon.config["db_path"]) as db:
+        result: list = []
+        for args in rows or ((),):
+            result = db.execute(statement, args).fetchall()
+        return [tuple(row) for row in result]
+
+
+def stored_heartbeats(daemon: Daemon) -> dict[str, str | None]:
+    return dict(store_sql(daemon, "SELECT node_id, last_heartbeat_at FROM nodes"))
 
 
 def test_registration_and_drain_survive_kill_9(daemon):
@@ -40,22 +77,21 @@ def test_registration_and_drain_survive_kill_9(daemon):
 
 def test_heartbeats_are_written_back_in_batches(daemon):
     registrations = [online_node(daemon, f"gpu-{n}", ["llama"], serve="llama") for n in range(3)]
-    db_path = daemon.config["db_path"]
     # Registration alone writes no heartbeat; the batch writer brings all three within about a second.
     written = wait_until(
-        lambda: (rows := stored_heartbeats(db_path)) and all(rows.values()) and rows,
+        lambda: (rows := stored_heartbeats(daemon)) and all(rows.values()) and rows,
         timeout=5,
         what="heartbeats in the database",
     )
     assert sorted(written) == ["gpu-0", "gpu-1", "gpu-2"]
     before = written["gpu-0"]
     beat(daemon, registrations[0], ["llama", "qwen"])
-    wait_until(lambda: stored_heartbeats(db_path)["gpu-0"] != before, timeout=5, what="a newer heartbeat")
+    wait_until(lambda: stored_heartbeats(daemon)["gpu-0"] != before, timeout=5, what="a newer heartbeat")
 
 
 def test_restored_node_keeps_its_pools_and_placement_after_kill_9(daemon):
     online_node(daemon, "gpu-1", ["llama"], serve="llama")
-    wait_until(lambda: stored_heartbeats(daemon.config["db_path"]).get("gpu-1"), timeout=5, what="write-back")
+    wait_until(lambda: stored_heartbeats(daemon).get("gpu-1"), timeout=5, what="write-back")
     daemon.kill(signal.SIGKILL)
     daemon.start()
     # The agent re-sends within an interval; until then the restored readings serve, within one timeout.
@@ -67,7 +103,7 @@ def test_restored_node_keeps_its_pools_and_placement_after_kill_9(daemon):
 def test_restored_node_that_stays_silent_goes_offline(daemon_factory):
     daemon = daemon_factory(node_timeout_ms=500)
     online_node(daemon, "gpu-1", ["llama"], serve="llama")
-    wait_until(lambda: stored_heartbeats(daemon.config["db_path"]).get("gpu-1"), timeout=5, what="write-back")
+    wait_until(lambda: stored_heartbeats(daemon).get("gpu-1"), timeout=5, what="write-back")
     daemon.kill(signal.SIGKILL)
     daemon.start()
     wait_until(lambda: status_of(daemon, "gpu-1") == "offline", timeout=5, what="gpu-1 offline")
@@ -124,23 +160,17 @@ def test_a_stored_record_this_version_cannot_read_is_skipped_not_fatal(daemon):
     # Records an older version wrote under looser rules, and one that is not JSON at all.
     old_rules = sample_registration("gpu-old")
     old_rules["address"] = "http://gpu-old.lab:8080\nsecond line"
-    with sqlite3.connect(daemon.config["db_path"]) as db:
-        db.executemany(
-            "INSERT INTO nodes (node_id, registration, registered_at) VALUES (?, ?, ?)",
-            [
-                ("gpu-old", json.dumps(old_rules).encode(), "2026-01-01T00:00:00.000Z"),
-                ("gpu-garbled", b"\x00not json", "2026-01-01T00:00:00.000Z"),
-                ("gpu-no-date", json.dumps(sample_registration("gpu-no-date")).encode(), "yesterday"),
-                # An id this version refuses: Ansible's name for the controller.
-                (
-                    "localhost",
-                    json.dumps(sample_registration("localhost")).encode(),
-                    "2026-01-01T00:00:00.000Z",
-                ),
-            ],
-        )
-        # A readable registration whose last readings are not: the node stays, its readings go.
-        db.execute("UPDATE nodes SET pools = ? WHERE node_id = 'gpu-1'", (b'[{"pool_id": "a b"}]',))
+    store_sql(
+        daemon,
+        "INSERT INTO nodes (node_id, registration, registered_at) VALUES (?, ?, ?)",
+        ("gpu-old", json.dumps(old_rules).encode(), "2026-01-01T00:00:00.000Z"),
+        ("gpu-garbled", b"\x00not json", "2026-01-01T00:00:00.000Z"),
+        ("gpu-no-date", json.dumps(sample_registration("gpu-no-date")).encode(), "yesterday"),
+        # An id this version refuses: Ansible's name for the controller.
+        ("localhost", json.dumps(sample_registration("localhost")).encode(), "2026-01-01T00:00:00.000Z"),
+    )
+    # A readable registration whose last readings are not: the node stays, its readings go.
+    store_sql(daemon, "UPDATE nodes SET pools = ? WHERE node_id = 'gpu-1'", (b'[{"pool_id": "a b"}]',))
     daemon.start()
     nodes = {node["node_id"]: node for node in daemon.api("GET", "/v2/nodes").body["nodes"]}
     assert sorted(nodes) == ["gpu-1", "gpu-2"]
@@ -166,26 +196,21 @@ def test_clean_stop_writes_the_last_heartbeats(daemon_factory):
     daemon = daemon_factory()
     online_node(daemon, "gpu-1", ["llama"], serve="llama")
     daemon.stop()  # SIGTERM: the pending batch is written before exit
-    assert stored_heartbeats(daemon.config["db_path"])["gpu-1"] is not None
+    assert stored_heartbeats(daemon)["gpu-1"] is not None
 
 
 def test_a_failed_write_back_is_retried_by_the_next_one(daemon):
-    db_path = daemon.config["db_path"]
     registration = sample_registration("gpu-1")
     assert daemon.api("POST", "/v2/nodes/register", registration).status == 200  # on disk at once
-    database = sqlite3.connect(db_path, isolation_level=None)
+    # Another process takes the table away: the batch write fails, as on a full or damaged disk.
+    store_sql(daemon, "ALTER TABLE nodes RENAME TO nodes_aside")
     try:
-        # Another process takes the table away: the batch write fails, as on a full or damaged disk.
-        database.execute("ALTER TABLE nodes RENAME TO nodes_aside")
         beat(daemon, registration, ["llama"], serve="llama")  # one heartbeat, then the node stays silent
         wait_until(
-            lambda: "writes to the database at" in daemon.log(),
+            lambda: "writes to the database" in daemon.log(),
             what="the failed write-back in the log",
         )
-        database.execute("ALTER TABLE nodes_aside RENAME TO nodes")
     finally:
-        database.close()
+        store_sql(daemon, "ALTER TABLE nodes_aside RENAME TO nodes")
     # The node sends nothing more, so only a retry of the failed batch can bring its reading to the disk.
-    wait_until(
-        lambda: stored_heartbeats(db_path).get("gpu-1"), what="the heartbeat written after the failure"
-    )
+    wait_until(lambda: stored_heartbeats(daemon).get("gpu-1"), what="the heartbeat written after the failure")

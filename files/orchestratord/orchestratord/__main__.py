@@ -17,8 +17,16 @@ from aiohttp import web
 
 from . import __version__
 from .client_keys import load_client_keys
-from .config import ConfigError, Settings, load_settings, load_token, token_fingerprint
-from .store import StoreDamaged, StoreError
+from .config import (
+    ConfigError,
+    Settings,
+    describe_database,
+    load_db_password,
+    load_settings,
+    load_token,
+    token_fingerprint,
+)
+from .store import StoreError, StoreRefused
 
 EXIT_CANNOT_SERVE = 1
 EXIT_PERSON_MUST_ACT = 2
@@ -35,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         token = load_token(settings)
         client_keys = load_client_keys(settings.client_keys_file, token)
+        db_password = load_db_password(settings)
     except ConfigError as exc:
         print(f"orchestratord: {exc}", file=sys.stderr)
         return EXIT_PERSON_MUST_ACT
@@ -51,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         __version__,
         settings.listen_host,
         settings.listen_port,
-        settings.db_path,
+        describe_database(settings),
         token_fingerprint(token),
         len(client_keys),
         settings.heartbeat_interval_ms,
         settings.node_timeout_ms,
     )
     try:
-        asyncio.run(serve(create_app(settings, token, client_keys), settings))
-    except StoreDamaged as exc:
+        asyncio.run(serve(create_app(settings, token, client_keys, db_password), settings))
+    except StoreRefused as exc:
         log.error("%s", exc)
         return EXIT_PERSON_MUST_ACT
     except StoreError as exc:

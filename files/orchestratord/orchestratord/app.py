@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .auth import BearerAuth
 from .client_keys import ClientKeys
-from .config import Settings
+from .config import Settings, parse_db_url
 from .connections import ConnectionGuard
 from .engine_keys import EngineKeys
 from .gateway import Gateway
@@ -26,7 +26,7 @@ from .page import page_routes
 from .recent_errors import RecentErrors
 from .registry import Registry
 from .routes import CONNECTIONS, GATEWAY, METRICS, OPENAPI, RECENT_ERRORS, REGISTRY, routes
-from .store import SqliteStore, StoreUnavailable
+from .store import SqliteStore, Store, StoreRefused, StoreUnavailable
 from .views import count_by_status, pools_ready
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,25 @@ async def _sweep(registry: Registry) -> None:
             settled_at = time.monotonic()
 
 
-def create_app(settings: Settings, token: str, client_keys: ClientKeys | None = None) -> web.Application:
+def build_store(settings: Settings, db_password: str | None) -> Store:
+    """SQLite at db_path, or PostgreSQL when db_url is set (asyncpg imported only then: SQLite needs
+    nothing installed)."""
+    if settings.db_url is None:
+        return SqliteStore(settings.db_path)
+    try:
+        from .store_pg import PostgresStore
+    except ImportError as exc:
+        raise StoreRefused(
+            f"db_url is set but the PostgreSQL driver is missing ({exc}): install orchestratord[postgresql]"
+        ) from None
+    return PostgresStore(parse_db_url(settings.db_url), db_password)
+
+
+def create_app(
+    settings: Settings, token: str, client_keys: ClientKeys | None = None, db_password: str | None = None
+) -> web.Application:
     registry = Registry(
-        SqliteStore(settings.db_path),
+        build_store(settings, db_password),
         settings.node_timeout_ms,
         settings.heartbeat_interval_ms,
         Limits(settings),

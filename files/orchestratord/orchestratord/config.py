@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 import yaml
@@ -32,6 +34,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # None: take the token from LLORCH_API_TOKEN instead.
     token_file: str | None = None
     db_path: str = "/var/lib/orchestratord/registry.db"
+    # None: SQLite at db_path. Else PostgreSQL, postgresql://user@host:port/database (db_path unused); the
+    # password comes from db_password_file (0600), never from the URL, which is logged.
+    db_url: str | None = None
+    db_password_file: str | None = None
     heartbeat_interval_ms: PositiveMs = 5000
     # Three missed heartbeats: one lost packet or a slow GC pause must not flap a node
     # offline, yet a dead node leaves placement within 15 s.
@@ -73,7 +79,63 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 SETTING_NAMES = tuple(Settings.__struct_fields__)
 # Taken as written from the environment (a path "0600" stays a string).
-STRING_SETTINGS = ("listen_host", "token_file", "db_path", "log_level", "client_keys_file", "engine_keys_dir")
+STRING_SETTINGS = (
+    "listen_host",
+    "token_file",
+    "db_path",
+    "db_url",
+    "db_password_file",
+    "log_level",
+    "client_keys_file",
+    "engine_keys_dir",
+)
+DB_URL_SCHEMES = ("postgresql", "postgres")
+# The only query parameter db_url takes: anything else (password=, passfile=) could carry a secret into a
+# logged value or change what the daemon trusts behind its back.
+DB_URL_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """Where the PostgreSQL store connects, parsed from db_url: everything but the password."""
+
+    host: str
+    port: int
+    user: str
+    database: str
+    sslmode: str
+
+    def __str__(self) -> str:  # for log lines and messages: no secret in it
+        return f"PostgreSQL {self.user}@{self.host}:{self.port}/{self.database}"
+
+
+def parse_db_url(url: str) -> DatabaseTarget:
+    """db_url's parts, or ConfigError naming what is wrong (never echoing a password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in DB_URL_SCHEMES:
+        raise ConfigError(
+            "db_url: must start with postgresql:// (e.g. postgresql://orchestratord@db:5432/llorch)"
+        )
+    if parts.password is not None:
+        raise ConfigError(
+            "db_url: holds a password; remove it and put the password in a 0600 file named by "
+            "db_password_file"
+        )
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise ConfigError("db_url: the port must be a number from 1 to 65535") from None
+    database = unquote(parts.path.lstrip("/"))
+    if not parts.hostname or not parts.username or not database or "/" in database:
+        raise ConfigError("db_url: needs a user, a host and a database: postgresql://user@host:port/database")
+    sslmode = "prefer"
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key != "sslmode":
+            raise ConfigError(f"db_url: unknown parameter {key!r} (only sslmode is taken)")
+        if value not in DB_URL_SSLMODES:
+            raise ConfigError(f"db_url: sslmode must be one of {', '.join(DB_URL_SSLMODES)}")
+        sslmode = value
+    return DatabaseTarget(parts.hostname, port, unquote(parts.username), database, sslmode)
 
 
 def _field_of(error: msgspec.ValidationError) -> str:
@@ -120,12 +182,37 @@ def load_settings(config_path: str | Path | None, environ: dict[str, str] | None
     env = _env_overrides(environ)
     merged = {**raw, **env}
     try:
-        return msgspec.convert(merged, Settings)
+        settings = msgspec.convert(merged, Settings)
     except msgspec.ValidationError as exc:
         key = _field_of(exc)
         where = f"environment variable {ENV_PREFIX}{key.upper()}" if key in env else source
         detail = str(exc).split(" - at ", 1)[0]
         raise ConfigError(f"{where}: key {key!r}: {detail}") from None
+    if settings.db_url is not None:
+        try:
+            parse_db_url(settings.db_url)
+        except ConfigError as exc:
+            where = f"environment variable {ENV_PREFIX}DB_URL" if "db_url" in env else source
+            raise ConfigError(f"{where}: {exc}") from None
+    return settings
+
+
+def load_db_password(settings: Settings) -> str | None:
+    """The PostgreSQL password from db_password_file (the contract's owner-only reader), or None: the
+    server then authenticates otherwise (a client certificate, peer on a local socket)."""
+    if settings.db_url is None or settings.db_password_file is None:
+        return None
+    try:
+        return read_secret_file(settings.db_password_file, what="db_password_file", min_length=1)
+    except SecretFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def describe_database(settings: Settings) -> str:
+    """The database for log lines: the SQLite path, or PostgreSQL's user, host and database."""
+    if settings.db_url is None:
+        return settings.db_path
+    return str(parse_db_url(settings.db_url))
 
 
 def load_token(settings: Settings, environ: dict[str, str] | None = None) -> str:

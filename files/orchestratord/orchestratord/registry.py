@@ -23,7 +23,7 @@ from . import schemas
 from .limits import Limits
 from .placement import PlacementIndex, Placer
 from .routing import RoutingTable
-from .store import HeartbeatRow, SqliteStore, StoredNode
+from .store import HeartbeatRow, Store, StoredNode
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class NodeState:
 class Registry:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         node_timeout_ms: int,
         heartbeat_interval_ms: int,
         limits: Limits,
@@ -163,7 +163,7 @@ class Registry:
         log.info(
             "loaded %d node(s) from %s%s",
             len(restored),
-            self.store.db_path,
+            self.store.description,
             f", skipped {skipped} it cannot read" if skipped else "",
         )
 

@@ -1,7 +1,8 @@
-"""Durable node records in SQLite (WAL), behind the small interface a replicated store would also offer.
+"""Durable node records behind one small interface (`Store`), and its default: SQLite (WAL).
 
-Every call runs on one dedicated thread that owns the connection, so the event loop never waits on
-disk and writes are applied in the order they were asked for.
+PostgreSQL (store_pg.py) follows the same interface for a control plane whose database lives elsewhere.
+In SqliteStore every call runs on one dedicated thread that owns the connection, so the event loop never
+waits on disk and writes are applied in the order they were asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,14 @@ class StoreError(Exception):
     there, a permission fixed meanwhile)."""
 
 
-class StoreDamaged(StoreError):
-    """The database file is there but damaged or empty: restarting cannot help, a person must act. The
-    daemon exits with EXIT_DAMAGED so its unit can stop restarting it (RestartPreventExitStatus)."""
+class StoreRefused(StoreError):
+    """Restarting cannot help, a person must act (a database whose schema is newer than this version, a
+    password the server refuses). The daemon exits with EXIT_PERSON_MUST_ACT so its unit stops restarting
+    it (RestartPreventExitStatus)."""
+
+
+class StoreDamaged(StoreRefused):
+    """The database file is there but damaged or empty: restarting cannot help, a person must act."""
 
 
 class StoreUnavailable(Exception):
@@ -65,11 +72,29 @@ class HeartbeatRow:
     pools: bytes
 
 
+class Store(Protocol):
+    """What the registry needs from a database. Registrations, drains and deletions are committed before
+    their call returns; heartbeats are written in one transaction per batch; writes are applied in the
+    order they were asked for; a write that fails raises StoreUnavailable and changes nothing."""
+
+    description: str  # names the database for log lines (a path, or host and database), never a secret
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def load_all(self) -> list[StoredNode]: ...
+    async def upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None: ...
+    async def update_drain(self, node_id: str, drain: bool) -> None: ...
+    async def delete_node(self, node_id: str) -> None: ...
+    async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None: ...
+
+
 class SqliteStore:
     """load all, upsert node, update drain, delete node, write heartbeats in a batch."""
 
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
+        self.description = db_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
         self.write_error: str | None = None  # why the last write failed, until one works again

@@ -1,0 +1,247 @@
+"""Durable node records in PostgreSQL: the same interface and semantics as SqliteStore (store.py).
+
+asyncpg, with a small bounded pool. Writes go out one at a time, in the order they were asked for (the
+registry relies on that order, as it does with SQLite's single thread); reads and the readiness check
+take another connection. Every connect, acquire and statement is bounded in time, so a database that is
+away or starved answers 503 STORE_UNAVAILABLE within seconds instead of holding requests.
+
+The schema is migrated forward at open: MIGRATIONS is the list, schema_version records what was applied.
+Each migration runs in its own transaction under an advisory lock, so replicas starting together apply
+it once, one after the other; a database newer than this code is refused, never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from .config import DatabaseTarget
+from .store import HeartbeatRow, StoredNode, StoreError, StoreRefused, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Per replica: writes use one at a time, so a few cover the reads, the readiness check and a reconnect.
+POOL_MAX_SIZE = 4
+CONNECT_TIMEOUT_S = 5.0
+STATEMENT_TIMEOUT_S = 10.0  # a heartbeat batch of 10,000 nodes takes well under a second
+ACQUIRE_TIMEOUT_S = 5.0
+# pg_advisory_xact_lock's key for migrations: any constant other tools on the database do not use.
+MIGRATION_LOCK_KEY = 0x6C6C6F7263680001  # "llorch" + 1
+
+# Version n is MIGRATIONS[n - 1]; append only, never edit one that has shipped.
+MIGRATIONS: list[str] = [
+    # 1: the node records, one row per node, the same columns as the SQLite store's table.
+    """
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        registration BYTEA NOT NULL,
+        registered_at TEXT NOT NULL,
+        drain BOOLEAN NOT NULL DEFAULT false,
+        last_heartbeat_at TEXT,
+        pools BYTEA
+    )
+    """,
+]
+
+# What a failure to reach or use the database raises: the server away, a timeout, a connection dropped
+# mid-statement, a server that refuses (starting up, shutting down, out of connections, read-only).
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+class PostgresStore:
+    """load all, upsert node, update drain, delete node, write heartbeats in a batch."""
+
+    def __init__(self, target: DatabaseTarget, password: str | None) -> None:
+        self.target = target
+        self.description = str(target)
+        self._password = password
+        self._pool: asyncpg.Pool | None = None
+        # FIFO: asyncio.Lock wakes waiters in the order they came, so writes keep the registry's order.
+        self._write_lock = asyncio.Lock()
+        self.write_error: str | None = None  # why the last write failed, until one works again
+
+    # --- lifecycle
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                host=self.target.host,
+                port=self.target.port,
+                user=self.target.user,
+                database=self.target.database,
+                password=self._password,
+                ssl=self.target.sslmode,
+                # No floor: asyncpg would keep reconnecting to a database that is away in the background,
+                # logging a traceback each time; a call that needs a connection opens it and says why not.
+                min_size=0,
+                max_size=POOL_MAX_SIZE,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=STATEMENT_TIMEOUT_S,
+                server_settings={"application_name": "orchestratord"},
+            )
+            await self._migrate()
+        except StoreError:
+            await self._close_pool()
+            raise
+        except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+            await self._close_pool()
+            raise StoreRefused(
+                f"the database {self.description} refuses the login ({_one_line(exc)}); check the user in "
+                "db_url and the password in db_password_file"
+            ) from None
+        except _UNAVAILABLE as exc:
+            await self._close_pool()
+            raise StoreError(f"cannot open the database {self.description}: {_one_line(exc)}") from None
+
+    async def _migrate(self) -> None:
+        assert self._pool is not None
+        known = len(MIGRATIONS)
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version ("
+                    "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                )
+                found = await self._version(conn)
+            if found > known:
+                raise StoreRefused(
+                    f"database schema version {found} is newer than this orchestratord ({known}); "
+                    f"upgrade orchestratord, or point db_url at another database ({self.description})"
+                )
+            if found < known:
+                log.info(
+                    "migrating the database %s from schema version %d to %d", self.description, found, known
+                )
+            for version in range(found + 1, known + 1):
+                # One transaction per migration under the lock: a replica starting meanwhile waits, then
+                # finds the version applied and skips it.
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+                    if await self._version(conn) >= version:
+                        continue
+                    await conn.execute(MIGRATIONS[version - 1])
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+                log.info("database schema version %d applied", version)
+
+    @staticmethod
+    async def _version(conn: asyncpg.Connection) -> int:
+        return await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+
+    async def close(self) -> None:
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT_S)
+            except _UNAVAILABLE:
+                pool.terminate()
+
+    # --- failures: one log line per transition
+
+    def _failed(self, exc: BaseException) -> StoreUnavailable:
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError | asyncpg.InterfaceError):
+            # A server that turned read-only (a fail-over made it a standby) or a connection that broke:
+            # drop the pooled connections so the next call connects afresh, to the new primary if any.
+            assert self._pool is not None
+            self._pool.expire_connections()
+        reason = _one_line(exc)
+        if self.write_error is None:
+            log.error(
+                "writes to the database %s fail (%s): they are answered 503 and /ready says 503 until a "
+                "write works again",
+                self.description,
+                reason,
+            )
+        self.write_error = reason
+        return StoreUnavailable(f"the database cannot take writes ({reason}); nothing was changed")
+
+    def _worked(self) -> None:
+        if self.write_error is not None:
+            log.warning("writes to the database %s work again", self.description)
+            self.write_error = None
+
+    async def _write(self, query: str, *args) -> None:
+        """One statement, committed before it returns (autocommit), after every write asked for earlier."""
+        assert self._pool is not None
+        async with self._write_lock:
+            try:
+                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                    await conn.execute(query, *args)
+            except _UNAVAILABLE as exc:
+                raise self._failed(exc) from None
+            self._worked()
+
+    # --- the interface
+
+    async def ping(self) -> bool:
+        """True when the database takes writes now: reachable, not a read-only standby, the table there.
+        `SELECT 1` would pass on a standby that fail-over left behind."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await conn.fetchval("SELECT 1 FROM nodes LIMIT 1")  # the table, not just the server
+                read_only = await conn.fetchval(
+                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+                )
+        except _UNAVAILABLE as exc:
+            raise self._failed(exc) from None
+        if read_only:
+            raise self._failed(asyncpg.ReadOnlySQLTransactionError("the database is read-only (a standby)"))
+        # Writability shown: a database that came back is ready again without waiting for a write.
+        self._worked()
+        return True
+
+    async def load_all(self) -> list[StoredNode]:
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                rows = await conn.fetch(
+                    "SELECT node_id, registration, registered_at, drain, last_heartbeat_at, pools FROM nodes"
+                )
+        except _UNAVAILABLE as exc:
+            raise StoreError(
+                f"cannot read the node records from {self.description}: {_one_line(exc)}"
+            ) from None
+        return [
+            StoredNode(r[0], bytes(r[1]), r[2], bool(r[3]), r[4], bytes(r[5]) if r[5] is not None else None)
+            for r in rows
+        ]
+
+    async def upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
+        # A new registration forgets the old pool readings; the operator's drain stays.
+        await self._write(
+            "INSERT INTO nodes (node_id, registration, registered_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (node_id) DO UPDATE SET registration = excluded.registration, "
+            "registered_at = excluded.registered_at, last_heartbeat_at = NULL, pools = NULL",
+            node_id,
+            registration,
+            registered_at,
+        )
+
+    async def update_drain(self, node_id: str, drain: bool) -> None:
+        await self._write("UPDATE nodes SET drain = $1 WHERE node_id = $2", drain, node_id)
+
+    async def delete_node(self, node_id: str) -> None:
+        await self._write("DELETE FROM nodes WHERE node_id = $1", node_id)
+
+    async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None:
+        # One statement, so one transaction and one commit for the whole batch; arrays keep it one round
+        # trip at any size. UPDATE, not upsert: a node deleted since its heartbeat stays deleted.
+        await self._write(
+            "UPDATE nodes SET last_heartbeat_at = batch.at, pools = batch.pools "
+            "FROM unnest($1::text[], $2::text[], $3::bytea[]) AS batch(node_id, at, pools) "
+            "WHERE nodes.node_id = batch.node_id",
+            [row.node_id for row in rows],
+            [row.last_heartbeat_at for row in rows],
+            [row.pools for row in rows],
+        )
