@@ -9,6 +9,9 @@ import pytest
 from support import Daemon, make_daemon
 from support_gateway import Upstream, gateway_daemon
 
+# The throwaway PostgreSQL server of the store tests, one per session (tests/support_postgres.py).
+pytest_plugins = ["support_postgres"]
+
 
 @pytest.fixture
 def daemon_factory(tmp_path) -> Iterator:

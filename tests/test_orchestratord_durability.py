@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from support import Daemon, make_daemon, sample_heartbeat, sample_registration, wait_until
 from support_daemon import beat, online_node, place, status_of
-from support_postgres import daemon_sql, fresh_database, postgres  # noqa: F401 (a session fixture)
+from support_postgres import daemon_sql, fresh_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

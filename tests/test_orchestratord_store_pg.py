@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import REPO_ROOT, free_port, make_daemon, sample_registration, wait_until
 from support_daemon import beat, online_node, run_daemon_once, status_of
-from support_postgres import daemon_sql, fresh_database, postgres  # noqa: F401 (a session fixture)
+from support_postgres import daemon_sql, fresh_database
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "orchestratord"))
 from orchestratord.config import ConfigError, load_settings, parse_db_url
@@ -19,7 +19,7 @@ from orchestratord.config import ConfigError, load_settings, parse_db_url
 WRITE_FAILURE_LINE = "writes to the database PostgreSQL"
 
 
-def pg_daemon(postgres, workdir: Path, **overrides):  # noqa: F811 (the fixture's value)
+def pg_daemon(postgres, workdir: Path, **overrides):
     return make_daemon(workdir, **fresh_database(postgres, workdir), **overrides)
 
 
@@ -42,7 +42,7 @@ def refusal_line(result) -> str:
 
 
 def test_database_away_answers_writes_503_reads_and_heartbeats_go_on_nothing_lost(
-    postgres,  # noqa: F811
+    postgres,
     tmp_path,
 ):
     daemon = pg_daemon(postgres, tmp_path, node_timeout_ms=5000).start()
@@ -92,7 +92,7 @@ def test_database_away_answers_writes_503_reads_and_heartbeats_go_on_nothing_los
         daemon.stop()
 
 
-def test_fresh_database_is_migrated_and_logged_then_left_alone(postgres, tmp_path):  # noqa: F811
+def test_fresh_database_is_migrated_and_logged_then_left_alone(postgres, tmp_path):
     daemon = pg_daemon(postgres, tmp_path).start()
     daemon.restart()
     daemon.stop()
@@ -103,7 +103,7 @@ def test_fresh_database_is_migrated_and_logged_then_left_alone(postgres, tmp_pat
     assert password_of(daemon) not in log
 
 
-def test_newer_schema_refuses_to_start_with_exit_code_2(postgres, tmp_path):  # noqa: F811
+def test_newer_schema_refuses_to_start_with_exit_code_2(postgres, tmp_path):
     daemon = pg_daemon(postgres, tmp_path).start()
     assert daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1")).status == 200
     daemon.stop()
@@ -114,7 +114,7 @@ def test_newer_schema_refuses_to_start_with_exit_code_2(postgres, tmp_path):  # 
     assert daemon_sql(daemon.config, "SELECT node_id FROM nodes") == [("gpu-1",)]
 
 
-def test_password_in_db_url_is_refused_without_echoing_it(postgres, tmp_path):  # noqa: F811
+def test_password_in_db_url_is_refused_without_echoing_it(postgres, tmp_path):
     daemon = pg_daemon(postgres, tmp_path)
     password = password_of(daemon)
     daemon.config["db_url"] = daemon.config["db_url"].replace("@", f":{password}@", 1)
@@ -124,7 +124,7 @@ def test_password_in_db_url_is_refused_without_echoing_it(postgres, tmp_path):  
     assert password not in line
 
 
-def test_wrong_password_refuses_to_start_with_exit_code_2(postgres, tmp_path):  # noqa: F811
+def test_wrong_password_refuses_to_start_with_exit_code_2(postgres, tmp_path):
     daemon = pg_daemon(postgres, tmp_path)
     Path(daemon.config["db_password_file"]).write_text("not-the-password\n")
     daemon.write_config()
@@ -143,7 +143,7 @@ def test_database_not_there_at_start_exits_1_for_a_restart(tmp_path):
     assert "cannot open the database PostgreSQL nobody@127.0.0.1" in result.stderr
 
 
-def test_two_daemons_starting_together_migrate_once(postgres, tmp_path):  # noqa: F811
+def test_two_daemons_starting_together_migrate_once(postgres, tmp_path):
     first = pg_daemon(postgres, tmp_path / "first")
     second = make_daemon(tmp_path / "second", db_url=first.config["db_url"])
     second.config["db_password_file"] = first.config["db_password_file"]
