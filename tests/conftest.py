@@ -14,11 +14,19 @@ pytest_plugins = ["support_postgres"]
 
 
 @pytest.fixture
-def daemon_factory(tmp_path) -> Iterator:
-    """Start real daemons with config overrides: `daemon_factory(node_timeout_ms=500)`."""
+def daemon_factory(request, tmp_path) -> Iterator:
+    """Start real daemons with config overrides: `daemon_factory(node_timeout_ms=500)`.
+
+    On SQLite, unless a module parametrizes it indirectly with "postgresql" (each daemon then gets a fresh
+    database on the session's PostgreSQL server, started only when a test needs it)."""
+    store = getattr(request, "param", "sqlite")
     started: list[Daemon] = []
 
     def start(name: str = "orchestratord", **overrides) -> Daemon:
+        if store == "postgresql":
+            from support_postgres import fresh_database  # registered by pytest_plugins above
+
+            overrides = {**fresh_database(request.getfixturevalue("postgres"), tmp_path / name), **overrides}
         daemon = make_daemon(tmp_path / name, **overrides).start()
         started.append(daemon)
         return daemon

@@ -10,29 +10,14 @@ import json
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
 
 import pytest
-from support import Daemon, make_daemon, sample_heartbeat, sample_registration, wait_until
+from support import Daemon, sample_heartbeat, sample_registration, wait_until
 from support_daemon import beat, online_node, place, status_of
-from support_postgres import daemon_sql, fresh_database
+from support_postgres import daemon_sql
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def daemon_factory(request, tmp_path) -> Iterator:
-    """conftest's daemon_factory, once per store; the PostgreSQL server starts only when a test needs it."""
-    started: list[Daemon] = []
-
-    def start(name: str = "orchestratord", **overrides) -> Daemon:
-        if request.param == "postgresql":
-            overrides = {**fresh_database(request.getfixturevalue("postgres"), tmp_path / name), **overrides}
-        daemon = make_daemon(tmp_path / name, **overrides).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
+# Every test here on both stores: conftest's daemon_factory, parametrized.
+pytestmark = pytest.mark.parametrize("daemon_factory", ["sqlite", "postgresql"], indirect=True)
 
 
 def store_sql(daemon: Daemon, statement: str, *rows: tuple) -> list[tuple]:
