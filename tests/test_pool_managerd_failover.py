@@ -9,13 +9,23 @@ registration idempotent worth having.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
-from support import Daemon, free_port, wait_until
+from support import REPO_ROOT, Daemon, free_port, wait_until
 from support_agent import AgentProcess, ScriptedControlPlane, make_agent
+from support_roles import failures, local_host, run_playbook
+
+sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
+from pool_managerd.config import load_settings
+
+ROLE = REPO_ROOT / "roles" / "pool_managerd"
 
 NODE = "gpu-node-1"
 # Test timings: a heartbeat every 1.5 s, so "within two heartbeat intervals" is a 3 s deadline that a busy
@@ -137,7 +147,10 @@ def test_every_url_down_backs_off_quietly_then_takes_the_first_that_comes_up(dae
     [
         ([], ("'control_urls' must be a list of 1-16 http:// or https:// URLs",)),
         ([f"http://c{n}:9200" for n in range(17)], ("'control_urls' must be a list of 1-16",)),
-        (["http://c1:9200", "c2:9200"], ("'control_urls[1]' must be an http:// or https:// URL", "'c2:9200'")),
+        (
+            ["http://c1:9200", "c2:9200"],
+            ("'control_urls[1]' must be an http:// or https:// URL", "'c2:9200'"),
+        ),
         (["http://c1:9200", "http://c1:9200/"], ("'control_urls[1]': 'http://c1:9200' is listed twice",)),
         ("http://c1:9200", ("'control_urls' must be a list",)),
     ],
@@ -163,3 +176,60 @@ def _refused(agent: AgentProcess, *words: str) -> None:
     assert len(message.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     for word in words:
         assert word in message, message
+
+
+# The role: pool-managerd.yml rendered from llorch_control_urls, read back with the agent's own loader.
+
+
+def _render_config(tmp_path: Path, **host_vars: Any) -> tuple[dict[str, Any], Any]:
+    """pool-managerd.yml as the role renders it from its defaults (as group vars) and these host vars: the
+    file's keys and the agent's settings loaded from it."""
+    out = tmp_path / "pool-managerd.yml"
+    play = {
+        "name": "render",
+        "hosts": "all",
+        "gather_facts": False,
+        "vars_files": [str(ROLE / "vars" / "main.yml")],
+        "tasks": [
+            {
+                "ansible.builtin.template": {
+                    "src": str(ROLE / "templates" / "pool-managerd.yml.j2"),
+                    "dest": str(out),
+                    "mode": "0644",
+                }
+            }
+        ],
+    }
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    inventory = {"all": {"vars": defaults, "hosts": {"gpu-1": local_host(**host_vars)}}}
+    rc, output = run_playbook(tmp_path, [play], inventory)
+    assert rc == 0, failures(output)
+    return yaml.safe_load(out.read_text()), load_settings(out)
+
+
+def test_role_renders_control_urls_from_llorch_control_urls(tmp_path):
+    values, settings = _render_config(
+        tmp_path, llorch_control_urls=["http://ctl-1:9200/", "http://ctl-2:9200"], llorch_api_token="t" * 40
+    )
+    assert values["control_urls"] == ["http://ctl-1:9200", "http://ctl-2:9200"]
+    assert "control_url" not in values  # exactly one of the two, or the agent refuses to start
+    assert settings.control_urls == ("http://ctl-1:9200", "http://ctl-2:9200")
+
+
+def test_role_renders_one_control_url_when_no_list_is_given(tmp_path):
+    values, settings = _render_config(
+        tmp_path, llorch_control_url="http://ctl:9200/", llorch_api_token="t" * 40
+    )
+    assert values["control_url"] == "http://ctl:9200" and "control_urls" not in values
+    assert settings.control_urls == ("http://ctl:9200",)
+
+
+def test_role_list_wins_over_the_single_url(tmp_path):
+    values, _settings = _render_config(
+        tmp_path,
+        llorch_control_url="http://ctl:9200",
+        pool_managerd_control_urls=["http://ctl-2:9200", "http://ctl-3:9200"],
+        llorch_api_token="t" * 40,
+    )
+    assert values["control_urls"] == ["http://ctl-2:9200", "http://ctl-3:9200"]
+    assert "control_url" not in values
