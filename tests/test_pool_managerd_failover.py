@@ -9,6 +9,7 @@ registration idempotent worth having.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -108,6 +109,17 @@ def test_agent_skips_a_dead_first_url_at_start(daemon_factory, start_agent):
     wait_until(lambda: online_on(live), timeout=15, what="the node online on the live replica")
     (switch,) = switches(agent)
     assert f"switching to {live.url} (2 of 2)" in switch and "cannot connect" in switch
+
+
+def test_agent_leaves_a_hung_url_after_its_request_timeout(daemon_factory, start_agent):
+    live = daemon_factory("live", **REPLICA)
+    # A socket that takes connections (the kernel's backlog) but never answers: a hung replica.
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as hung:
+        hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        agent = start_agent([hung_url, live.url], request_timeout_s=0.5)
+        wait_until(lambda: online_on(live), timeout=15, what="the node online on the live replica")
+    (switch,) = switches(agent)
+    assert f"control plane {hung_url} gave no answer (no answer within 0.5 s)" in switch, switch
 
 
 def test_an_http_error_is_an_answer_and_does_not_move_the_agent(daemon_factory, start_agent):
