@@ -44,8 +44,13 @@ options:
     description:
       - Base URL of orchestratord, the registry, as the Ansible controller reaches it
         (for example C(http://llorch-control:9200)).
-      - Falls back to the E(LLORCH_URL) environment variable.
-    type: str
+      - With several orchestratord replicas, a list of their URLs (or one comma-separated string). A call
+        goes to the URL that answered last, the first at the start, and moves to the next only when that URL
+        gives no HTTP answer (refused, timed out, cut off, TLS failed). An HTTP answer, an error status
+        included, is never retried on another URL. When none answers, the error names every URL and why.
+      - Falls back to the E(LLORCH_URL) environment variable (comma-separated for several URLs).
+    type: list
+    elements: str
   token:
     description:
       - Bearer token for the registry's C(/v2) API.
@@ -61,8 +66,13 @@ options:
     description:
       - Base URL of orchestratord, the registry, as the Ansible controller reaches it
         (for example C(http://llorch-control:9200)).
-      - Falls back to the E(LLORCH_URL) environment variable.
-    type: str
+      - With several orchestratord replicas, a list of their URLs (or one comma-separated string). A call
+        goes to the URL that answered last, the first at the start, and moves to the next only when that URL
+        gives no HTTP answer (refused, timed out, cut off, TLS failed). An HTTP answer, an error status
+        included, is never retried on another URL. When none answers, the error names every URL and why.
+      - Falls back to the E(LLORCH_URL) environment variable (comma-separated for several URLs).
+    type: list
+    elements: str
     env:
       - name: LLORCH_URL
   token:

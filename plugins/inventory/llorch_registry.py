@@ -65,6 +65,10 @@ EXAMPLES = r"""
 # The smallest file takes url and token from LLORCH_URL and LLORCH_API_TOKEN:
 #   plugin: llorch_registry
 
+# Two orchestratord replicas: the first that answers gives the inventory.
+#   plugin: llorch_registry
+#   url: [https://ctl-1.example.com:9200, https://ctl-2.example.com:9200]
+
 # A production file: token from a 0600 file, only nodes that are up, groups by GPU model. It sets no
 # ansible_host (set_ansible_host: false), so the static inventory listed before it says where to connect.
 plugin: llorch_registry
@@ -187,6 +191,11 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _option(self, name):
         """An option's value, rendered when the file wrote it as a template (a lookup, a vault string)."""
         value = self.get_option(name)
+        if isinstance(value, list):  # url: each of the registry's URLs may be a template
+            return [self._rendered(item) for item in value]
+        return self._rendered(value)
+
+    def _rendered(self, value):
         if isinstance(value, str) and self.templar.is_template(value):
             value = self.templar.template(value)
         return value

@@ -8,6 +8,12 @@ message names the registry URL and what went wrong. No message ever contains the
 
 Modules build it with ``LlorchClient.from_module(module)``; the inventory plugin, which has no
 AnsibleModule, with ``LlorchClient.from_options(plugin.get_option)``.
+
+The url may list several orchestratord replicas (a list, or one comma-separated string such as
+``LLORCH_URL=https://ctl-1:9200,https://ctl-2:9200``). A call goes to the URL that answered last (the first
+at the start) and moves to the next only when that URL gives no HTTP answer at all (refused, timed out,
+cut off, a TLS failure). Any HTTP answer, a 404 or a 503 included, is the registry speaking: another replica
+on the same database would say the same, so it is returned, never retried elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import 
 
 # The options every llorch module takes; documented once in plugins/doc_fragments/llorch.py.
 LLORCH_ARGUMENT_SPEC = {
-    "url": {"type": "str", "fallback": (env_fallback, ["LLORCH_URL"])},
+    # A list: Ansible splits a comma-separated string (the environment's form) into one.
+    "url": {"type": "list", "elements": "str", "fallback": (env_fallback, ["LLORCH_URL"])},
     "token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["LLORCH_API_TOKEN"])},
     "token_file": {"type": "path"},
     "validate_certs": {"type": "bool", "default": True},
@@ -47,6 +54,8 @@ POLL_INTERVAL_S = 0.5
 # (max_nodes 10,000), is about 12 MB with lean records; anything far beyond is not orchestratord speaking.
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
+# The most registry URLs a client takes (as pool-managerd's control_urls).
+MAX_URLS = 16
 
 # Short phrases for the errno values an operator meets most; anything else falls back to strerror.
 _ERRNO_PHRASES = {
@@ -112,23 +121,43 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def registry_urls(url) -> list[str]:
+    """The registry URLs from the url option: one string (comma-separated for several) or a list of them.
+    Raises LlorchApiError naming what is wrong."""
+    items = [url] if isinstance(url, str) else list(url or [])
+    urls = []
+    for item in items:
+        if not isinstance(item, str):
+            raise LlorchApiError(f"registry url {item!r} is not a string")
+        urls += [part.strip().rstrip("/") for part in item.split(",") if part.strip()]
+    if not urls:
+        raise LlorchApiError("no registry URL: set the url option or the LLORCH_URL environment variable")
+    if len(urls) > MAX_URLS:
+        raise LlorchApiError(f"{len(urls)} registry URLs: at most {MAX_URLS}")
+    for candidate in urls:
+        if "://" not in candidate:
+            raise LlorchApiError(f"registry url {candidate!r} has no scheme: write it as http://HOST:PORT")
+    return list(dict.fromkeys(urls))  # each once, in the order given
+
+
+class _NoAnswer(Exception):
+    """One URL gave no HTTP answer; the reason is a short phrase (see _reason)."""
+
+
 class LlorchClient:
-    """Talks to orchestratord's /v2 API with a bearer token."""
+    """Talks to orchestratord's /v2 API with a bearer token; `url` is the one in use (see the module doc)."""
 
     def __init__(
         self,
-        url: str | None,
+        url: str | list[str] | None,
         token: str | None = None,
         token_file: str | None = None,
         validate_certs: bool = True,
         ca_path: str | None = None,
         timeout: int = 10,
     ):
-        if not url:
-            raise LlorchApiError("no registry URL: set the url option or the LLORCH_URL environment variable")
-        if "://" not in url:
-            raise LlorchApiError(f"registry url {url!r} has no scheme: write it as http://HOST:PORT")
-        self.url = url.rstrip("/")
+        self.urls = registry_urls(url)
+        self.url = self.urls[0]
         # An explicit token_file wins: the token option also picks up LLORCH_API_TOKEN from the
         # environment, and a file named on purpose is the stronger signal.
         if token_file:
@@ -164,10 +193,29 @@ class LlorchClient:
             raise  # not reached: fail_json exits
 
     def __repr__(self) -> str:
-        return f"LlorchClient(url={self.url!r})"
+        return f"LlorchClient(urls={self.urls!r})"
 
     def request(self, method: str, path: str, body=None, allow_missing: bool = False):
-        """One call; returns the decoded JSON body (None for 204, or for 404 when `allow_missing`)."""
+        """One call; returns the decoded JSON body (None for 204, or for 404 when `allow_missing`).
+
+        Tries the URL in use, then each other one in turn, until one gives an HTTP answer; that URL stays in
+        use for the next calls. None answering: one error naming every URL and why."""
+        start = self.urls.index(self.url)
+        failures = []  # (url, why), in the order tried
+        for url in self.urls[start:] + self.urls[:start]:
+            self.url = url
+            try:
+                return self._request_once(method, path, body, allow_missing)
+            except _NoAnswer as exc:
+                failures.append((url, str(exc)))
+        self.url = self.urls[start]
+        if len(failures) == 1:
+            raise LlorchApiError(f"cannot reach the registry at {self.url}: {failures[0][1]}")
+        tried = ", ".join(f"{url} ({why})" for url, why in failures)
+        raise LlorchApiError(f"cannot reach the registry at any of its {len(failures)} URLs: {tried}")
+
+    def _request_once(self, method: str, path: str, body, allow_missing: bool):
+        """One call to self.url; _NoAnswer when that URL gives no HTTP answer."""
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         data = None
         if body is not None:
@@ -206,7 +254,7 @@ class LlorchClient:
         except (URLError, OSError, http.client.HTTPException) as exc:
             # HTTPException: a url that points at something other than an HTTP server (an SSH port) or a
             # connection cut mid-answer (IncompleteRead); BadStatusLine and IncompleteRead are no OSError.
-            raise LlorchApiError(f"cannot reach the registry at {self.url}: {_reason(exc)}") from None
+            raise _NoAnswer(_reason(exc)) from None
         if len(payload) > MAX_ANSWER_BYTES:
             raise LlorchApiError(
                 f"the registry at {self.url} answered {where} with more than {MAX_ANSWER_BYTES} bytes; "

@@ -314,7 +314,7 @@ class Agent:
         for warning in self.gpus.warnings if self.gpus else []:
             log.warning("nvidia-smi: %s", warning)
         async with ControlPlane(
-            self.settings.control_url, self._token, self.settings.request_timeout_s, self.settings.ca_file
+            self.settings.control_urls, self._token, self.settings.request_timeout_s, self.settings.ca_file
         ) as control:
             tasks = [asyncio.create_task(self._loop(control)), asyncio.create_task(self._stop.wait())]
             if self.gpus is not None:

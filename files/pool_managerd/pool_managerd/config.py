@@ -18,6 +18,7 @@ import msgspec.inspect
 
 from .config_file import ConfigError, read_config_file
 from .contract import DEFAULT_MAX_POOLS_PER_NODE, ID_RULE, NODE_ID_RULE, valid_node_id
+from .control_urls import MAX_CONTROL_URLS
 from .wire import Address, Count, GpuIndex, Id
 
 DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
@@ -26,6 +27,14 @@ DEFAULT_CONFIG = "/etc/llorch/pool-managerd.yml"
 Text = Annotated[str, msgspec.Meta(pattern=r"\S", description="a non-empty string")]
 ControlUrl = Annotated[
     str, msgspec.Meta(pattern=r"^https?://[^/\s]+", description="an http:// or https:// URL")
+]
+ControlUrlList = Annotated[
+    tuple[ControlUrl, ...],
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_CONTROL_URLS,
+        description=f"a list of 1-{MAX_CONTROL_URLS} http:// or https:// URLs",
+    ),
 ]
 Seconds = Annotated[float, msgspec.Meta(gt=0, description="a number of seconds above 0")]
 Flag = Annotated[bool, msgspec.Meta(description="true or false")]
@@ -49,7 +58,10 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    control_url: ControlUrl
+    # Exactly one of the two. Once loaded, control_urls holds every URL in order (one for control_url) and
+    # control_url the first: the agent moves along the list when a URL gives no answer (control_urls.py).
+    control_url: ControlUrl | None = None
+    control_urls: ControlUrlList | None = None
     token_file: Text
     node_id: NodeId | None = None  # None: the short host name
     address: NodeAddress | None = None  # None: http://<host name>:8000
@@ -162,6 +174,19 @@ def _check_pools(pools: tuple[PoolConfig, ...]) -> None:
             owner_of_gpu[gpu] = pool.pool_id
 
 
+def _control_urls(settings: Settings) -> tuple[str, ...]:
+    """The URLs to try in order, from whichever of control_url and control_urls is set (exactly one is)."""
+    if settings.control_url is None and settings.control_urls is None:
+        raise ConfigError("set 'control_url' (one URL) or 'control_urls' (the control plane's URLs)")
+    if settings.control_url is not None and settings.control_urls is not None:
+        raise ConfigError("set 'control_url' or 'control_urls', not both")
+    urls = tuple(url.rstrip("/") for url in settings.control_urls or (settings.control_url,))
+    for number, url in enumerate(urls):
+        if url in urls[:number]:
+            raise ConfigError(f"'control_urls[{number}]': {url!r} is listed twice")
+    return urls
+
+
 def _default_node_id() -> str:
     return socket.gethostname().split(".")[0] or "localhost"
 
@@ -180,6 +205,7 @@ def load_settings(config_path: str | Path) -> Settings:
         raw["log_level"] = raw["log_level"].lower()
     try:
         settings = msgspec.convert(raw, Settings)
+        control_urls = _control_urls(settings)
         if settings.pools is not None:
             _check_pools(settings.pools)
         if settings.backoff_max_s < settings.backoff_initial_s:
@@ -196,7 +222,8 @@ def load_settings(config_path: str | Path) -> Settings:
         raise ConfigError(f"config file {path}: {error}") from None
     return msgspec.structs.replace(
         settings,
-        control_url=settings.control_url.rstrip("/"),
+        control_url=control_urls[0],
+        control_urls=control_urls,
         node_id=node_id,
         address=settings.address or f"http://{socket.gethostname()}:8000",
     )

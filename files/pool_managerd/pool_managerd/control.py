@@ -7,8 +7,11 @@ false), and follows no redirect (its registration must not travel to a host it w
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +19,14 @@ import aiohttp
 import msgspec
 
 from .contract import shown
+from .control_urls import ControlUrls
 from .wire import Heartbeat, HeartbeatAnswer, RegisterAnswer, Registration
 
 # orchestratord's answers are a few hundred bytes; an error envelope is under 1 KiB.
 MAX_ANSWER_BYTES = 64 * 1024
 JSON = {"Content-Type": "application/json"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,16 @@ def _decoded(status: int, raw: bytes, answer_type: type | None) -> Answer:
 
 
 class ControlPlane:
-    """One HTTP session to orchestratord; every request has a total timeout and follows no redirect."""
+    """One HTTP session to orchestratord; every request has a total timeout and follows no redirect.
 
-    def __init__(self, base_url: str, token: str, timeout_s: float, ca_file: str | None = None):
-        self.base_url = base_url
+    `base_url` is one URL or the list of the control plane's replicas (control_urls): a request that gets no
+    HTTP answer moves on to the next URL (see control_urls.py), one that gets any HTTP answer stays.
+    """
+
+    def __init__(
+        self, base_url: str | Sequence[str], token: str, timeout_s: float, ca_file: str | None = None
+    ):
+        self.urls = ControlUrls((base_url,) if isinstance(base_url, str) else base_url)
         self._token = token
         self._timeout_s = timeout_s
         self._ca_file = ca_file
@@ -114,6 +126,11 @@ class ControlPlane:
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def base_url(self) -> str:
+        """The URL in use now: the one that answered last, or the next to try."""
+        return self.urls.current
+
     async def request(
         self,
         method: str,
@@ -122,12 +139,45 @@ class ControlPlane:
         answer_type: type | None = None,
         timeout_s: float | None = None,
     ) -> Answer:
+        """One call; with several URLs, each is tried at most once, from the current one on, until one gives
+        an HTTP answer. No answer from any: the last URL's failure (the caller backs off)."""
+        self.urls.start_round()
+        while True:
+            url = self.urls.current
+            answer = await self._request_once(url, method, path, body, answer_type, timeout_s)
+            if answer.status is not None:
+                if self.urls.answered() and len(self.urls.urls) > 1:
+                    log.info("control plane %s (%s) answers again", url, self.urls.position)
+                return answer
+            moved_to = self.urls.failed()
+            if moved_to is None or self.urls.all_failed:
+                return answer
+            # One line per switch; during an outage of every URL, the retries' switches only at debug.
+            log.log(
+                logging.DEBUG if self.urls.outage else logging.INFO,
+                "control plane %s gave no answer (%s); switching to %s (%s)",
+                url,
+                answer.problem,
+                moved_to,
+                self.urls.position,
+            )
+            await asyncio.sleep(self.urls.switch_pause_s())
+
+    async def _request_once(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        body: msgspec.Struct | None,
+        answer_type: type | None,
+        timeout_s: float | None,
+    ) -> Answer:
         assert self._session is not None, "use ControlPlane as an async context manager"
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
         try:
             async with self._session.request(
                 method,
-                self.base_url + path,
+                url + path,
                 data=None if body is None else msgspec.json.encode(body),
                 headers=None if body is None else JSON,
                 timeout=timeout,
