@@ -106,14 +106,20 @@ async def serve(app: web.Application, settings: Settings, server_tls: ServerTls 
         guard.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        if server_tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, server_tls.reload)
+        # SIGHUP (systemctl reload) renews the certificate; on plain HTTP it must not end the process.
+        loop.add_signal_handler(
+            signal.SIGHUP, _nothing_to_reload if server_tls is None else server_tls.reload
+        )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
         await guard.stop()
     finally:
         await runner.cleanup()
+
+
+def _nothing_to_reload() -> None:
+    log.info("SIGHUP: nothing to reload on plain HTTP")
 
 
 if __name__ == "__main__":
