@@ -27,7 +27,7 @@ from .config import (
     token_fingerprint,
 )
 from .store import StoreError, StoreRefused
-from .tls import ServerTls, load_server_tls
+from .tls import HandshakeBoundSite, ServerTls, load_server_tls
 
 EXIT_CANNOT_SERVE = 1
 EXIT_PERSON_MUST_ACT = 2
@@ -101,8 +101,17 @@ async def serve(app: web.Application, settings: Settings, server_tls: ServerTls 
         await runner.setup()  # opens the store: a damaged database stops the start here
         guard = app[CONNECTIONS]
         guard.attach(runner.server)
-        ssl_context = None if server_tls is None else server_tls.context
-        await web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=ssl_context).start()
+        if server_tls is None:
+            site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        else:
+            site = HandshakeBoundSite(
+                runner,
+                settings.listen_host,
+                settings.listen_port,
+                server_tls.context,
+                settings.connection_idle_timeout_ms / 1000,
+            )
+        await site.start()
         guard.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ theirs, and a bad pair leaves the old one served.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -18,6 +19,8 @@ import ssl
 import stat
 import time
 from dataclasses import dataclass
+
+from aiohttp import web
 
 from .config import Settings
 from .config_file import ConfigError
@@ -291,6 +294,43 @@ class ServerTls:
             return _read_all(fd).decode("ascii", "replace")
         finally:
             os.close(fd)
+
+
+class HandshakeBoundSite(web.TCPSite):
+    """aiohttp's TCPSite, whose TLS handshakes must finish within handshake_timeout_s.
+
+    The connection guard (connections.py) sees a TLS connection only once its handshake is done: before
+    that, asyncio holds it for ssl_handshake_timeout, 60 s by default, which TCPSite does not let one set.
+    A socket that never sends a ClientHello is thus closed as soon as an idle plain-HTTP one would be.
+    start() is TCPSite's own, with that one argument added.
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        handshake_timeout_s: float,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)  # what BaseSite.start does
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self.handshake_timeout_s,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
 def load_server_tls(settings: Settings) -> ServerTls | None:
