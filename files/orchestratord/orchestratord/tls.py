@@ -87,17 +87,14 @@ def _der_item(der: bytes, offset: int) -> tuple[int, int, int]:
 
 def not_after(der: bytes) -> float:
     """The not-after of a DER certificate, as unix seconds; ValueError when it is not one."""
-    _, certificate, _ = _der_item(der, 0)
-    _, position, _ = _der_item(der, certificate)  # TBSCertificate
-    tag, _, end = _der_item(der, position)
-    if tag == 0xA0:  # [0] version, absent in v1 certificates
-        position = end
-        _, _, end = _der_item(der, position)
-    for _ in range(2):  # past serialNumber: signature, issuer
-        position = end
-        _, _, end = _der_item(der, position)
-    _, validity, _ = _der_item(der, end)
-    _, _, not_before_end = _der_item(der, validity)
+    tbs_certificate = _der_item(der, 0)[1]
+    position = _der_item(der, tbs_certificate)[1]  # its first field
+    if _der_item(der, position)[0] == 0xA0:  # [0] version, absent in v1 certificates
+        position = _der_item(der, position)[2]
+    for _skipped in ("serialNumber", "signature", "issuer"):
+        position = _der_item(der, position)[2]
+    validity = _der_item(der, position)[1]
+    not_before_end = _der_item(der, validity)[2]
     tag, start, end = _der_item(der, not_before_end)
     text = der[start:end].decode("ascii")
     if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: 50-99 are 1950-1999 (RFC 5280)
@@ -163,7 +160,7 @@ def _chain_error(context: ssl.SSLContext, ca_pem: str) -> str | None:
     to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
     client_side = client.wrap_bio(to_client, to_server)
     server_side = context.wrap_bio(to_server, to_client, server_side=True)
-    for _ in range(8):  # TLS 1.3 takes two flights each way; a bound instead of a loop that could spin
+    for _flight in range(8):  # TLS 1.3 takes two flights each way; a bound instead of a loop that could spin
         for side in (client_side, server_side):
             try:
                 side.do_handshake()
@@ -213,8 +210,8 @@ class ServerTls:
         self.ca_not_after: float | None = None
 
     def load(self) -> None:
-        """Check the files on a scratch context, then load them into the live one; TlsError otherwise,
-        with the live context untouched."""
+        """Check the files on a scratch context, then load them into the live one. TlsError otherwise,
+        with the live context untouched (unless the files change between the two loads: said so)."""
         pair = self._checked_pair()
         try:
             pair.load_into(self.context)
