@@ -1,6 +1,6 @@
 """llorch.kit.llorch_certificate through real ansible-playbook runs on localhost: the cluster CA, server
 certificates it signs (served by a real HTTPS orchestratord), renewal, re-issue on new names or another CA,
-state=info and check mode that write nothing."""
+llorch_certificate_info and check mode, which write nothing."""
 
 from __future__ import annotations
 
@@ -165,13 +165,13 @@ def test_new_names_or_another_ca_issue_again(pki, tmp_path):
     assert first["serial"] != moved["serial"]
 
 
-def test_state_info_and_check_mode_write_nothing(pki, tmp_path):
+def test_info_and_check_mode_write_nothing(pki, tmp_path):
     missing_info, would_make_ca = play(
         tmp_path,
-        {"llorch.kit.llorch_certificate": {"kind": "ca", "path": str(pki / "ca.crt"), "state": "info"}},
+        {"llorch.kit.llorch_certificate_info": {"kind": "ca", "path": str(pki / "ca.crt")}},
         checked(ca_task(pki)),
     )
-    assert not missing_info["changed"] and missing_info["reason"] == "missing"
+    assert not missing_info["changed"] and missing_info["reason"] == "missing" and not missing_info["exists"]
     assert missing_info["days_left"] is None
     assert would_make_ca["changed"] and would_make_ca["reason"] == "missing"
     assert not pki.exists()  # not even the folder
@@ -181,16 +181,13 @@ def test_state_info_and_check_mode_write_nothing(pki, tmp_path):
     info, info_check, would_renew, would_rename = play(
         tmp_path,
         {
-            "llorch.kit.llorch_certificate": {
+            "llorch.kit.llorch_certificate_info": {
                 "kind": "server",
                 "path": str(pki / "control-1" / "server.crt"),
-                "state": "info",
                 "renew_before_days": 60,
             }
         },
-        checked(
-            {"llorch.kit.llorch_certificate": {"kind": "ca", "path": str(pki / "ca.crt"), "state": "info"}}
-        ),
+        checked({"llorch.kit.llorch_certificate_info": {"kind": "ca", "path": str(pki / "ca.crt")}}),
         checked(server_task(pki, renew_before_days=95, valid_days=100)),
         checked(server_task(pki, dns_names=["elsewhere.lab"])),
     )

@@ -169,9 +169,9 @@ def reason_to_issue(
     compare_common_name: bool = True,
 ) -> str:
     """Why the certificate must be (re)issued, one of REASONS ("none": it is fine). `key` None: not
-    checked (state=info); `names` None: not compared; `ca_cert` None: the issuer is not checked. A common
-    name the caller did not set (derived from the first DNS name) is not compared: the order of the names
-    alone must not issue again."""
+    checked (llorch_certificate_info); `names` None: not compared; `ca_cert` None: the issuer is not
+    checked. A common name the caller did not set (derived from the first DNS name) is not compared: the
+    order of the names alone must not issue again."""
     if cert is None:
         return "missing"
     if key is not None and _public_der(key) != _public_der(cert.public_key()):
@@ -331,8 +331,8 @@ def _ca_pair(params: dict):
 
 
 def ensure_certificate(params: dict, check_mode: bool) -> dict:
-    """Read, and with state=present (re)issue, one certificate; the module's result. Raises PkiError."""
-    kind, path, state = params["kind"], params["path"], params["state"]
+    """Read, and when needed (re)issue, one certificate; llorch_certificate's result. Raises PkiError."""
+    kind, path = params["kind"], params["path"]
     valid_days = params["valid_days"] or DEFAULT_VALID_DAYS[kind]
     renew_before_days = params["renew_before_days"]
     if valid_days < 1 or renew_before_days < 0 or renew_before_days >= valid_days:
@@ -341,14 +341,6 @@ def ensure_certificate(params: dict, check_mode: bool) -> dict:
             f"({valid_days}), else every run would issue again"
         )
     cert = read_certificate(path)
-    if state == "info":  # read `path` only; compare only the names the caller gave
-        asked = params["common_name"] or params["dns_names"] or params["ip_addresses"]
-        names = _names_wanted(params) if asked else None
-        reason = reason_to_issue(cert, None, names, None, renew_before_days, _common_name_set(params))
-        return {"changed": False, "reason": reason, **(facts(cert) if cert is not None else NO_FACTS)}
-
-    if not params["private_key_path"]:
-        raise PkiError("state=present needs private_key_path")
     names = _names_wanted(params)
     if kind == "server" and not names[1] and not names[2]:
         raise PkiError(
@@ -371,3 +363,23 @@ def ensure_certificate(params: dict, check_mode: bool) -> dict:
     new = issue(kind, key, names, valid_days, ca_cert, ca_key)
     write_file(path, cert_pem(new), 0o644)
     return {"changed": True, "reason": reason, **facts(new)}
+
+
+def certificate_info(params: dict) -> dict:
+    """Read one certificate, never write; llorch_certificate_info's result. Raises PkiError.
+
+    Only the names the caller gave are compared, so status checks can ask "still for these names?" without
+    restating every name."""
+    renew_before_days = params["renew_before_days"]
+    if renew_before_days < 0:
+        raise PkiError(f"renew_before_days ({renew_before_days}) must be at least 0")
+    cert = read_certificate(params["path"])
+    asked = params["common_name"] or params["dns_names"] or params["ip_addresses"]
+    names = _names_wanted(params) if asked else None
+    reason = reason_to_issue(cert, None, names, None, renew_before_days, _common_name_set(params))
+    return {
+        "changed": False,
+        "exists": cert is not None,
+        "reason": reason,
+        **(facts(cert) if cert is not None else NO_FACTS),
+    }

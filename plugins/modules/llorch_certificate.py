@@ -21,7 +21,6 @@ description:
   - Private keys are written 0600 in folders that only their owner may enter (created 0700; a folder open
     to others is refused), every file under a temporary name created without following a link and then
     renamed into place.
-  - O(state=info) only reads O(path) and reports its expiry; it never writes.
 version_added: "0.1.0"
 author: llorch-kit contributors (@llorch-kit)
 requirements:
@@ -37,7 +36,8 @@ options:
     type: path
     required: true
   private_key_path:
-    description: The certificate's private key (PEM, 0600). Required with O(state=present).
+    description: The certificate's private key (PEM, 0600).
+    required: true
     type: path
   ca_path:
     description: The CA certificate that signs a server or client certificate. Required unless O(kind=ca).
@@ -67,11 +67,6 @@ options:
     description: Issue again when fewer days than this are left. Must be less than O(valid_days).
     type: int
     default: 30
-  state:
-    description: C(present) issues when needed; C(info) only reads O(path).
-    type: str
-    choices: [present, info]
-    default: present
 attributes:
   check_mode:
     support: full
@@ -79,6 +74,8 @@ attributes:
   diff_mode:
     support: none
     description: Certificates are compared by their names, issuer and expiry, reported in RV(reason).
+seealso:
+  - module: llorch.kit.llorch_certificate_info
 notes:
   - Keep the CA key on the controller only; to keep it in Ansible Vault, encrypt the file and decrypt it
     for the run.
@@ -104,14 +101,6 @@ EXAMPLES = r"""
     dns_names: ["{{ inventory_hostname }}", "{{ ansible_fqdn }}"]
     ip_addresses: ["{{ ansible_default_ipv4.address }}"]
   delegate_to: localhost
-
-- name: Days left on the CA
-  llorch.kit.llorch_certificate:
-    kind: ca
-    path: "{{ llorch_pki_dir }}/ca.crt"
-    state: info
-  delegate_to: localhost
-  register: ca_info
 """
 
 RETURN = r"""
@@ -128,7 +117,7 @@ reason:
   type: str
   sample: expiring
 not_after:
-  description: When the certificate expires (ISO 8601, UTC); null when there is none (check mode, info).
+  description: When the certificate expires (ISO 8601, UTC); null when there is none yet (check mode).
   returned: always
   type: str
   sample: "2027-02-25T22:50:00Z"
@@ -164,7 +153,7 @@ def main() -> None:
         argument_spec={
             "kind": {"type": "str", "required": True, "choices": list(KINDS)},
             "path": {"type": "path", "required": True},
-            "private_key_path": {"type": "path"},
+            "private_key_path": {"type": "path", "required": True},
             "ca_path": {"type": "path"},
             "ca_private_key_path": {"type": "path"},
             "common_name": {"type": "str"},
@@ -172,9 +161,7 @@ def main() -> None:
             "ip_addresses": {"type": "list", "elements": "str", "default": []},
             "valid_days": {"type": "int"},
             "renew_before_days": {"type": "int", "default": 30},
-            "state": {"type": "str", "choices": ["present", "info"], "default": "present"},
         },
-        required_if=[("state", "present", ("private_key_path",))],
         supports_check_mode=True,
     )
     if CRYPTOGRAPHY_IMPORT_ERROR is not None:
