@@ -19,7 +19,11 @@ from .wire import (
     GpuInfo,
     Heartbeat,
     HeartbeatAnswer,
+    Id,
+    JoinAnswer,
+    JoinRequest,
     ModelId,
+    NodeCredential,
     NodeStatus,
     PoolSpec,
     PoolStatus,
@@ -39,6 +43,9 @@ __all__ = [
     "GpuInfo",
     "Heartbeat",
     "HeartbeatAnswer",
+    "JoinAnswer",
+    "JoinRequest",
+    "NodeCredential",
     "PoolSpec",
     "PoolStatus",
     "RegisterAnswer",
@@ -59,6 +66,42 @@ class PlacementRequest(Wire):
     model_id: ModelId | None = None
     vram_bytes: Bytes | None = None
     strategy: Strategy = "least-loaded"
+
+
+IssuableScope = Literal["reader", "operator", "admin", "join"]  # access.ISSUABLE_SCOPES
+
+
+class CredentialRequest(Wire):
+    """POST /v2/credentials (admin). A join credential lives ttl_s (default 3600, at most 7 days) for
+    `uses` joins (default 1), bound to node_id when given; other scopes live ttl_s, or for ever."""
+
+    name: Annotated[Id, Meta(description="letters, digits, '.', '_', '-'; 1-128; shown in every log line")]
+    scope: IssuableScope
+    ttl_s: Annotated[int, Meta(ge=1, le=10 * 365 * 86400)] | None = None
+    uses: Annotated[int, Meta(ge=1, le=10_000)] | None = None
+    node_id: Id | None = None
+
+
+class CredentialIssued(Wire):
+    name: str
+    scope: str
+    secret: Annotated[str, Meta(description="the secret, shown this once: it is stored nowhere")]
+    expires_at: Annotated[str | None, Meta(description="RFC 3339 UTC; null: never")]
+
+
+class CredentialView(Wire):
+    name: str
+    scope: str
+    node_id: str | None
+    expires_at: str | None
+    uses_left: int | None
+    created_at: str
+    usable: Annotated[bool, Meta(description="false once expired or used up")]
+
+
+class CredentialList(Wire):
+    credentials: list[CredentialView]
+    count: int
 
 
 # --- answers --------------------------------------------------------------------------------------
