@@ -211,7 +211,7 @@ class RegisterAnswer(Wire):
     generation: str = ""
 
 
-class HeartbeatAnswer(Wire):
+class HeartbeatAnswer(Wire, omit_defaults=True):  # no `credential: null` on every heartbeat
     next_heartbeat_ms: int
     drain: bool
     # The generation of the registration the daemon holds; an agent that registered another one (someone
