@@ -7,9 +7,12 @@ one with a 401 that says so. Every test on both stores: the credentials table li
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from support import Daemon, sample_heartbeat, sample_registration, wait_until
 from support_daemon import online_node
+from support_postgres import daemon_sql
 
 pytestmark = pytest.mark.parametrize("daemon_factory", ["sqlite", "postgresql"], indirect=True)
 
@@ -164,6 +167,7 @@ def test_credential_requests_are_checked(daemon_factory):
         ({"name": "cluster-admin", "scope": "admin"}, "name"),
         ({"name": "x", "scope": "node"}, "scope"),
         ({"name": "x", "scope": "reader", "uses": 2}, "uses"),
+        ({"name": "x", "scope": "operator", "node_id": "gpu-1"}, "node_id"),
         ({"name": "x", "scope": "join", "ttl_s": 8 * 86400}, "ttl_s"),
         ({"name": "x", "scope": "join", "node_id": "localhost"}, "node_id"),
     ):
@@ -173,3 +177,20 @@ def test_credential_requests_are_checked(daemon_factory):
     again = daemon.api("POST", "/v2/credentials", {"name": "twice", "scope": "reader"})
     assert again.status == 409 and again.body["code"] == "CREDENTIAL_EXISTS"
     assert "Traceback" not in daemon.log()
+
+
+def test_a_database_of_the_previous_version_gains_the_credentials_table(daemon_factory):
+    daemon = daemon_factory()
+    online_node(daemon, "gpu-1")
+    daemon.stop()
+    # Back to what the previous version left: no credentials table (and, on PostgreSQL, schema version 1).
+    if daemon.config.get("db_url"):
+        daemon_sql(daemon.config, "DROP TABLE credentials")
+        daemon_sql(daemon.config, "DELETE FROM schema_version WHERE version = 2")
+    else:
+        with sqlite3.connect(daemon.config["db_path"]) as db:
+            db.execute("DROP TABLE credentials")
+    daemon.start()
+    assert daemon.api("GET", "/v2/nodes/gpu-1").status == 200
+    reader = issue(daemon, "after-upgrade", "reader")
+    assert daemon.api("GET", "/v2/nodes", token=reader).body["count"] == 1

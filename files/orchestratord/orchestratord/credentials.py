@@ -278,18 +278,23 @@ class CredentialBook:
         )
 
     def renewal_due(self, credential: Credential, now: float) -> bool:
-        """Less than half of a node credential's life left: the heartbeat answer brings a new one."""
+        """Less than half of the node's current credential's life left: the heartbeat answer brings a new
+        one. Never for `node/<id>/old`: an agent still using that one lost the answer that renewed it (or
+        is not the agent); renewing again would drop the token the real agent holds. It goes on with the
+        old one until that expires, then rejoins with its recovery secret."""
         expires_at = credential.expires_at
         return (
             expires_at is not None
             and credential.scope == "node"
             and 2 * (expires_at - now) < expires_at - credential.created_at
+            and credential.name == f"node/{credential.node_id}"
             and credential.node_id not in self._renewing
         )
 
     async def renew(self, presented: Credential) -> NodeCredential | None:
-        """A new node token for the node of `presented`, written before it is handed out. The presented
-        one becomes `node/<id>/old` and stays valid until its own expiry; any other is dropped."""
+        """A new node token for the node of `presented` (its current one), written before it is handed
+        out. The presented one becomes `node/<id>/old` and stays valid until its own expiry; the previous
+        old one is dropped."""
         node_id = presented.node_id
         assert node_id is not None
         self._renewing.add(node_id)

@@ -182,13 +182,20 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
             schemas.Availability,
             schemas.CatalogModels,
             schemas.Placement,
-            schemas.CredentialRequest,
+            schemas.ReaderCredentialRequest,
+            schemas.OperatorCredentialRequest,
+            schemas.AdminCredentialRequest,
+            schemas.JoinCredentialRequest,
             schemas.CredentialIssued,
             schemas.CredentialList,
             schemas.JoinRequest,
             schemas.JoinAnswer,
         ],
         ref_template=REF,
+    )
+    # The credential request is a union told apart by `scope`: one named schema for the route to refer to.
+    (components["CredentialRequest"],), _more = msgspec.json.schema_components(
+        [schemas.CredentialRequest], ref_template=REF
     )
     secured = [{"bearer": []}]
     paths: dict[str, Any] = {

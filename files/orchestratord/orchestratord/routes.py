@@ -279,11 +279,16 @@ def _credential_view(credential: Credential, now: float) -> schemas.CredentialVi
 @routes.post("/v2/credentials")
 @rule(auth="admin")
 async def issue_credential(request: web.Request) -> web.Response:
-    body = await decode_body(request, schemas.CredentialRequest)
+    try:
+        body = await decode_body(request, schemas.CredentialRequest)
+    except ApiError as exc:  # the union's own name says nothing to a person
+        raise ApiError(exc.status, exc.code, exc.message.replace("Union", "CredentialRequest", 1)) from None
+    scope = body.__struct_config__.tag
+    uses, node_id = getattr(body, "uses", None), getattr(body, "node_id", None)
     book = request.app[REGISTRY].credentials
     try:
         credential, secret = await book.issue(
-            body.name, body.scope, body.ttl_s, body.uses, body.node_id, request[CREDENTIAL]
+            body.name, scope, body.ttl_s, uses, node_id, request[CREDENTIAL]
         )
     except CredentialError as exc:
         raise _credential_error(exc) from None
@@ -302,7 +307,7 @@ async def list_credentials(request: web.Request) -> web.Response:
     return json_response(schemas.CredentialList(credentials=views_, count=len(views_)))
 
 
-@routes.delete("/v2/credentials/{name:.+}")  # node credentials' names hold a '/'
+@routes.delete(r"/v2/credentials/{name:[\s\S]+}")  # node credentials' names hold a '/'
 @rule(auth="admin")
 async def revoke_credential(request: web.Request) -> web.Response:
     try:

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import Meta
@@ -68,18 +68,45 @@ class PlacementRequest(Wire):
     strategy: Strategy = "least-loaded"
 
 
-IssuableScope = Literal["reader", "operator", "admin", "join"]  # access.ISSUABLE_SCOPES
+TtlS = Annotated[int, Meta(ge=1, le=10 * 365 * 86400, description="seconds; absent: never expires")]
+CredentialName = Annotated[Id, Meta(description="the id rule; shown in every log line of what it does")]
 
 
-class CredentialRequest(Wire):
-    """POST /v2/credentials (admin). A join credential lives ttl_s (default 3600, at most 7 days) for
-    `uses` joins (default 1), bound to node_id when given; other scopes live ttl_s, or for ever."""
+class AccessCredentialRequest(Wire, tag_field="scope", forbid_unknown_fields=True):
+    """POST /v2/credentials for a person or a program: reader, operator or admin."""
 
-    name: Annotated[Id, Meta(description="letters, digits, '.', '_', '-'; 1-128; shown in every log line")]
-    scope: IssuableScope
-    ttl_s: Annotated[int, Meta(ge=1, le=10 * 365 * 86400)] | None = None
-    uses: Annotated[int, Meta(ge=1, le=10_000)] | None = None
+    name: CredentialName
+    ttl_s: TtlS | None = None
+
+
+class ReaderCredentialRequest(AccessCredentialRequest, tag="reader"):
+    pass
+
+
+class OperatorCredentialRequest(AccessCredentialRequest, tag="operator"):
+    pass
+
+
+class AdminCredentialRequest(AccessCredentialRequest, tag="admin"):
+    pass
+
+
+class JoinCredentialRequest(Wire, tag_field="scope", tag="join", forbid_unknown_fields=True):
+    """POST /v2/credentials for joining nodes: `uses` joins within ttl_s, bound to node_id when given."""
+
+    name: CredentialName
+    ttl_s: Annotated[int, Meta(ge=1, le=7 * 86400, description="seconds, at most 7 days")] = 3600
+    uses: Annotated[int, Meta(ge=1, le=10_000)] = 1
     node_id: Id | None = None
+
+
+# One body, told apart by its `scope` (access.ISSUABLE_SCOPES): each scope's fields are in its schema, so
+# what the published document accepts is what the daemon accepts. Unknown fields are refused here, unlike
+# the agents' bodies: a person who writes `uses` on a reader means something the daemon would not do.
+# typing.Union, not `|`: the body decoder names the schema in its 400s, and only this spelling has a name.
+CredentialRequest = Union[  # noqa: UP007
+    ReaderCredentialRequest, OperatorCredentialRequest, AdminCredentialRequest, JoinCredentialRequest
+]
 
 
 class CredentialIssued(Wire):
