@@ -92,7 +92,7 @@ def check_pin(join: JoinSecret, control_url: str, ca_file: str | None, where: st
     if join.pin is None:
         raise IdentityError(
             f"{where}: the control plane is https but the join token carries no CA pin "
-            "(expected sha256:<pin>::<secret>); the secret was not sent"
+            "(expected sha256:<pin>::<secret>); the join secret was not sent"
         )
     if ca_file is None:
         raise IdentityError(f"{where}: set ca_file to the cluster CA so its pin can be checked")
