@@ -5,6 +5,7 @@ gone. Every test on both stores."""
 from __future__ import annotations
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support import Daemon, sample_heartbeat, sample_registration, wait_until
@@ -157,3 +158,13 @@ def test_the_generation_follows_the_stored_registration(daemon_factory):
     assert second != first
     beat = daemon.api("POST", "/v2/nodes/gpu-1/heartbeat", sample_heartbeat(registration)).body
     assert beat["generation"] == second
+
+
+def test_a_single_use_join_token_is_spent_once_by_joins_at_the_same_time(daemon_factory):
+    daemon = daemon_factory()
+    secret = issue_join(daemon, "once")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda n: join(daemon, secret, f"gpu-{n}").status, range(8)))
+    assert sorted(answers) == [200] + [401] * 7, answers
+    joined = [c for c in daemon.api("GET", "/v2/credentials").body["credentials"] if c["scope"] == "node"]
+    assert len(joined) == 1
