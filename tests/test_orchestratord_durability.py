@@ -41,6 +41,7 @@ def stored_heartbeats(daemon: Daemon) -> dict[str, str | None]:
 def test_registration_and_drain_survive_kill_9(daemon):
     online_node(daemon, "gpu-1", ["llama"], serve="llama")
     online_node(daemon, "gpu-2", ["llama"], serve="llama")
+    generation = beat(daemon, sample_registration("gpu-2"), ["llama"], serve="llama")["generation"]
     daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-3"))
     assert daemon.api("POST", "/v2/nodes/gpu-2/drain", {"drain": True}).status == 200
     assert daemon.api("DELETE", "/v2/nodes/gpu-1").status == 204
@@ -54,9 +55,11 @@ def test_registration_and_drain_survive_kill_9(daemon):
     assert nodes["gpu-2"]["address"] == "http://gpu-2.lab:8080"
     assert nodes["gpu-2"]["capabilities"]["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
     assert nodes["gpu-3"]["status"] == "registering"
+    # The generation comes from the stored record: the same after the restart.
     assert beat(daemon, sample_registration("gpu-2"), ["llama"], serve="llama") == {
         "next_heartbeat_ms": 200,
         "drain": True,
+        "generation": generation,
     }
 
 

@@ -11,19 +11,26 @@ from support_daemon import beat, beat_pools, online_node, pool_reading, status_o
 def test_register_answers_status_and_timings(daemon):
     answer = daemon.api("POST", "/v2/nodes/register", sample_registration("gpu-1"))
     assert answer.status == 200
+    generation = answer.body.pop("generation")
     assert answer.body == {
         "node_id": "gpu-1",
         "status": "registering",
         "heartbeat_interval_ms": 200,
         "node_timeout_ms": 3000,
     }
+    assert len(generation) == 16 and int(generation, 16) >= 0
 
 
 def test_first_heartbeat_brings_a_node_online(daemon):
     registration = sample_registration("gpu-1", pools=2)
     daemon.api("POST", "/v2/nodes/register", registration)
     assert status_of(daemon, "gpu-1") == "registering"
-    assert beat(daemon, registration, ["llama-3-8b"]) == {"next_heartbeat_ms": 200, "drain": False}
+    generation = daemon.api("POST", "/v2/nodes/register", registration).body["generation"]
+    assert beat(daemon, registration, ["llama-3-8b"]) == {
+        "next_heartbeat_ms": 200,
+        "drain": False,
+        "generation": generation,
+    }
     node = daemon.api("GET", "/v2/nodes/gpu-1").body
     assert node["status"] == "online"
     assert node["models"] == ["llama-3-8b"]
@@ -69,7 +76,8 @@ def test_registering_again_updates_the_record_and_keeps_the_drain(daemon):
     assert node["version"] == "0.2.0"
     assert node["drain"] is True
     assert daemon.api("GET", "/v2/nodes").body["count"] == 1
-    assert beat(daemon, registration) == {"next_heartbeat_ms": 200, "drain": True}
+    answer = beat(daemon, registration)
+    assert (answer["next_heartbeat_ms"], answer["drain"]) == (200, True)
 
 
 def test_heartbeat_from_unknown_node_is_404(daemon):

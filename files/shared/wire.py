@@ -169,13 +169,54 @@ def check_heartbeat(body: Heartbeat) -> Heartbeat:
     return body
 
 
+# --- joining: a bootstrap (join) secret buys a credential bound to one node_id ------------------------
+
+# What a secret looks like on the wire: `secrets.token_urlsafe(32)` behind a scope prefix (`lln_`, ...).
+# The prefix only tells a person what a leaked string is; the daemon never trusts it.
+Secret = Annotated[
+    str, Meta(pattern=r"^[A-Za-z0-9_-]{32,256}$", description="a credential's secret; shown once")
+]
+ExpiresAt = Annotated[str, Meta(description="RFC 3339 UTC time after which the secret is refused")]
+
+
+class JoinRequest(Wire):
+    """POST /v2/join, authorised by a join secret or the node's recovery secret."""
+
+    node_id: Id
+
+
+class NodeCredential(Wire):
+    """A node's own bearer secret, bound to its node_id, and when it stops working."""
+
+    node_token: Secret
+    expires_at: ExpiresAt
+
+
+class JoinAnswer(Wire):
+    node_id: str
+    credential_name: Annotated[str, Meta(description="node/<node_id>: the name logs give the node token")]
+    node_token: Secret
+    expires_at: ExpiresAt
+    # Single-use and bound to the node: lets a node that was off past its token's expiry join again alone.
+    recovery_token: Secret
+
+
 class RegisterAnswer(Wire):
     node_id: str
     status: NodeStatus
     heartbeat_interval_ms: int
     node_timeout_ms: int
+    # First 16 hex of sha256 of the registration as the daemon stored it: the same on every replica.
+    # Empty from a daemon that predates it.
+    generation: str = ""
 
 
-class HeartbeatAnswer(Wire):
+class HeartbeatAnswer(Wire, omit_defaults=True):  # no `credential: null` on every heartbeat
     next_heartbeat_ms: int
     drain: bool
+    # The generation of the registration the daemon holds; an agent that registered another one (someone
+    # replaced the record, or a replica restored an older one) registers again.
+    generation: str = ""
+    # A renewed node token, sent when less than half of the current one's life is left; the old one stays
+    # valid until its own expiry, so an agent that misses this answer renews at the next heartbeat.
+    credential: NodeCredential | None = None

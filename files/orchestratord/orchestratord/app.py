@@ -87,6 +87,8 @@ def create_app(
         settings.node_timeout_ms,
         settings.heartbeat_interval_ms,
         Limits(settings),
+        node_credential_ttl_s=settings.node_credential_ttl_s,
+        node_recovery_ttl_s=settings.node_recovery_ttl_s,
     )
     registry.routes.queue_max = settings.gateway_queue_max
     registry.routes.set_aside_after = settings.gateway_set_aside_after

@@ -1,20 +1,18 @@
-"""Bearer-token check for /v2/*: digests compared in constant time, so neither content nor length leaks."""
+"""The built-in admin credential: the token_file token, kept only as its digest (credentials.py looks every
+/v2 secret up by digest, so neither content nor length leaks through timing)."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+
+from .credentials import bearer_digest, digest_of
 
 
 class BearerAuth:
     def __init__(self, token: str) -> None:
-        self._digest = hashlib.sha256(token.encode()).digest()
+        self.digest = digest_of(token)
 
     def allows(self, authorization: str | None) -> bool:
-        if not authorization:
-            return False
-        scheme, _space, credentials = authorization.partition(" ")
-        if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110)
-            return False
-        offered = hashlib.sha256(credentials.strip().encode("utf-8", "replace")).digest()
-        return hmac.compare_digest(offered, self._digest)
+        """Whether the header carries the token_file token itself (the built-in `cluster-admin`)."""
+        offered = bearer_digest(authorization)
+        return offered is not None and hmac.compare_digest(offered, self.digest)

@@ -83,6 +83,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
     plain_http: bool = False
+    # Node credentials (credentials.py): how long a node token lives (renewed on a heartbeat once less
+    # than half is left), and the single-use recovery token that lets a node off past that rejoin alone.
+    node_credential_ttl_s: Annotated[int, msgspec.Meta(ge=2, le=365 * 86400)] = 86400
+    node_recovery_ttl_s: Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86400)] = 365 * 86400
 
 
 SETTING_NAMES = tuple(Settings.__struct_fields__)

@@ -14,14 +14,15 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from . import schemas
+from . import access, schemas
 from .auth import BearerAuth
 from .bodies import ApiError
 from .client_keys import ClientKeys
 from .connections import ConnectionGuard
+from .credentials import CredentialBook, bearer_digest
 from .metrics import Metrics
 from .openai_errors import CLIENT, openai_error
-from .routes import RULES, Rule
+from .routes import CREDENTIAL, REGISTRY, RULES, Rule
 from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,14 @@ log = logging.getLogger(__name__)
 HTTP_CODES = {
     400: "INVALID_PARAMS",
     401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
 }
 UNAUTHORIZED = (401, "UNAUTHORIZED", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-NEEDS_TOKEN = Rule()
+NEEDS_ADMIN = Rule()
 
 
 def _client_refusal(client_keys: ClientKeys) -> web.Response:
@@ -58,6 +60,12 @@ def envelope(status: int, code: str, message: str, headers=None) -> web.Response
 def _error_response(exc: Exception, request: web.Request) -> web.Response:
     if isinstance(exc, ApiError):
         return envelope(exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, access.Forbidden):
+        # One line per refusal, naming who tried what: a stolen credential at work shows in the log.
+        credential = request.get(CREDENTIAL)
+        who = credential.described() if credential is not None else "an unknown credential"
+        log.warning("refused %s %s for %s: %s", request.method, request.path, who, exc.refusal.code)
+        return envelope(403, exc.refusal.code, exc.refusal.message)
     if isinstance(exc, StoreUnavailable):  # logged once by the store when writes start failing
         return envelope(503, "STORE_UNAVAILABLE", str(exc))
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -75,9 +83,22 @@ def _error_response(exc: Exception, request: web.Request) -> web.Response:
     return envelope(500, "INTERNAL", "internal error; see the daemon's log")
 
 
+def _usable_credential(book: CredentialBook, authorization: str | None):
+    """The request's /v2 credential, or the 401 that refuses it (unknown, revoked, expired, used up)."""
+    digest = bearer_digest(authorization)
+    credential = None if digest is None else book.by_digest.get(digest)
+    if credential is None:
+        raise ApiError(*UNAUTHORIZED)
+    if credential.expires_at is not None or credential.uses_left is not None:
+        reason = credential.unusable(time.time())
+        if reason is not None:
+            raise ApiError(401, "UNAUTHORIZED", reason, {"WWW-Authenticate": "Bearer"})
+    return credential
+
+
 def _guarded(
     route: web.RouteDef,
-    auth: BearerAuth,
+    book: CredentialBook,
     client_keys: ClientKeys,
     metrics: Metrics | None,
     connections: ConnectionGuard,
@@ -85,15 +106,27 @@ def _guarded(
     """The route's handler wrapped in what every request gets: the credential its rule names, the query
     check, the envelope, timing. Its rule and metrics label are looked up once here, not per request."""
     handler, method, template = route.handler, route.method, route.path
-    rule = RULES.get(handler, NEEDS_TOKEN)
-    needs_token, needs_client_key, accepted_query = rule.auth == "token", rule.auth == "client", rule.query
+    rule = RULES.get(handler, NEEDS_ADMIN)
+    needs_client_key, accepted_query = rule.auth == "client", rule.query
+    need = None if rule.auth in ("client", "none") else rule.auth
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            if needs_token:
-                if not auth.allows(request.headers.get("Authorization")):
-                    raise ApiError(*UNAUTHORIZED)
+            if need is not None:
+                credential = _usable_credential(book, request.headers.get("Authorization"))
+                request[CREDENTIAL] = credential
+                # The one decision (access.py): the scope against the route, and a node-bound credential
+                # against the node in the path.
+                refused = access.refusal(
+                    need,
+                    credential.scope,
+                    credential.node_id,
+                    credential.name,
+                    request.match_info.get("node_id"),
+                )
+                if refused is not None:
+                    raise access.Forbidden(refused)
                 connections.trust(request.protocol)
             elif needs_client_key:
                 client = client_keys.name_of(request.headers.get("Authorization"))
@@ -118,7 +151,7 @@ def _guarded(
     return guarded
 
 
-def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metrics | None):
+def _unmatched(fallback: web.AbstractResource, book: CredentialBook, metrics: Metrics | None):
     """Every request no route took: 404, or 405 with Allow when the path exists for other methods."""
 
     async def unmatched(request: web.Request) -> web.StreamResponse:
@@ -128,9 +161,16 @@ def _unmatched(fallback: web.AbstractResource, auth: BearerAuth, metrics: Metric
             if resource is not fallback:
                 _match, methods = await resource.resolve(request)
                 allowed |= methods
-        # Under /v2/ the token comes first even here: whether a path exists is not told to someone without it.
-        if request.path.startswith("/v2/") and not auth.allows(request.headers.get("Authorization")):
-            response = envelope(*UNAUTHORIZED)
+        # Under /v2/ a credential comes first even here: whether a path exists is not told to someone
+        # without one.
+        refused = None
+        if request.path.startswith("/v2/"):
+            try:
+                _usable_credential(book, request.headers.get("Authorization"))
+            except ApiError as exc:
+                refused = envelope(exc.status, exc.code, exc.message, exc.headers)
+        if refused is not None:
+            response = refused
         elif allowed:
             methods = ", ".join(sorted(allowed))
             response = envelope(
@@ -156,17 +196,20 @@ def add_guarded_routes(
     metrics: Metrics | None,
     connections: ConnectionGuard,
 ) -> None:
-    """Every route with its guard, then one fallback resource that answers what no route took.
+    """Every route with its guard, then one fallback resource that answers what no route took. The
+    token_file token joins the registry's credential book as the built-in admin, `cluster-admin`.
 
     A wrapper per route, not an aiohttp middleware: bench/heartbeat.py measured aiohttp's middleware
     machinery alone at about 5 points of the heartbeat ratio (docs/performance.md), beyond the 3 points an
     idiom may cost. This is the one hand-made fast path of the daemon.
     """
+    book = app[REGISTRY].credentials
+    book.add_builtin_admin(auth.digest)
     for route in routes:
         assert isinstance(route, web.RouteDef)
         web.RouteDef(
-            route.method, route.path, _guarded(route, auth, client_keys, metrics, connections), route.kwargs
+            route.method, route.path, _guarded(route, book, client_keys, metrics, connections), route.kwargs
         ).register(app.router)
     # Last: tried only after every route above (aiohttp resolves the most specific path first).
     fallback = app.router.add_resource("/{unmatched_path:.*}")
-    fallback.add_route("*", _unmatched(fallback, auth, metrics))
+    fallback.add_route("*", _unmatched(fallback, book, metrics))

@@ -23,9 +23,12 @@ HEARTBEAT_RULES = (
 
 ERROR_ANSWERS = {
     "400": "Invalid body or parameter; the message names the field",
-    "401": "Missing or wrong bearer token",
-    "404": "No such node",
-    "409": "CLUSTER_FULL: a new node would pass max_nodes",
+    "401": "Missing, unknown, revoked, expired or used-up bearer credential; the message says which",
+    "403": "FORBIDDEN: the credential's scope does not allow this, or it is bound to another node; "
+    "NODE_IDENTITY_CHANGED: a node credential changing its node's address or machine_id; NODE_ID_TAKEN: a "
+    "general join credential for a node that has a credential already",
+    "404": "No such node (or credential)",
+    "409": "CLUSTER_FULL: a new node would pass max_nodes; CREDENTIAL_EXISTS: the name is taken",
     "413": "Body larger than max_body_bytes",
     "503": "STORE_UNAVAILABLE: the database cannot take writes (e.g. a full disk); nothing changed",
 }
@@ -112,6 +115,56 @@ def _client_routes() -> dict[str, Any]:
     }
 
 
+SCOPES_NOTE = (
+    "Scopes: reader (GET /v2/*, POST /v2/placement), operator (reader's, drain, undrain, delete), admin "
+    "(everything), node (register, heartbeat, deregister its own node), join (POST /v2/join). See "
+    "docs/credentials.md."
+)
+
+
+def _credential_routes() -> dict[str, Any]:
+    name_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 300},
+    }
+    return {
+        "/v2/credentials": {
+            "post": {
+                "summary": "Issue a credential (admin); its secret is in this answer only",
+                "description": SCOPES_NOTE,
+                "requestBody": _body("CredentialRequest"),
+                "responses": {
+                    "201": _json("CredentialIssued", "Issued"),
+                    **_errors("400", "401", "403", "409", "413", "503"),
+                },
+            },
+            "get": {
+                "summary": "The credentials, without secrets (admin)",
+                "responses": {"200": _json("CredentialList", "By name"), **_errors("401", "403")},
+            },
+        },
+        "/v2/credentials/{name}": {
+            "delete": {
+                "summary": "Revoke a credential (admin), effective at once",
+                "parameters": [name_param],
+                "responses": {"204": {"description": "Revoked"}, **_errors("401", "403", "404", "503")},
+            }
+        },
+        "/v2/join": {
+            "post": {
+                "summary": "Join a node with a join or recovery secret: its node token and recovery token",
+                "requestBody": _body("JoinRequest"),
+                "responses": {
+                    "200": _json("JoinAnswer", "Joined"),
+                    **_errors("400", "401", "403", "413", "503"),
+                },
+            }
+        },
+    }
+
+
 def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
     _schemas, components = msgspec.json.schema_components(
         [
@@ -129,8 +182,20 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
             schemas.Availability,
             schemas.CatalogModels,
             schemas.Placement,
+            schemas.ReaderCredentialRequest,
+            schemas.OperatorCredentialRequest,
+            schemas.AdminCredentialRequest,
+            schemas.JoinCredentialRequest,
+            schemas.CredentialIssued,
+            schemas.CredentialList,
+            schemas.JoinRequest,
+            schemas.JoinAnswer,
         ],
         ref_template=REF,
+    )
+    # The credential request is a union told apart by `scope`: one named schema for the route to refer to.
+    (components["CredentialRequest"],), _more = msgspec.json.schema_components(
+        [schemas.CredentialRequest], ref_template=REF
     )
     secured = [{"bearer": []}]
     paths: dict[str, Any] = {
@@ -167,7 +232,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "requestBody": _body("Registration"),
                 "responses": {
                     "200": _json("RegisterAnswer", "Registered"),
-                    **_errors("400", "401", "409", "413", "503"),
+                    **_errors("400", "401", "403", "409", "413", "503"),
                 },
             }
         },
@@ -179,7 +244,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "requestBody": _body("Heartbeat"),
                 "responses": {
                     "200": _json("HeartbeatAnswer", "Recorded"),
-                    **_errors("400", "401", "404", "413"),
+                    **_errors("400", "401", "403", "404", "413"),
                 },
             }
         },
@@ -197,19 +262,25 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                         },
                     }
                 ],
-                "responses": {"200": _json("NodeList", "Nodes, sorted by id"), **_errors("400", "401")},
+                "responses": {
+                    "200": _json("NodeList", "Nodes, sorted by id"),
+                    **_errors("400", "401", "403"),
+                },
             }
         },
         "/v2/nodes/{node_id}": {
             "get": {
                 "summary": "One node",
                 "parameters": [NODE_ID_PARAM],
-                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404")},
+                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "403", "404")},
             },
             "delete": {
                 "summary": "Deregister a node",
                 "parameters": [NODE_ID_PARAM],
-                "responses": {"204": {"description": "Deregistered"}, **_errors("400", "401", "404", "503")},
+                "responses": {
+                    "204": {"description": "Deregistered"},
+                    **_errors("400", "401", "403", "404", "503"),
+                },
             },
         },
         "/v2/nodes/{node_id}/drain": {
@@ -217,19 +288,22 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "summary": "Drain (true) or undrain (false) a node; placement skips a draining node",
                 "parameters": [NODE_ID_PARAM],
                 "requestBody": _body("DrainRequest"),
-                "responses": {"200": _json("Node", "The node"), **_errors("400", "401", "404", "413", "503")},
+                "responses": {
+                    "200": _json("Node", "The node"),
+                    **_errors("400", "401", "403", "404", "413", "503"),
+                },
             }
         },
         "/v2/catalog/availability": {
             "get": {
                 "summary": "Models per node; replication counted per node, not per pool",
-                "responses": {"200": _json("Availability", "Availability"), **_errors("401")},
+                "responses": {"200": _json("Availability", "Availability"), **_errors("401", "403")},
             }
         },
         "/v2/catalog/models": {
             "get": {
                 "summary": "Models on online nodes",
-                "responses": {"200": _json("CatalogModels", "Models"), **_errors("401")},
+                "responses": {"200": _json("CatalogModels", "Models"), **_errors("401", "403")},
             }
         },
         "/v2/placement": {
@@ -238,7 +312,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "requestBody": _body("PlacementRequest"),
                 "responses": {
                     "200": _json("Placement", "The chosen pool"),
-                    **_errors("400", "401", "413"),
+                    **_errors("400", "401", "403", "413"),
                     "503": _json("Error", "MODEL_NOT_AVAILABLE or NO_CAPACITY"),
                 },
             }
@@ -248,10 +322,11 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "summary": "The last 100 placement errors (placement and gateway), newest first",
                 "responses": {
                     "200": {"description": "{errors: [{at, source, model_id, code, message}], count}"},
-                    **_errors("401"),
+                    **_errors("401", "403"),
                 },
             }
         },
+        **_credential_routes(),
         **_client_routes(),
     }
     if metrics_enabled:

@@ -10,6 +10,7 @@ state kept here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -20,6 +21,8 @@ from datetime import UTC, datetime
 import msgspec
 
 from . import schemas
+from .access import Forbidden, identity_refusal
+from .credentials import Credential, CredentialBook
 from .limits import Limits
 from .placement import PlacementIndex, Placer
 from .routing import RoutingTable
@@ -67,6 +70,12 @@ def _pool_ids(registration: schemas.Registration) -> frozenset[str]:
     return frozenset(pool.pool_id for pool in registration.pools)
 
 
+def generation_of(stored_registration: bytes) -> str:
+    """The registration's generation: a digest of the bytes the store holds, so every replica and every
+    restart names the same record the same way."""
+    return hashlib.sha256(stored_registration).hexdigest()[:16]
+
+
 class NodeNotFound(KeyError):
     pass
 
@@ -77,6 +86,7 @@ class NodeState:
     registration: schemas.Registration
     registered_at: str
     pool_ids: frozenset[str]  # the registered pools: a heartbeat may report only these
+    generation: str = ""  # of the stored registration (generation_of): heartbeat answers carry it
     drain: bool = False
     pools: list[schemas.PoolStatus] | None = None  # the last heartbeat's readings
     applied_pools: list[schemas.PoolStatus] | None = None  # the readings the index holds
@@ -96,8 +106,12 @@ class Registry:
         heartbeat_interval_ms: int,
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
+        node_credential_ttl_s: int = 86400,
+        node_recovery_ttl_s: int = 365 * 86400,
     ) -> None:
         self.store = store
+        # Who may do what (access.py) is looked up here, per request, by the digest of the secret.
+        self.credentials = CredentialBook(store, node_credential_ttl_s, node_recovery_ttl_s)
         self.limits = limits
         self.node_timeout_s = node_timeout_ms / 1000
         self.node_timeout_ms = node_timeout_ms
@@ -153,6 +167,7 @@ class Registry:
         return await self.store.ping()
 
     async def load(self) -> None:
+        await self.credentials.load()
         stored = await self.store.load_all()
         now, wall_now = self.clock(), time.time()
         restored = [node for row in stored if (node := self._restore(row, now, wall_now)) is not None]
@@ -190,6 +205,7 @@ class Registry:
             registration=registration,
             registered_at=row.registered_at,
             pool_ids=_pool_ids(registration),
+            generation=generation_of(row.registration),
             drain=row.drain,
         )
         if row.pools is not None and row.last_heartbeat_at is not None:
@@ -240,23 +256,34 @@ class Registry:
 
     # --- writes
 
-    async def register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+    async def register(self, body: schemas.Registration, by: Credential) -> schemas.RegisterAnswer:
         async with self.writing:
-            return await self._register(body)
+            return await self._register(body, by)
 
-    async def _register(self, body: schemas.Registration) -> schemas.RegisterAnswer:
+    async def _register(self, body: schemas.Registration, by: Credential) -> schemas.RegisterAnswer:
         node_id = body.node_id
         registered_at = utc_now()
         node = self.nodes.get(node_id)
         if node is None:
             self.limits.check_new_node(len(self.nodes))
+        elif by.scope == "node":
+            # A node's own credential registers its node again (a restart, new pools) but cannot move it:
+            # a stolen one must not point the node's work at another address or machine.
+            before = node.registration
+            for what, old, new in (
+                ("address", before.address, body.address),
+                ("machine_id", before.machine_id, body.machine_id),
+            ):
+                if old != new:
+                    raise Forbidden(identity_refusal(by.name, node_id, what, old, new))
+        stored = msgspec.json.encode(body)
         contact_before = None if node is None else node.last_contact
         # The record below forgets the node's readings. One still waiting for the write-back would be taken
         # by a write-back during the await and land after the record, under the new registration: drop it
         # now, in the same step the record is queued (the database thread keeps the order).
         pending = self.dirty.pop(node_id, None)
         try:
-            await self.store.upsert_node(node_id, msgspec.json.encode(body), registered_at)
+            await self.store.upsert_node(node_id, stored, registered_at)
         except BaseException:
             if pending is not None:
                 self.dirty.setdefault(node_id, pending)  # nothing changed: its readings still go out
@@ -267,12 +294,19 @@ class Registry:
                 node_id=node_id, registration=body, registered_at=registered_at, pool_ids=_pool_ids(body)
             )
             self.nodes[node_id] = node
-            log.info("node %s registered from %s with %d pool(s)", node_id, body.address, len(body.pools))
+            log.info(
+                "node %s registered from %s with %d pool(s) by %s",
+                node_id,
+                body.address,
+                len(body.pools),
+                by.described(),
+            )
         else:
             node.registration = body
             node.registered_at = registered_at
             node.pool_ids = _pool_ids(body)
-            log.info("node %s registered again from %s", node_id, body.address)
+            log.info("node %s registered again from %s by %s", node_id, body.address, by.described())
+        node.generation = generation_of(stored)
         # A heartbeat that came in during the write is newer than the registration: its readings stay, in
         # memory as on disk, where its write-back (queued after the record) puts them. Otherwise the node
         # starts over as registering, like its record.
@@ -291,6 +325,7 @@ class Registry:
             status=node.reported_status,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             node_timeout_ms=self.node_timeout_ms,
+            generation=node.generation,
         )
 
     def heartbeat(self, node_id: str, body: schemas.Heartbeat) -> schemas.HeartbeatAnswer:
@@ -318,9 +353,11 @@ class Registry:
             routes.heard(node_id)  # pools set aside after failures take work again
         if routes.waiting and node_id in self.unsettled:
             self.settle()  # capacity this heartbeat brings goes to the waiting requests now
-        return schemas.HeartbeatAnswer(next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain)
+        return schemas.HeartbeatAnswer(
+            next_heartbeat_ms=self.heartbeat_interval_ms, drain=node.drain, generation=node.generation
+        )
 
-    async def set_drain(self, node_id: str, drain: bool) -> NodeState:
+    async def set_drain(self, node_id: str, drain: bool, by: Credential) -> NodeState:
         async with self.writing:
             node = self.get(node_id)
             if node.drain != drain:
@@ -328,20 +365,38 @@ class Registry:
                 node.drain = drain
                 self.settle()  # heartbeats may have come in during the write: index their readings
                 self._index_node(node)
-                log.info("node %s %s by an operator", node_id, "drained" if drain else "undrained")
+                log.info("node %s %s by %s", node_id, "drained" if drain else "undrained", by.described())
                 node.reported_status = self.status_of(node, self.clock())
             return node
 
-    async def delete(self, node_id: str) -> None:
+    async def delete(self, node_id: str, by: Credential) -> None:
+        """The node's record; when someone other than the node itself deletes it, its credentials too (a
+        node deregistering at its stop keeps them, to register again at its start)."""
         async with self.writing:
-            node = self.get(node_id)
-            await self.store.delete_node(node_id)
-            del self.nodes[node_id]
-            self.by_contact.pop(node_id, None)
-            self._apply_pools(node, None)
-            self.dirty.pop(node_id, None)
-            self.unsettled.discard(node_id)
-            log.info("node %s deregistered", node_id)
+            try:
+                node = self.get(node_id)
+            except NodeNotFound:
+                # Joined but never registered: deleting the node still takes back its credentials.
+                if by.scope == "node" or not self.credentials.has_node_credential(node_id):
+                    raise
+                node = None
+            if node is not None:
+                await self._delete_record(node, by)
+        if by.scope != "node":
+            await self.credentials.forget_node(node_id)
+
+    async def _delete_record(self, node: NodeState, by: Credential) -> None:
+        node_id = node.node_id
+        await self.store.delete_node(node_id)
+        del self.nodes[node_id]
+        self.by_contact.pop(node_id, None)
+        self._apply_pools(node, None)
+        self.dirty.pop(node_id, None)
+        self.unsettled.discard(node_id)
+        if by.scope == "node":
+            log.info("node %s deregistered by %s", node_id, by.described())
+        else:
+            log.info("node %s deleted by %s", node_id, by.described())
 
     # --- bringing the index and the model lists up to the latest readings
 

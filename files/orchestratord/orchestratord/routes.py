@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 from aiohttp import web
 
-from . import __version__, schemas, views
+from . import __version__, access, bodies, schemas, views
 from .bodies import ApiError, check, decode_body, json_response
 from .connections import ConnectionGuard
 from .contract import NODE_STATUSES
+from .credentials import Credential, CredentialError, rfc3339
 from .gateway import Gateway
 from .limits import ClusterFull
 from .metrics import CONTENT_TYPE
@@ -36,24 +39,32 @@ CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 GATEWAY = web.AppKey("gateway", Gateway)
 RECENT_ERRORS = web.AppKey("recent_errors", RecentErrors)
 
+# The credential the middleware found for the request (credentials.Credential), for handlers and logs.
+CREDENTIAL = "llorch.credential"
+
 routes = web.RouteTableDef()
 
+# The bodies of the credential routes, decoded like every other (bodies.decode_body).
+bodies._decoders.update(
+    {schema: msgspec.json.Decoder(schema) for schema in (schemas.CredentialRequest, schemas.JoinRequest)}
+)
 
-# Who may call a route: the cluster token (/v2/*), a client key (/v1/*, the gateway), or anyone. Neither
-# credential opens the other's routes.
-Auth = Literal["token", "client", "none"]
+
+# Who may call a route: what a /v2 credential must meet (access.Need: its scope, decided in access.py),
+# a client key (/v1/*, the gateway), or anyone. Neither kind of credential opens the other's routes.
+Auth = Literal[access.Need, "client", "none"]
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    auth: Auth = "token"
+    auth: Auth = "admin"  # a route that forgot to say is an admin's alone
     query: tuple[str, ...] = ()  # accepted query parameters; any other is refused
 
 
-RULES: dict[object, Rule] = {}  # handler -> its rule; a handler without one needs the token
+RULES: dict[object, Rule] = {}  # handler -> its rule; a handler without one needs an admin
 
 
-def rule(*, auth: Auth = "token", query: tuple[str, ...] = ()):
+def rule(*, auth: Auth = "admin", query: tuple[str, ...] = ()):
     def declare(handler):
         RULES[handler] = Rule(auth, query)
         return handler
@@ -107,12 +118,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @routes.post("/v2/nodes/register")
+@rule(auth="node")
 async def register(request: web.Request) -> web.Response:
     body = check(schemas.check_registration, await decode_body(request, schemas.Registration))
+    credential: Credential = request[CREDENTIAL]
+    # The path names no node: the body's node_id is checked against the credential's binding here.
+    refused = access.refusal("node", credential.scope, credential.node_id, credential.name, body.node_id)
+    if refused is not None:
+        raise access.Forbidden(refused)
     registry = request.app[REGISTRY]
     check(registry.limits.check_registration, body)
     try:
-        answer = await registry.register(body)
+        answer = await registry.register(body, credential)
     except ClusterFull as exc:
         raise ApiError(409, "CLUSTER_FULL", str(exc)) from None
     if request.app[METRICS] is not None:
@@ -121,6 +138,7 @@ async def register(request: web.Request) -> web.Response:
 
 
 @routes.post("/v2/nodes/{node_id}/heartbeat")
+@rule(auth="node")
 async def heartbeat(request: web.Request) -> web.Response:
     app = request.app
     registry, metrics = app[REGISTRY], app[METRICS]
@@ -144,11 +162,16 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise not_found(node_id) from None
     if metrics is not None:
         metrics.heartbeats["ok"] += 1
+    credential: Credential = request[CREDENTIAL]
+    if credential.scope == "node":
+        book = registry.credentials
+        if book.renewal_due(credential, time.time()):  # about once per half a token's life
+            answer.credential = await book.renew(credential)
     return json_response(answer)
 
 
 @routes.get("/v2/nodes")
-@rule(query=("status",))
+@rule(auth="reader", query=("status",))
 async def list_nodes(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in NODE_STATUSES:
@@ -159,6 +182,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 @routes.get("/v2/nodes/{node_id}")
+@rule(auth="reader")
 async def get_node(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     registry = request.app[REGISTRY]
@@ -170,38 +194,43 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 @routes.post("/v2/nodes/{node_id}/drain")
+@rule(auth="operator")
 async def drain(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     body = await decode_body(request, schemas.DrainRequest)
     registry = request.app[REGISTRY]
     try:
-        node = await registry.set_drain(node_id, body.drain)
+        node = await registry.set_drain(node_id, body.drain, request[CREDENTIAL])
     except NodeNotFound:
         raise not_found(node_id) from None
     return json_response(views.node_view(registry, node, registry.clock()))
 
 
 @routes.delete("/v2/nodes/{node_id}")
+@rule(auth="operator_or_node")
 async def delete_node(request: web.Request) -> web.Response:
     node_id = node_id_of(request)
     try:
-        await request.app[REGISTRY].delete(node_id)
+        await request.app[REGISTRY].delete(node_id, request[CREDENTIAL])
     except NodeNotFound:
         raise not_found(node_id) from None
     return web.Response(status=204)
 
 
 @routes.get("/v2/catalog/availability")
+@rule(auth="reader")
 async def availability(request: web.Request) -> web.Response:
     return json_response(views.availability(request.app[REGISTRY]))
 
 
 @routes.get("/v2/catalog/models")
+@rule(auth="reader")
 async def catalog_models(request: web.Request) -> web.Response:
     return json_response(views.catalog_models(request.app[REGISTRY]))
 
 
 @routes.post("/v2/placement")
+@rule(auth="reader")
 async def placement(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     try:
@@ -223,8 +252,84 @@ async def placement(request: web.Request) -> web.Response:
 
 
 @routes.get("/v2/placement/errors")
+@rule(auth="reader")
 async def placement_errors(request: web.Request) -> web.Response:
     return json_response(request.app[RECENT_ERRORS].view())
+
+
+# --- credentials (credentials.py; who may do what: access.py)
+
+
+def _credential_error(exc: CredentialError) -> ApiError:
+    return ApiError(exc.status, exc.code, exc.message)
+
+
+def _credential_view(credential: Credential, now: float) -> schemas.CredentialView:
+    return schemas.CredentialView(
+        name=credential.name,
+        scope=credential.scope,
+        node_id=credential.node_id,
+        expires_at=None if credential.expires_at is None else rfc3339(credential.expires_at),
+        uses_left=credential.uses_left,
+        created_at=rfc3339(credential.created_at),
+        usable=credential.unusable(now) is None,
+    )
+
+
+@routes.post("/v2/credentials")
+@rule(auth="admin")
+async def issue_credential(request: web.Request) -> web.Response:
+    try:
+        body = await decode_body(request, schemas.CredentialRequest)
+    except ApiError as exc:  # the union's own name says nothing to a person
+        raise ApiError(exc.status, exc.code, exc.message.replace("Union", "CredentialRequest", 1)) from None
+    scope = body.__struct_config__.tag
+    uses, node_id = getattr(body, "uses", None), getattr(body, "node_id", None)
+    book = request.app[REGISTRY].credentials
+    try:
+        credential, secret = await book.issue(
+            body.name, scope, body.ttl_s, uses, node_id, request[CREDENTIAL]
+        )
+    except CredentialError as exc:
+        raise _credential_error(exc) from None
+    expires_at = None if credential.expires_at is None else rfc3339(credential.expires_at)
+    issued = schemas.CredentialIssued(
+        name=credential.name, scope=credential.scope, secret=secret, expires_at=expires_at
+    )
+    return json_response(issued, status=201)
+
+
+@routes.get("/v2/credentials")
+@rule(auth="admin")
+async def list_credentials(request: web.Request) -> web.Response:
+    now = time.time()
+    views_ = [_credential_view(c, now) for c in request.app[REGISTRY].credentials.listing()]
+    return json_response(schemas.CredentialList(credentials=views_, count=len(views_)))
+
+
+@routes.delete(r"/v2/credentials/{name:[\s\S]+}")  # node credentials' names hold a '/'
+@rule(auth="admin")
+async def revoke_credential(request: web.Request) -> web.Response:
+    try:
+        await request.app[REGISTRY].credentials.revoke(request.match_info["name"], request[CREDENTIAL])
+    except CredentialError as exc:
+        raise _credential_error(exc) from None
+    return web.Response(status=204)
+
+
+@routes.post("/v2/join")
+@rule(auth="join")
+async def join(request: web.Request) -> web.Response:
+    body = await decode_body(request, schemas.JoinRequest)
+    credential: Credential = request[CREDENTIAL]
+    refused = access.refusal("join", credential.scope, credential.node_id, credential.name, body.node_id)
+    if refused is not None:
+        raise access.Forbidden(refused)
+    try:
+        answer = await request.app[REGISTRY].credentials.join(credential, body.node_id)
+    except CredentialError as exc:
+        raise _credential_error(exc) from None
+    return json_response(answer)
 
 
 # --- the client endpoint (gateway.py): client keys, OpenAI's shapes

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import Meta
@@ -19,7 +19,11 @@ from .wire import (
     GpuInfo,
     Heartbeat,
     HeartbeatAnswer,
+    Id,
+    JoinAnswer,
+    JoinRequest,
     ModelId,
+    NodeCredential,
     NodeStatus,
     PoolSpec,
     PoolStatus,
@@ -39,6 +43,9 @@ __all__ = [
     "GpuInfo",
     "Heartbeat",
     "HeartbeatAnswer",
+    "JoinAnswer",
+    "JoinRequest",
+    "NodeCredential",
     "PoolSpec",
     "PoolStatus",
     "RegisterAnswer",
@@ -59,6 +66,69 @@ class PlacementRequest(Wire):
     model_id: ModelId | None = None
     vram_bytes: Bytes | None = None
     strategy: Strategy = "least-loaded"
+
+
+TtlS = Annotated[int, Meta(ge=1, le=10 * 365 * 86400, description="seconds; absent: never expires")]
+CredentialName = Annotated[Id, Meta(description="the id rule; shown in every log line of what it does")]
+
+
+class AccessCredentialRequest(Wire, tag_field="scope", forbid_unknown_fields=True):
+    """POST /v2/credentials for a person or a program: reader, operator or admin."""
+
+    name: CredentialName
+    ttl_s: TtlS | None = None
+
+
+class ReaderCredentialRequest(AccessCredentialRequest, tag="reader"):
+    pass
+
+
+class OperatorCredentialRequest(AccessCredentialRequest, tag="operator"):
+    pass
+
+
+class AdminCredentialRequest(AccessCredentialRequest, tag="admin"):
+    pass
+
+
+class JoinCredentialRequest(Wire, tag_field="scope", tag="join", forbid_unknown_fields=True):
+    """POST /v2/credentials for joining nodes: `uses` joins within ttl_s, bound to node_id when given."""
+
+    name: CredentialName
+    ttl_s: Annotated[int, Meta(ge=1, le=7 * 86400, description="seconds, at most 7 days")] = 3600
+    uses: Annotated[int, Meta(ge=1, le=10_000)] = 1
+    node_id: Id | None = None
+
+
+# One body, told apart by its `scope` (access.ISSUABLE_SCOPES): each scope's fields are in its schema, so
+# what the published document accepts is what the daemon accepts. Unknown fields are refused here, unlike
+# the agents' bodies: a person who writes `uses` on a reader means something the daemon would not do.
+# typing.Union, not `|`: the body decoder names the schema in its 400s, and only this spelling has a name.
+CredentialRequest = Union[  # noqa: UP007
+    ReaderCredentialRequest, OperatorCredentialRequest, AdminCredentialRequest, JoinCredentialRequest
+]
+
+
+class CredentialIssued(Wire):
+    name: str
+    scope: str
+    secret: Annotated[str, Meta(description="the secret, shown this once: it is stored nowhere")]
+    expires_at: Annotated[str | None, Meta(description="RFC 3339 UTC; null: never")]
+
+
+class CredentialView(Wire):
+    name: str
+    scope: str
+    node_id: str | None
+    expires_at: str | None
+    uses_left: int | None
+    created_at: str
+    usable: Annotated[bool, Meta(description="false once expired or used up")]
+
+
+class CredentialList(Wire):
+    credentials: list[CredentialView]
+    count: int
 
 
 # --- answers --------------------------------------------------------------------------------------

@@ -28,6 +28,23 @@ CREATE TABLE IF NOT EXISTS nodes (
 )
 """
 
+# Forward migrations after the first table: each runs at every open and is a no-op once applied.
+MIGRATIONS = (
+    # The credentials an admin issued and the nodes' own (credentials.py). Secrets are never stored: only
+    # the SHA-256 digest each request's secret is looked up by. Times are unix seconds (wall clock).
+    """
+    CREATE TABLE IF NOT EXISTS credentials (
+        name TEXT PRIMARY KEY,
+        scope TEXT NOT NULL,
+        node_id TEXT,
+        digest BLOB NOT NULL UNIQUE,
+        expires_at INTEGER,
+        uses_left INTEGER,
+        created_at INTEGER NOT NULL
+    )
+    """,
+)
+
 
 class StoreError(Exception):
     """The database cannot be opened; the message names the path. Restarting may help (a mount not yet
@@ -66,6 +83,17 @@ class StoredNode:
 
 
 @dataclass
+class CredentialRow:
+    name: str
+    scope: str
+    node_id: str | None  # the node a node, recovery or node-bound join credential acts for
+    digest: bytes  # sha256 of the secret; the secret itself is never stored
+    expires_at: int | None  # unix seconds; None: never
+    uses_left: int | None  # None: unlimited
+    created_at: int
+
+
+@dataclass
 class HeartbeatRow:
     node_id: str
     last_heartbeat_at: str
@@ -87,6 +115,16 @@ class Store(Protocol):
     async def update_drain(self, node_id: str, drain: bool) -> None: ...
     async def delete_node(self, node_id: str) -> None: ...
     async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None: ...
+    async def load_credentials(self) -> list[CredentialRow]: ...
+    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
+        """Deletes the named rows, then inserts or replaces `put`, in one transaction."""
+
+
+CREDENTIAL_COLUMNS = "name, scope, node_id, digest, expires_at, uses_left, created_at"
+
+
+def credential_values(row: CredentialRow) -> tuple:
+    return (row.name, row.scope, row.node_id, row.digest, row.expires_at, row.uses_left, row.created_at)
 
 
 class SqliteStore:
@@ -141,6 +179,8 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(SCHEMA)
+            for migration in MIGRATIONS:
+                self._db.execute(migration)
             # Every page, before any is trusted: a damaged page found later would fail one request after
             # another. Milliseconds for ten thousand nodes.
             problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
@@ -237,4 +277,31 @@ class SqliteStore:
             self._db.executemany(
                 "UPDATE nodes SET last_heartbeat_at = ?, pools = ? WHERE node_id = ?",
                 [(row.last_heartbeat_at, row.pools, row.node_id) for row in rows],
+            )
+
+    async def load_credentials(self) -> list[CredentialRow]:
+        return await self._run(self._load_credentials)
+
+    def _load_credentials(self) -> list[CredentialRow]:
+        assert self._db is not None
+        try:
+            rows = self._db.execute(f"SELECT {CREDENTIAL_COLUMNS} FROM credentials").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreDamaged(
+                f"the database at db_path {self.db_path} is damaged ({exc}); {_DAMAGE_HINT}"
+            ) from None
+        return [CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
+        await self._write(self._write_credentials, delete, put)
+
+    def _write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
+        assert self._db is not None
+        # One transaction: a join's used-up token and the node's new credential commit together.
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM credentials WHERE name = ?", [(name,) for name in delete])
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [credential_values(row) for row in put],
             )

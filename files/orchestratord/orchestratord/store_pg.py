@@ -18,7 +18,16 @@ import logging
 import asyncpg
 
 from .config import DatabaseTarget
-from .store import HeartbeatRow, StoredNode, StoreError, StoreRefused, StoreUnavailable
+from .store import (
+    CREDENTIAL_COLUMNS,
+    CredentialRow,
+    HeartbeatRow,
+    StoredNode,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+    credential_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,18 @@ MIGRATIONS: list[str] = [
         drain BOOLEAN NOT NULL DEFAULT false,
         last_heartbeat_at TEXT,
         pools BYTEA
+    )
+    """,
+    # 2: credentials (credentials.py): digests of secrets, never the secrets; times in unix seconds.
+    """
+    CREATE TABLE credentials (
+        name TEXT PRIMARY KEY,
+        scope TEXT NOT NULL,
+        node_id TEXT,
+        digest BYTEA NOT NULL UNIQUE,
+        expires_at BIGINT,
+        uses_left INTEGER,
+        created_at BIGINT NOT NULL
     )
     """,
 ]
@@ -245,3 +266,35 @@ class PostgresStore:
             [row.last_heartbeat_at for row in rows],
             [row.pools for row in rows],
         )
+
+    async def load_credentials(self) -> list[CredentialRow]:
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                rows = await conn.fetch(f"SELECT {CREDENTIAL_COLUMNS} FROM credentials")
+        except _UNAVAILABLE as exc:
+            raise StoreError(
+                f"cannot read the credentials from {self.description}: {_one_line(exc)}"
+            ) from None
+        return [CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
+        """Deletes then upserts in one transaction, after every write asked for earlier."""
+        assert self._pool is not None
+        async with self._write_lock:
+            try:
+                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                    if delete:
+                        await conn.execute("DELETE FROM credentials WHERE name = ANY($1::text[])", delete)
+                    if put:
+                        await conn.executemany(
+                            f"INSERT INTO credentials ({CREDENTIAL_COLUMNS}) "
+                            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET "
+                            "scope = excluded.scope, node_id = excluded.node_id, digest = excluded.digest, "
+                            "expires_at = excluded.expires_at, uses_left = excluded.uses_left, "
+                            "created_at = excluded.created_at",
+                            [credential_values(row) for row in put],
+                        )
+            except _UNAVAILABLE as exc:
+                raise self._failed(exc) from None
+            self._worked()

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings(args.config)
-        token = read_secret_file(str(settings.token_file))
+        token = read_secret_file(str(settings.token_file)) if settings.token_file else None
     except (ConfigError, SecretFileError) as error:
         _say(str(error))
         return EXIT_CONFIG

@@ -17,6 +17,7 @@ from .config import PoolConfig, Settings
 from .control import Answer, ControlPlane
 from .engine_config import EngineFile
 from .engine_watch import EngineWatch, watch_engines
+from .identity import CredentialStore, IdentityError, check_pin, join_candidates, now
 from .models import ModelManifest
 from .node import heartbeat, pool_statuses, probe_gpus, registration
 from .nvidia_smi import NvidiaSmiError, ProbeResult
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 DEREGISTER_TIMEOUT_S = 3.0
 # The state of an agent whose registrations work and whose heartbeats get 404 at once.
 HEARTBEAT_NOT_FOUND = "heartbeat-not-found"
+# Exit code when a person must act (as __main__'s configuration errors): a CA pin that does not match.
+EXIT_PERSON_MUST_ACT = 2
 
 
 # The pace the control plane sets is obeyed within these bounds: a hostile or broken answer can neither
@@ -65,14 +68,18 @@ class Agent:
     def __init__(
         self,
         settings: Settings,
-        token: str,
+        token: str | None,
         pools: tuple[PoolConfig, ...],
         gpus: ProbeResult | None,
         engines: dict[str, EngineFile] | None = None,
         engine_key: str | None = None,
     ):
         self.settings = settings
-        self._token = token
+        self._shared_token = token  # token_file's: the last resort once node identities are in use
+        self.credentials = CredentialStore(settings.credential_dir)
+        self.using_node_token = False  # whether the secret presented is this node's own
+        self.needs_credential = True  # at start, and after the node token was refused
+        self.generation = ""  # of the registration the control plane answered last
         self.pools = pools
         self.gpus = gpus
         self.gpus_healthy = True
@@ -90,8 +97,14 @@ class Agent:
         }
         self._engine_key = engine_key
         self._stop = asyncio.Event()
+        self._control: ControlPlane | None = None
 
     # -- state and logging ------------------------------------------------------------------------------
+
+    @property
+    def control_url(self) -> str:
+        """The control-plane URL in use now (control_urls: the one that answered last), for log lines."""
+        return self._control.base_url if self._control is not None else self.settings.control_url
 
     def _enter(self, state: str, message: str, level: int = logging.INFO) -> None:
         """Log only when the state changes, so a long outage is one line, not one per retry."""
@@ -100,8 +113,16 @@ class Agent:
             self.state = state
 
     def _trouble(self, what: str, answer: Answer) -> None:
-        url = self.settings.control_url
-        if answer.status == 401:
+        url = self.control_url
+        if answer.status == 401 and self.using_node_token:
+            # Expired or revoked while the agent was off or the control plane lost it: recover alone.
+            log.warning(
+                "control plane %s refused this node's token (HTTP 401 on %s); joining again", url, what
+            )
+            self.credentials.forget_node_token()
+            self.needs_credential = True
+            self.state = "rejoining"
+        elif answer.status == 401:
             self._enter(
                 "rejected",
                 f"token rejected by {url} (HTTP 401 on {what}): check token_file "
@@ -207,13 +228,14 @@ class Agent:
             self._trouble("registration", answer)
             return None
         self.node_timeout_ms = answer.body.node_timeout_ms
+        self.generation = answer.body.generation
         interval_s = heartbeat_delay_s(answer.body.heartbeat_interval_ms, self.node_timeout_ms)
         self.heartbeat_s = interval_s
         again = "registered again" if self.registered_once else "registered"
         if self.state != HEARTBEAT_NOT_FOUND:  # that state ends with a heartbeat that works, not here
             self._enter(
                 "online",
-                f"{again} with {self.settings.control_url} as node {self.settings.node_id} "
+                f"{again} with {self.control_url} as node {self.settings.node_id} "
                 f"({len(self.pools)} pools, {len(body.capabilities.gpus)} GPUs; heartbeat every "
                 f"{interval_s * 1000:g} ms)",
             )
@@ -221,7 +243,8 @@ class Agent:
         return interval_s
 
     async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
-        """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None)."""
+        """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None) |
+        ('changed', None) when the control plane holds another registration than this agent's."""
         statuses = pool_statuses(
             self.pools,
             self.gpus,
@@ -237,7 +260,19 @@ class Agent:
             self._trouble("heartbeat", answer)
             return "failed", None
         if self.state != "online":
-            self._enter("online", f"control plane {self.settings.control_url} back online")
+            self._enter("online", f"control plane {self.control_url} back online")
+        if answer.body.credential is not None:
+            await self._renewed(answer.body.credential)
+        if answer.body.generation and self.generation and answer.body.generation != self.generation:
+            # Someone replaced the record (an admin, another replica restoring an older one): the control
+            # plane no longer holds what this agent registered.
+            log.warning(
+                "control plane %s holds registration generation %s, not %s as registered; registering again",
+                self.control_url,
+                answer.body.generation,
+                self.generation,
+            )
+            return "changed", None
         drain = answer.body.drain
         if drain != self.draining:
             log.info(
@@ -254,10 +289,85 @@ class Agent:
         log.debug("next try in %.3f s", delay)  # one line per retry, at debug level only
         await asyncio.sleep(delay)
 
+    # -- identity (identity.py) ------------------------------------------------------------------------------
+
+    async def _renewed(self, credential) -> None:
+        """A renewed node token from a heartbeat answer: on disk first, then in use."""
+        try:
+            self.credentials.save_node_token(credential.node_token, credential.expires_at)
+        except OSError as error:
+            # The old token stays valid until its own expiry; the next heartbeat brings none, so the node
+            # rejoins with its recovery token then. Better than using a token a restart would not find.
+            log.error("could not store the renewed node token in %s: %s", self.settings.credential_dir, error)
+            return
+        control = self._control
+        if control is not None:
+            control.token = credential.node_token
+        self.using_node_token = True
+        log.info("node token renewed, valid until %s", credential.expires_at)
+
+    async def _authenticate(self, control: ControlPlane) -> None:
+        """Until the agent holds a secret worth presenting: its stored node token, a join with its
+        recovery token or its join token, or the shared token_file token. IdentityError when a person
+        must act (a CA pin that does not match ca_file)."""
+        settings = self.settings
+        while True:
+            token = self.credentials.node_token(now())
+            if token is not None:
+                control.token, self.using_node_token, self.needs_credential = token, True, False
+                return
+            joined, unanswered = None, False
+            for candidate in join_candidates(self.credentials, settings.join_token_file):
+                if not candidate.recovery:
+                    check_pin(candidate.secret, self.control_url, settings.ca_file, candidate.what)
+                answer = await control.join(settings.node_id, candidate.secret.secret)
+                if answer.ok:
+                    joined = (candidate, answer.body)
+                    break
+                if answer.status in (401, 403):
+                    self._enter(
+                        f"join-refused:{candidate.what}",
+                        f"control plane {self.control_url} refused the join of node {settings.node_id} "
+                        f"with {candidate.what} ({answer.describe()})",
+                        logging.ERROR,
+                    )
+                    if candidate.recovery:
+                        self.credentials.forget_recovery_token()
+                    continue
+                self._trouble("join", answer)
+                unanswered = True
+                break  # no usable answer: the same order again after a pause
+            if joined is not None:
+                candidate, body = joined
+                # On disk before use: a crash right after must not lose the only copy of either.
+                self.credentials.save_recovery_token(body.recovery_token)
+                self.credentials.save_node_token(body.node_token, body.expires_at)
+                control.token, self.using_node_token, self.needs_credential = body.node_token, True, False
+                log.info(
+                    "joined %s as node %s with %s; node token valid until %s",
+                    self.control_url,
+                    settings.node_id,
+                    candidate.what,
+                    body.expires_at,
+                )
+                return
+            if self._shared_token is not None and not unanswered:
+                if settings.join_token_file is not None:
+                    log.warning(
+                        "no node credential works; falling back to the shared token_file %s",
+                        settings.token_file,
+                    )
+                control.token, self.using_node_token, self.needs_credential = self._shared_token, False, False
+                return
+            await self._back_off()
+
     async def _loop(self, control: ControlPlane) -> None:
         interval: float | None = None
         beat_since_registering = False
         while True:
+            if self.needs_credential:
+                await self._authenticate(control)
+                interval = None
             if interval is None:
                 interval = await self._register(control)
                 if interval is None:
@@ -271,7 +381,7 @@ class Agent:
                 # Registering again at once would hammer it: back off until a heartbeat works.
                 self._enter(
                     HEARTBEAT_NOT_FOUND,
-                    f"control plane {self.settings.control_url} accepted the registration of node "
+                    f"control plane {self.control_url} accepted the registration of node "
                     f"{self.settings.node_id} but answers its heartbeats with 404 (a proxy that routes only "
                     "some paths, or a renamed route?); registering again with backoff",
                     logging.ERROR,
@@ -279,11 +389,15 @@ class Agent:
                 interval = None
                 await self._back_off()
                 continue
+            if outcome == "changed":
+                self.state = "unregistered"
+                interval = None
+                continue
             if outcome == "unknown":
                 log.warning(
                     "control plane %s does not know node %s (deleted by an operator or its database "
                     "was lost); registering again",
-                    self.settings.control_url,
+                    self.control_url,
                     self.settings.node_id,
                 )
                 self.state = "unregistered"
@@ -308,15 +422,20 @@ class Agent:
         log.info(
             "pool-managerd starting: node %s, control plane %s, %d pools",
             self.settings.node_id,
-            self.settings.control_url,
+            ", ".join(self.settings.control_urls),
             len(self.pools),
         )
         for warning in self.gpus.warnings if self.gpus else []:
             log.warning("nvidia-smi: %s", warning)
         async with ControlPlane(
-            self.settings.control_urls, self._token, self.settings.request_timeout_s, self.settings.ca_file
+            self.settings.control_urls,
+            self._shared_token,
+            self.settings.request_timeout_s,
+            self.settings.ca_file,
         ) as control:
-            tasks = [asyncio.create_task(self._loop(control)), asyncio.create_task(self._stop.wait())]
+            self._control = control
+            loop_task = asyncio.create_task(self._loop(control))
+            tasks = [loop_task, asyncio.create_task(self._stop.wait())]
             if self.gpus is not None:
                 tasks.append(asyncio.create_task(self._watch_gpus()))
             if self.engine_watches:
@@ -330,17 +449,24 @@ class Agent:
                 )
                 tasks.append(asyncio.create_task(watching))
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            refused: IdentityError | None = None
             for task in tasks:
                 task.cancel()
                 # An exception other than the cancel is a bug, not an outage: it propagates and
                 # systemd restarts the agent.
                 with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                    try:
+                        await task
+                    except IdentityError as error:  # a person must act: no retry can help
+                        refused = error
+            if refused is not None:
+                log.error("%s", refused)
+                return EXIT_PERSON_MUST_ACT
             if self.settings.deregister_on_stop and self.registered_once:
                 timeout = min(self.settings.request_timeout_s, DEREGISTER_TIMEOUT_S)
                 answer = await control.deregister(self.settings.node_id, timeout)
                 if answer.ok or answer.status == 404:
-                    log.info("deregistered node %s from %s", self.settings.node_id, self.settings.control_url)
+                    log.info("deregistered node %s from %s", self.settings.node_id, self.control_url)
                 else:
                     log.warning("could not deregister node %s: %s", self.settings.node_id, answer.describe())
         log.info("pool-managerd stopped")

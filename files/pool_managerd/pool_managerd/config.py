@@ -62,7 +62,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     # control_url the first: the agent moves along the list when a URL gives no answer (control_urls.py).
     control_url: ControlUrl | None = None
     control_urls: ControlUrlList | None = None
-    token_file: Text
+    # The cluster's shared token (an admin credential, as before node identities): needed only without
+    # join_token_file, or as the last resort when no node credential works (identity.py).
+    token_file: Text | None = None
+    # A join token (`sha256:<CA pin>::<secret>`, or the secret alone over plain http) that buys this
+    # node its own credential, kept in credential_dir (node-token, recovery-token; 0600).
+    join_token_file: Text | None = None
+    credential_dir: Text = "/var/lib/pool-managerd/credentials"
     node_id: NodeId | None = None  # None: the short host name
     address: NodeAddress | None = None  # None: http://<host name>:8000
     models_dir: Text = "/var/lib/llorch/models"
@@ -208,6 +214,8 @@ def load_settings(config_path: str | Path) -> Settings:
         control_urls = _control_urls(settings)
         if settings.pools is not None:
             _check_pools(settings.pools)
+        if settings.token_file is None and settings.join_token_file is None:
+            raise ConfigError("set 'join_token_file' (a join token) or 'token_file' (the shared token)")
         if settings.backoff_max_s < settings.backoff_initial_s:
             raise ConfigError("'backoff_max_s' must not be below 'backoff_initial_s'")
         node_id = settings.node_id or _default_node_id()

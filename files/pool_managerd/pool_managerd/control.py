@@ -20,7 +20,7 @@ import msgspec
 
 from .contract import shown
 from .control_urls import ControlUrls
-from .wire import Heartbeat, HeartbeatAnswer, RegisterAnswer, Registration
+from .wire import Heartbeat, HeartbeatAnswer, JoinAnswer, JoinRequest, RegisterAnswer, Registration
 
 # orchestratord's answers are a few hundred bytes; an error envelope is under 1 KiB.
 MAX_ANSWER_BYTES = 64 * 1024
@@ -103,10 +103,12 @@ class ControlPlane:
     """
 
     def __init__(
-        self, base_url: str | Sequence[str], token: str, timeout_s: float, ca_file: str | None = None
+        self, base_url: str | Sequence[str], token: str | None, timeout_s: float, ca_file: str | None = None
     ):
         self.urls = ControlUrls((base_url,) if isinstance(base_url, str) else base_url)
-        self._token = token
+        # The secret presented on every request; the agent replaces it when it joins or a renewed node
+        # token arrives (identity.py), so it is sent per request, not fixed in the session.
+        self.token = token
         self._timeout_s = timeout_s
         self._ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
@@ -116,7 +118,7 @@ class ControlPlane:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             # Uncompressed only: a small compressed answer must not inflate past the bound in one chunk.
-            headers={"Authorization": f"Bearer {self._token}", "Accept-Encoding": "identity"},
+            headers={"Accept-Encoding": "identity"},
             auto_decompress=False,
             connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else aiohttp.TCPConnector(),
         )
@@ -138,13 +140,14 @@ class ControlPlane:
         body: msgspec.Struct | None = None,
         answer_type: type | None = None,
         timeout_s: float | None = None,
+        token: str | None = None,
     ) -> Answer:
         """One call; with several URLs, each is tried at most once, from the current one on, until one gives
         an HTTP answer. No answer from any: the last URL's failure (the caller backs off)."""
         self.urls.start_round()
         while True:
             url = self.urls.current
-            answer = await self._request_once(url, method, path, body, answer_type, timeout_s)
+            answer = await self._request_once(url, method, path, body, answer_type, timeout_s, token)
             if answer.status is not None:
                 if self.urls.answered() and len(self.urls.urls) > 1:
                     log.info("control plane %s (%s) answers again", url, self.urls.position)
@@ -171,15 +174,19 @@ class ControlPlane:
         body: msgspec.Struct | None,
         answer_type: type | None,
         timeout_s: float | None,
+        token: str | None,
     ) -> Answer:
         assert self._session is not None, "use ControlPlane as an async context manager"
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        if body is not None:
+            headers.update(JSON)
         try:
             async with self._session.request(
                 method,
                 url + path,
                 data=None if body is None else msgspec.json.encode(body),
-                headers=None if body is None else JSON,
+                headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
             ) as response:
@@ -217,6 +224,10 @@ class ControlPlane:
 
     async def heartbeat(self, node_id: str, body: Heartbeat) -> Answer:
         return await self.request("POST", f"/v2/nodes/{node_id}/heartbeat", body, HeartbeatAnswer)
+
+    async def join(self, node_id: str, secret: str) -> Answer:
+        """Trade a join or recovery secret for this node's own credential (JoinAnswer)."""
+        return await self.request("POST", "/v2/join", JoinRequest(node_id=node_id), JoinAnswer, token=secret)
 
     async def deregister(self, node_id: str, timeout_s: float) -> Answer:
         return await self.request("DELETE", f"/v2/nodes/{node_id}", timeout_s=timeout_s)
