@@ -169,6 +169,8 @@ def make_agent(
         "node_id": "gpu-node-1",
         "address": "http://gpu-node-1.lab:8000",
         "models_dir": str(models_dir),
+        # The agent's own credentials stay in the test's folder, never in /var/lib.
+        "credential_dir": str(workdir / "credentials"),
         "nvidia_smi": str(STANDIN),
         "request_timeout_s": 2,
         "backoff_initial_s": 0.1,
