@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -100,8 +101,10 @@ def http(
     headers: dict[str, str] | None = None,
     raw: bytes | None = None,
     timeout: float = 10.0,
+    context: ssl.SSLContext | None = None,
 ) -> Response:
-    """One HTTP request with the standard library; never raises on an HTTP status."""
+    """One HTTP request with the standard library (HTTPS trusting `context`); never raises on an HTTP
+    status."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
@@ -111,7 +114,7 @@ def http(
     for name, value in (headers or {}).items():
         request.add_header(name, value)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as answer:
             status, payload, answer_headers = answer.status, answer.read(), dict(answer.headers)
     except urllib.error.HTTPError as error:
         status, payload, answer_headers = error.code, error.read(), dict(error.headers)
@@ -212,6 +215,8 @@ def make_daemon(workdir: Path, **overrides: Any) -> Daemon:
         "node_timeout_ms": 3000,
         "heartbeat_interval_ms": 200,
         "log_level": "info",
+        # Plain HTTP unless a test asks for TLS (tests/support_tls.py's tls_daemon).
+        "plain_http": True,
     }
     config.update(overrides)
     return Daemon(workdir=workdir, config=config)

@@ -19,6 +19,7 @@ def base_config(tmp_path):
         "listen_port": free_port(),
         "token_file": str(token_file),
         "db_path": str(tmp_path / "registry.db"),
+        "plain_http": True,
     }
 
 

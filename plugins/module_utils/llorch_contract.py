@@ -105,11 +105,13 @@ class SecretFileError(ValueError):
     """A secret file that cannot be used; the message names the file, never its contents."""
 
 
-def _read_owner_only(path: str, what: str, max_bytes: int) -> tuple[str, str]:
-    """(the expanded path, the UTF-8 text) of a regular file only its owner can read, at most max_bytes.
+def open_owner_only(path: str, what: str, max_bytes: int | None = None) -> int:
+    """A read-only descriptor of `path`, a regular file that only its owner can read; the caller closes it.
 
-    Opened without following a link (the file may sit in a folder another user can write), checked on
-    the open descriptor, read up to the bound. Raises SecretFileError, whose message never holds content.
+    Opened without following a link (the file may sit in a folder another user can write) and checked on
+    the descriptor, so what was checked is what is read: hand it on as /proc/self/fd/N to a reader that
+    takes only names (ssl's load_cert_chain). With max_bytes, a larger file is refused. Raises
+    SecretFileError, whose message never holds content.
     """
     path = os.path.expanduser(str(path))
     try:
@@ -129,6 +131,22 @@ def _read_owner_only(path: str, what: str, max_bytes: int) -> tuple[str, str]:
                 f"{what} {path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
                 f"run chmod 600 {path}"
             )
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise SecretFileError(f"{what} {path} is larger than {max_bytes} bytes")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_owner_only(path: str, what: str, max_bytes: int) -> tuple[str, str]:
+    """(the expanded path, the UTF-8 text) of open_owner_only's file, read up to max_bytes (more is refused).
+
+    Raises SecretFileError, whose message never holds content.
+    """
+    path = os.path.expanduser(str(path))
+    fd = open_owner_only(path, what)
+    try:
         chunks, size = [], 0
         while size <= max_bytes:  # a file may come back in pieces; read until EOF or past the bound
             chunk = os.read(fd, max_bytes + 1 - size)

@@ -27,6 +27,7 @@ from .config import (
     token_fingerprint,
 )
 from .store import StoreError, StoreRefused
+from .tls import ServerTls, load_server_tls
 
 EXIT_CANNOT_SERVE = 1
 EXIT_PERSON_MUST_ACT = 2
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         token = load_token(settings)
         client_keys = load_client_keys(settings.client_keys_file, token)
         db_password = load_db_password(settings)
+        server_tls = load_server_tls(settings)
     except ConfigError as exc:
         print(f"orchestratord: {exc}", file=sys.stderr)
         return EXIT_PERSON_MUST_ACT
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app  # after logging is set up
 
     log.info(
-        "orchestratord %s on %s:%d, database %s, token %s, %d client key(s), heartbeat %d ms, "
+        "orchestratord %s on %s://%s:%d, database %s, token %s, %d client key(s), heartbeat %d ms, "
         "node timeout %d ms",
         __version__,
+        "http" if server_tls is None else "https",
         settings.listen_host,
         settings.listen_port,
         describe_database(settings),
@@ -66,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         settings.heartbeat_interval_ms,
         settings.node_timeout_ms,
     )
+    if server_tls is None:
+        log.warning("serving plain HTTP (plain_http: true): for labs and tests only, tokens cross in clear")
+    else:
+        log.info("serving HTTPS with %s, valid until %s", server_tls.cert_file, server_tls.not_after_text())
     try:
-        asyncio.run(serve(create_app(settings, token, client_keys, db_password), settings))
+        asyncio.run(
+            serve(create_app(settings, token, client_keys, db_password, server_tls), settings, server_tls)
+        )
     except StoreRefused as exc:
         log.error("%s", exc)
         return EXIT_PERSON_MUST_ACT
@@ -82,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def serve(app: web.Application, settings: Settings) -> None:
-    """What web.run_app does, plus the connection guard on the server it builds, until SIGTERM/SIGINT."""
+async def serve(app: web.Application, settings: Settings, server_tls: ServerTls | None = None) -> None:
+    """What web.run_app does, plus the connection guard on the server it builds, until SIGTERM/SIGINT;
+    over HTTPS when server_tls is given, whose certificate SIGHUP reloads."""
     from .routes import CONNECTIONS
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -91,10 +101,13 @@ async def serve(app: web.Application, settings: Settings) -> None:
         await runner.setup()  # opens the store: a damaged database stops the start here
         guard = app[CONNECTIONS]
         guard.attach(runner.server)
-        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        ssl_context = None if server_tls is None else server_tls.context
+        await web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=ssl_context).start()
         guard.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
+        if server_tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, server_tls.reload)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()

@@ -27,6 +27,7 @@ from .recent_errors import RecentErrors
 from .registry import Registry
 from .routes import CONNECTIONS, GATEWAY, METRICS, OPENAPI, RECENT_ERRORS, REGISTRY, routes
 from .store import SqliteStore, Store, StoreRefused, StoreUnavailable
+from .tls import ServerTls
 from .views import count_by_status, pools_ready
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,11 @@ def build_store(settings: Settings, db_password: str | None) -> Store:
 
 
 def create_app(
-    settings: Settings, token: str, client_keys: ClientKeys | None = None, db_password: str | None = None
+    settings: Settings,
+    token: str,
+    client_keys: ClientKeys | None = None,
+    db_password: str | None = None,
+    server_tls: ServerTls | None = None,
 ) -> web.Application:
     registry = Registry(
         build_store(settings, db_password),
@@ -92,6 +97,7 @@ def create_app(
             lambda: pools_ready(registry),
             lambda: registry.heartbeat_writeback_passes,
             registry.routes,
+            None if server_tls is None else server_tls.expiry,
         )
         if settings.metrics_enabled
         else None

@@ -75,6 +75,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # more than its slots; everything else waits in the daemon's fair queue.
     gateway_engine_backlog: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # HTTPS (tls.py): the server certificate first, then its intermediates, and its private key (owner-only,
+    # no link). SIGHUP loads a renewed pair without a restart. plain_http: true serves plain HTTP instead,
+    # for labs and tests only; one of the two must be chosen. tls_ca_file: the cluster CA's certificate
+    # (public), checked against the server certificate and reported in /metrics.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    plain_http: bool = False
 
 
 SETTING_NAMES = tuple(Settings.__struct_fields__)
@@ -88,6 +96,9 @@ STRING_SETTINGS = (
     "log_level",
     "client_keys_file",
     "engine_keys_dir",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_ca_file",
 )
 DB_URL_SCHEMES = ("postgresql", "postgres")
 # The only query parameter db_url takes: anything else (password=, passfile=) could carry a secret into a

@@ -85,8 +85,10 @@ class Metrics(Collector):
         pools_ready: Callable[[], int],
         heartbeat_writeback_passes: Callable[[], int],
         routes: RoutingTable | None = None,
+        certificate_expiry: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self._count_by_status = count_by_status
+        self._certificate_expiry = certificate_expiry  # tls.ServerTls.expiry; None on plain HTTP
         self._pools_ready = pools_ready
         self._heartbeat_writeback_passes = heartbeat_writeback_passes
         self.registrations = 0
@@ -142,6 +144,15 @@ class Metrics(Collector):
             latency.add_metric([method, route], series.cumulative(), sum_value=series.total_s)
         yield latency
         yield from self._collect_gateway()
+        if self._certificate_expiry is not None:
+            expiry = GaugeMetricFamily(
+                "orchestratord_tls_certificate_expiry_timestamp_seconds",
+                "Not-after of the certificate served (server) and of the cluster CA (ca), as unix time",
+                labels=["certificate"],
+            )
+            for certificate, seconds in sorted(self._certificate_expiry().items()):
+                expiry.add_metric([certificate], seconds)
+            yield expiry
 
     def _collect_gateway(self) -> Iterator:
         gateway = self.gateway
