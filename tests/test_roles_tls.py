@@ -66,7 +66,9 @@ def certificate(path: Path) -> x509.Certificate:
 
 def names_of(cert: x509.Certificate) -> tuple[set[str], set[str]]:
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return set(sans.get_values_for_type(x509.DNSName)), {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+    return set(sans.get_values_for_type(x509.DNSName)), {
+        str(a) for a in sans.get_values_for_type(x509.IPAddress)
+    }
 
 
 def mode(path: Path) -> int:
@@ -167,13 +169,23 @@ def _render(tmp_path: Path, role: Path, template: str, facts: list[str], host_va
     out = tmp_path / "rendered"
     out.mkdir(exist_ok=True)
     tasks = [
-        {"ansible.builtin.template": {"src": str(role / "templates" / template), "dest": str(out / template)}},
+        {
+            "ansible.builtin.template": {
+                "src": str(role / "templates" / template),
+                "dest": str(out / template),
+            }
+        },
         *(
-            {"ansible.builtin.copy": {"content": "{{ %s | to_json }}" % name, "dest": str(out / name)}}
+            {"ansible.builtin.copy": {"content": "{{ " + name + " | to_json }}", "dest": str(out / name)}}
             for name in facts
         ),
     ]
-    play = {"name": "render", "hosts": "all", "gather_facts": False, "vars_files": [str(role / "vars" / "main.yml")]}
+    play = {
+        "name": "render",
+        "hosts": "all",
+        "gather_facts": False,
+        "vars_files": [str(role / "vars" / "main.yml")],
+    }
     defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
     shared = {"llorch_api_token": TEST_TOKEN, "llorch_pki_dir": "/home/op/pki", **defaults}
     inventory = {"all": {"vars": shared, "hosts": {"ctl-1": local_host(**host_vars)}}}
@@ -184,7 +196,11 @@ def _render(tmp_path: Path, role: Path, template: str, facts: list[str], host_va
 
 def test_orchestratord_config_names_the_tls_files_and_the_role_copies_them_from_the_pki(tmp_path):
     rendered = _render(
-        tmp_path, ORCHESTRATORD_ROLE, "orchestratord.yml.j2", ["_orchestratord_tls_files", "_orchestratord_folders"], {}
+        tmp_path,
+        ORCHESTRATORD_ROLE,
+        "orchestratord.yml.j2",
+        ["_orchestratord_tls_files", "_orchestratord_folders"],
+        {},
     )
     values = yaml.safe_load(rendered["config"].read_text())
     assert (values["tls_cert_file"], values["tls_key_file"], values["tls_ca_file"]) == (
@@ -285,7 +301,10 @@ def test_a_ca_bundle_named_by_the_inventory_is_used_and_nothing_is_copied(tmp_pa
             "llorch_control_ca_file": "/usr/local/share/ca-certificates/company.crt",
         },
     )
-    assert yaml.safe_load(rendered["config"].read_text())["ca_file"] == "/usr/local/share/ca-certificates/company.crt"
+    assert (
+        yaml.safe_load(rendered["config"].read_text())["ca_file"]
+        == "/usr/local/share/ca-certificates/company.crt"
+    )
     assert rendered["_pool_managerd_tls_files"] == []
 
 
@@ -300,7 +319,8 @@ VALIDATE = [{"name": "Validate", "hosts": "all", "gather_facts": False, "roles":
         (
             None,
             {"llorch_control_url": "http://ctl:9200"},
-            "llorch_control_url is 'http://ctl:9200' but orchestratord serves HTTPS (orchestratord_plain_http is false)",
+            "llorch_control_url is 'http://ctl:9200' but orchestratord serves HTTPS "
+            "(orchestratord_plain_http is false)",
         ),
         (
             False,
@@ -314,10 +334,17 @@ VALIDATE = [{"name": "Validate", "hosts": "all", "gather_facts": False, "roles":
         ),
         (
             None,
-            {"llorch_control_url": "https://ctl:9200", "llorch_control_urls": ["https://a:9200", "http://b:9200"]},
+            {
+                "llorch_control_url": "https://ctl:9200",
+                "llorch_control_urls": ["https://a:9200", "http://b:9200"],
+            },
             "llorch_control_urls[1] is 'http://b:9200'",
         ),
-        ("sometimes", {"llorch_control_url": "https://ctl:9200"}, 'orchestratord_plain_http of ctl is "sometimes"'),
+        (
+            "sometimes",
+            {"llorch_control_url": "https://ctl:9200"},
+            'orchestratord_plain_http of ctl is "sometimes"',
+        ),
     ],
 )
 def test_validate_inventory_holds_the_lab_switch_and_the_urls_together(tmp_path, plain_http, urls, expected):
@@ -325,7 +352,10 @@ def test_validate_inventory_holds_the_lab_switch_and_the_urls_together(tmp_path,
     inventory = {
         "all": {
             "vars": {"llorch_api_token": TEST_TOKEN, **urls},
-            "children": {"control": {"hosts": {"ctl": control}}, "gpu_nodes": {"hosts": {"gpu-1": local_host()}}},
+            "children": {
+                "control": {"hosts": {"ctl": control}},
+                "gpu_nodes": {"hosts": {"gpu-1": local_host()}},
+            },
         }
     }
     rc, output = run_playbook(tmp_path, VALIDATE, inventory)
