@@ -121,6 +121,24 @@ def test_other_names_re_issue_the_certificate_with_the_same_ca(tmp_path, pki_dir
     server.verify_directly_issued_by(certificate(pki_dir / "ca.crt"))
 
 
+def test_a_certificate_within_the_renewal_margin_is_re_issued_and_the_ca_kept(tmp_path, pki_dir):
+    # Issued for 2 days, then a run with the defaults (90 days, renew 30 days before the end) finds it due.
+    short = cluster_inventory(pki_dir, llorch_pki_cert_valid_days=2, llorch_pki_renew_before_days=1)
+    rc, output = run_playbook(tmp_path, PKI_PLAY, short)
+    assert rc == 0, failures(output)
+    first = certificate(pki_dir / "ctl-1" / "server.crt")
+    ca_bytes = (pki_dir / "ca.crt").read_bytes()
+
+    rc, output = run_playbook(tmp_path, PKI_PLAY, cluster_inventory(pki_dir))
+    assert rc == 0, failures(output)
+    assert changed_tasks(output) == ["llorch_pki : Issue or renew the server certificate of ctl-1 on ctl-1"]
+    renewed = certificate(pki_dir / "ctl-1" / "server.crt")
+    assert renewed.serial_number != first.serial_number
+    assert (renewed.not_valid_after_utc - renewed.not_valid_before_utc).days in (89, 90)
+    assert (pki_dir / "ca.crt").read_bytes() == ca_bytes
+    renewed.verify_directly_issued_by(certificate(pki_dir / "ca.crt"))
+
+
 def test_a_pki_folder_inside_the_inventory_folder_is_refused_before_anything_is_made(tmp_path):
     inside = tmp_path / "pki"
     rc, output = run_playbook(tmp_path, PKI_PLAY, cluster_inventory(inside))
