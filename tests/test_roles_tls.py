@@ -9,6 +9,7 @@ holds the lab switch and the URLs together; status.yml prints the days left.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from support import REPO_ROOT, TEST_TOKEN
 from support_roles import failures, local_host, run_playbook
 
@@ -82,8 +84,20 @@ def pki_dir(tmp_path: Path) -> Path:
 
 
 def test_the_ca_is_made_once_and_each_control_host_gets_a_certificate_for_its_names(tmp_path, pki_dir):
-    rc, output = run_playbook(tmp_path, PKI_PLAY, cluster_inventory(pki_dir))
+    pin_file = tmp_path / "pin"
+    pin = {
+        "ansible.builtin.copy": {
+            "content": "{{ llorch_pki_ca_sha256 }}",
+            "dest": str(pin_file),
+            "mode": "0600",
+        }
+    }
+    play = [{**PKI_PLAY[0], "tasks": [{**pin, "run_once": True}]}]
+    rc, output = run_playbook(tmp_path, play, cluster_inventory(pki_dir))
     assert rc == 0, failures(output)
+    # The pin join tokens carry: sha256 of the CA certificate's DER.
+    der = certificate(pki_dir / "ca.crt").public_bytes(Encoding.DER)
+    assert pin_file.read_text() == hashlib.sha256(der).hexdigest()
 
     ca = certificate(pki_dir / "ca.crt")
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
