@@ -174,7 +174,7 @@ def test_state_info_and_check_mode_write_nothing(pki, tmp_path):
     assert not missing_info["changed"] and missing_info["reason"] == "missing"
     assert missing_info["days_left"] is None
     assert would_make_ca["changed"] and would_make_ca["reason"] == "missing"
-    assert snapshot(pki) == {}
+    assert not pki.exists()  # not even the folder
 
     play(tmp_path, ca_task(pki), server_task(pki))
     before = snapshot(pki)

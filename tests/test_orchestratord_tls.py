@@ -8,6 +8,7 @@ import http.client
 import signal
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,15 @@ def test_a_client_trusting_another_ca_fails_the_handshake(tls_daemons, tmp_path)
     assert "certificate verify failed" in str(refused_by_client.value)
     assert refused_by_client.value.verify_message == "unable to get local issuer certificate"
     assert daemon.api("GET", "/health", token=None).status == 200  # the daemon serves on
+
+
+def test_a_connection_that_never_starts_its_handshake_is_closed_after_the_idle_timeout(tls_daemons):
+    daemon = tls_daemons(connection_idle_timeout_ms=500)
+    with socket.create_connection(("127.0.0.1", daemon.config["listen_port"]), timeout=10) as silent:
+        opened = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the daemon (asyncio alone would wait 60 s)
+        assert time.monotonic() - opened < 5
+    assert daemon.api("GET", "/health", token=None).status == 200
 
 
 def test_the_key_file_must_be_owner_only_and_not_a_link(tmp_path):
@@ -328,9 +338,12 @@ def ssl_not_after(path: Path) -> float:
     return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
 
 
-def test_plain_http_has_no_expiry_gauge(daemon):
+def test_plain_http_has_no_expiry_gauge_and_survives_a_sighup(daemon):
     assert "orchestratord_tls_certificate_expiry" not in daemon.api("GET", "/metrics", token=None).text
     assert "plain_http: true" in daemon.log()
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "nothing to reload on plain HTTP" in daemon.log(), timeout=10, what="the SIGHUP line")
+    assert daemon.proc.poll() is None and daemon.api("GET", "/health", token=None).status == 200
 
 
 # --- the real clients against the daemon's own HTTPS ------------------------------------------------------

@@ -244,10 +244,14 @@ def issue(
 # --- writing ---------------------------------------------------------------------------------------------
 
 
-def ensure_private_folder(path: str, what: str) -> None:
-    """The folder of a key file: created 0700 when missing; refused when group or others may enter it."""
+def ensure_private_folder(path: str, what: str, create: bool = True) -> None:
+    """The folder of a key file: created 0700 when missing (unless not `create`: check mode writes
+    nothing); refused when group or others may enter it."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if not os.path.isdir(folder):
+        if not create:
+            return
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     mode = stat.S_IMODE(os.stat(folder).st_mode)
     if mode & 0o077:
         raise PkiError(
@@ -351,7 +355,7 @@ def ensure_certificate(params: dict, check_mode: bool) -> dict:
             "a server certificate needs dns_names or ip_addresses: clients check the name they dial"
         )
     key_path = params["private_key_path"]
-    ensure_private_folder(key_path, "private_key_path")
+    ensure_private_folder(key_path, "private_key_path", create=not check_mode)
     key = read_private_key(key_path)
     ca_cert, ca_key = (None, None) if kind == "ca" else _ca_pair(params)
     reason = reason_to_issue(cert, key, names, ca_cert, renew_before_days, _common_name_set(params))

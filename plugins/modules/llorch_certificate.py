@@ -182,7 +182,7 @@ def main() -> None:
     try:
         result = ensure_certificate(module.params, module.check_mode)
     except (PkiError, OSError) as exc:
-        module.fail_json(msg=f"{module.params['path']}: {exc}", reason="none")
+        module.fail_json(msg=f"{module.params['path']}: {exc}")
     module.exit_json(**result)
 
 

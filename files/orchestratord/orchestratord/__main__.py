@@ -27,7 +27,7 @@ from .config import (
     token_fingerprint,
 )
 from .store import StoreError, StoreRefused
-from .tls import ServerTls, load_server_tls
+from .tls import HandshakeBoundSite, ServerTls, load_server_tls
 
 EXIT_CANNOT_SERVE = 1
 EXIT_PERSON_MUST_ACT = 2
@@ -101,19 +101,34 @@ async def serve(app: web.Application, settings: Settings, server_tls: ServerTls 
         await runner.setup()  # opens the store: a damaged database stops the start here
         guard = app[CONNECTIONS]
         guard.attach(runner.server)
-        ssl_context = None if server_tls is None else server_tls.context
-        await web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=ssl_context).start()
+        if server_tls is None:
+            site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        else:
+            site = HandshakeBoundSite(
+                runner,
+                settings.listen_host,
+                settings.listen_port,
+                server_tls.context,
+                settings.connection_idle_timeout_ms / 1000,
+            )
+        await site.start()
         guard.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        if server_tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, server_tls.reload)
+        # SIGHUP (systemctl reload) renews the certificate; on plain HTTP it must not end the process.
+        loop.add_signal_handler(
+            signal.SIGHUP, _nothing_to_reload if server_tls is None else server_tls.reload
+        )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
         await guard.stop()
     finally:
         await runner.cleanup()
+
+
+def _nothing_to_reload() -> None:
+    log.info("SIGHUP: nothing to reload on plain HTTP")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ theirs, and a bad pair leaves the old one served.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -18,6 +19,8 @@ import ssl
 import stat
 import time
 from dataclasses import dataclass
+
+from aiohttp import web
 
 from .config import Settings
 from .config_file import ConfigError
@@ -84,17 +87,14 @@ def _der_item(der: bytes, offset: int) -> tuple[int, int, int]:
 
 def not_after(der: bytes) -> float:
     """The not-after of a DER certificate, as unix seconds; ValueError when it is not one."""
-    _, certificate, _ = _der_item(der, 0)
-    _, position, _ = _der_item(der, certificate)  # TBSCertificate
-    tag, _, end = _der_item(der, position)
-    if tag == 0xA0:  # [0] version, absent in v1 certificates
-        position = end
-        _, _, end = _der_item(der, position)
-    for _ in range(2):  # past serialNumber: signature, issuer
-        position = end
-        _, _, end = _der_item(der, position)
-    _, validity, _ = _der_item(der, end)
-    _, _, not_before_end = _der_item(der, validity)
+    tbs_certificate = _der_item(der, 0)[1]
+    position = _der_item(der, tbs_certificate)[1]  # its first field
+    if _der_item(der, position)[0] == 0xA0:  # [0] version, absent in v1 certificates
+        position = _der_item(der, position)[2]
+    for _skipped in ("serialNumber", "signature", "issuer"):
+        position = _der_item(der, position)[2]
+    validity = _der_item(der, position)[1]
+    not_before_end = _der_item(der, validity)[2]
     tag, start, end = _der_item(der, not_before_end)
     text = der[start:end].decode("ascii")
     if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: 50-99 are 1950-1999 (RFC 5280)
@@ -160,7 +160,7 @@ def _chain_error(context: ssl.SSLContext, ca_pem: str) -> str | None:
     to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
     client_side = client.wrap_bio(to_client, to_server)
     server_side = context.wrap_bio(to_server, to_client, server_side=True)
-    for _ in range(8):  # TLS 1.3 takes two flights each way; a bound instead of a loop that could spin
+    for _flight in range(8):  # TLS 1.3 takes two flights each way; a bound instead of a loop that could spin
         for side in (client_side, server_side):
             try:
                 side.do_handshake()
@@ -210,8 +210,8 @@ class ServerTls:
         self.ca_not_after: float | None = None
 
     def load(self) -> None:
-        """Check the files on a scratch context, then load them into the live one; TlsError otherwise,
-        with the live context untouched."""
+        """Check the files on a scratch context, then load them into the live one. TlsError otherwise,
+        with the live context untouched (unless the files change between the two loads: said so)."""
         pair = self._checked_pair()
         try:
             pair.load_into(self.context)
@@ -291,6 +291,43 @@ class ServerTls:
             return _read_all(fd).decode("ascii", "replace")
         finally:
             os.close(fd)
+
+
+class HandshakeBoundSite(web.TCPSite):
+    """aiohttp's TCPSite, whose TLS handshakes must finish within handshake_timeout_s.
+
+    The connection guard (connections.py) sees a TLS connection only once its handshake is done: before
+    that, asyncio holds it for ssl_handshake_timeout, 60 s by default, which TCPSite does not let one set.
+    A socket that never sends a ClientHello is thus closed as soon as an idle plain-HTTP one would be.
+    start() is TCPSite's own, with that one argument added.
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        handshake_timeout_s: float,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)  # what BaseSite.start does
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self.handshake_timeout_s,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
 def load_server_tls(settings: Settings) -> ServerTls | None:
