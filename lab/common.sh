@@ -59,7 +59,8 @@ write_inventory() {
     echo "    ansible_ssh_private_key_file: $state_dir/id_ed25519"
     echo "    lab_prefix: $prefix"
     echo "    lab_state_dir: $state_dir"
-    echo "    llorch_controller_url: http://${address[$prefix-control]}:9200"
+    # HTTPS only: the control container's certificate (role llorch_pki) holds this address.
+    echo "    llorch_controller_url: https://${address[$prefix-control]}:9200"
     # The services' units may exchange packets with the lab's network only (IPAddressAllow=).
     echo "    llorch_networks: [$subnet]"
     echo "  children:"

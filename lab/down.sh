@@ -23,7 +23,7 @@ if podman network exists "$network"; then
 fi
 if [[ -d $state_dir ]]; then
   rm -rf "$state_dir"
-  echo "removed state: ${state_dir#"$repo"/} (key, token, logs)"
+  echo "removed state: ${state_dir#"$repo"/} (key, token, CA and certificates, logs)"
 fi
 # The inventory is shared by whichever lab ran last in this checkout: remove it
 # only when it is this prefix's.

@@ -130,8 +130,11 @@ run_playbook playbooks/status.yml
 # The proof that the lab serves: one chat completion streamed through the controller's gateway with the lab's
 # client key, read here from its 0600 file (made by site.yml). The header reaches curl on its stdin (-H @-,
 # printf being a shell builtin): the key is in no process's argv, and never printed.
-control_url=http://${address[$prefix-control]}:9200
+control_url=https://${address[$prefix-control]}:9200
 client_key_file=$state_dir/client-keys/default
+# The lab is TLS-only: curl trusts the lab's own CA (made by site.yml, role llorch_pki) and nothing else.
+ca_file=$state_dir/pki/ca.crt
+[[ -s $ca_file ]] || die "no CA certificate in ${ca_file#"$repo"/}; site.yml makes it (role llorch_pki)"
 [[ -s $client_key_file ]] || die "no client key in ${client_key_file#"$repo"/}; site.yml makes it (orchestratord_client_keys)"
 model=$(python3 -c 'import sys, yaml
 print(next(p["engine"]["model"] for p in yaml.safe_load(open(sys.argv[1]))["pool_managerd_pools"] if "engine" in p))' \
@@ -141,7 +144,7 @@ print(json.dumps({"model": sys.argv[1], "stream": True, "max_tokens": 16,
                   "messages": [{"role": "user", "content": "Say hello to the lab."}]}))' "$model")
 step "a chat completion streamed through the controller's gateway $control_url/v1/chat/completions (random weights: gibberish)"
 printf 'Authorization: Bearer %s\n' "$(<"$client_key_file")" |
-  curl -sS -N --max-time 60 -H @- -H 'Content-Type: application/json' --data-binary "$body" \
+  curl -sS -N --max-time 60 --cacert "$ca_file" -H @- -H 'Content-Type: application/json' --data-binary "$body" \
     "$control_url/v1/chat/completions" |
   python3 lab/sse_reply.py "$(date +%s.%N)"
 summary+=("first chat completion $(($(date +%s) - run_start)) s after make lab started")
@@ -153,4 +156,4 @@ if ((lab_changed_total == 0)); then
 else
   echo "changes on lab hosts: $lab_changed_total (a re-run of an unchanged lab should make none)"
 fi
-echo "lab up in $(($(date +%s) - run_start)) s; token in ${state_dir#"$repo"/}/api-token; client key in ${client_key_file#"$repo"/}; controller URL $control_url (OpenAI API at $control_url/v1)"
+echo "lab up in $(($(date +%s) - run_start)) s; token in ${state_dir#"$repo"/}/api-token; client key in ${client_key_file#"$repo"/}; CA in ${ca_file#"$repo"/}; controller URL $control_url (OpenAI API at $control_url/v1)"

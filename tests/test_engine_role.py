@@ -69,6 +69,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "pool_managerd_deregister_on_stop": True,
         "pool_managerd_request_timeout_s": 5,
         "pool_managerd_ca_file": None,
+        "_pool_managerd_tls": False,
         "pool_managerd_log_level": "info",
     }
     template = {"ansible.builtin.template": {"src": "{{ src }}", "dest": "{{ dest }}", "mode": "0644"}}

@@ -122,7 +122,7 @@ def validation_verdicts(tmp_path: Path, task_name: str, node_vars) -> dict[str, 
     hosts = {f"gpu-row{number}": local_host(**node_vars(value)) for number, value in enumerate(VALUES)}
     inventory = {
         "all": {
-            "vars": {"llorch_api_token": "t" * 40, "llorch_control_url": "http://ctl:9200"},
+            "vars": {"llorch_api_token": "t" * 40, "llorch_control_url": "https://ctl:9200"},
             "children": {"control": {"hosts": {"ctl": local_host()}}, "gpu_nodes": {"hosts": hosts}},
         }
     }

@@ -17,7 +17,7 @@ PLAY = [
 
 
 def inventory(control=("ctl",), gpu_pools=None, **shared):
-    shared_vars = {"llorch_api_token": TEST_TOKEN, "llorch_control_url": "http://ctl:9200", **shared}
+    shared_vars = {"llorch_api_token": TEST_TOKEN, "llorch_control_url": "https://ctl:9200", **shared}
     gpu_hosts = {
         name: local_host(**({"pool_managerd_pools": pools} if pools is not None else {}))
         for name, pools in (gpu_pools or {"gpu-1": None}).items()

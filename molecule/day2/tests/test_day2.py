@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -34,7 +35,9 @@ CONTROL = "molecule-day2-control"
 GPU_1 = "molecule-day2-gpu-1"
 GPU_2 = "molecule-day2-gpu-2"
 # llorch_controller_url in molecule.yml: where the playbooks reach the registry from this machine.
-REGISTRY_URL = "http://10.89.240.30:9200"
+REGISTRY_URL = "https://10.89.240.30:9200"
+# The scenarios' CA on this machine (llorch_pki_dir in molecule.yml): the registry serves HTTPS only.
+CA_FILE = PROJECT / ".lab" / "molecule" / "pki" / "ca.crt"
 # The token the inventory reads (llorch_api_token in molecule.yml), made 0600 by lab/molecule_setup.sh.
 TOKEN_FILE = PROJECT / ".lab" / "molecule" / "api-token"
 
@@ -59,7 +62,8 @@ def registry(method: str, path: str, body: dict[str, Any] | None = None) -> tupl
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        context = ssl.create_default_context(cafile=str(CA_FILE))
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
             raw = answer.read()
             return answer.status, json.loads(raw) if raw else None
     except urllib.error.HTTPError as error:

@@ -80,15 +80,20 @@ def connect_from_host(host: Any, address: str, port: int) -> str:
     return host.check_output("python3 -c %s", probe).strip()
 
 
-def registry_get(host: Any, path: str, token_file: str, base_url: str = "http://127.0.0.1:9200") -> Any:
-    """GET a registry route from `host` (by default the control host itself); the token is read there from
-    its 0600 file, never argv."""
+# The cluster CA on every host (roles orchestratord and pool_managerd copy it there): HTTPS only.
+CA_FILE = "/etc/llorch/tls/ca.crt"
+
+
+def registry_get(host: Any, path: str, token_file: str, base_url: str = "https://127.0.0.1:9200") -> Any:
+    """GET a registry route from `host` (by default the control host itself) over HTTPS, trusting the cluster
+    CA only; the token is read there from its 0600 file, never argv."""
     script = (
-        "import urllib.request;"
+        "import ssl, urllib.request;"
         f"token = open({token_file!r}).read().strip();"
         f"req = urllib.request.Request('{base_url}{path}',"
         " headers={'Authorization': 'Bearer ' + token});"
-        "print(urllib.request.urlopen(req, timeout=5).read().decode())"
+        f"context = ssl.create_default_context(cafile={CA_FILE!r});"
+        "print(urllib.request.urlopen(req, timeout=5, context=context).read().decode())"
     )
     return json.loads(host.check_output("python3 -c %s", script))
 

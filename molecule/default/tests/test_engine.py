@@ -22,7 +22,7 @@ POOL = "gpus01"
 UNIT = f"llorch-engine@{POOL}"
 ENGINE_URL = "http://10.89.240.11:8101"
 KEY_FILE = "/etc/pool-managerd/engine-api-key"
-REGISTRY = "http://10.89.240.10:9200"
+REGISTRY = "https://10.89.240.10:9200"
 AGENT_TOKEN_FILE = "/etc/llorch/pool-managerd.token"
 
 # Run on the node as root: reads the key from its 0600 file (its path in argv, never the key), asks the

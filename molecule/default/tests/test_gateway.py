@@ -29,16 +29,17 @@ STATE = (
 # cluster token), never from argv; asks the gateway on loopback; prints status, Content-Type and the body.
 # argv: path, "client" or "token", JSON body or "".
 ASK_GATEWAY = """
-import sys, urllib.error, urllib.request
+import ssl, sys, urllib.error, urllib.request
 path, credential, body = sys.argv[1:]
 if credential == "client":
     key = open("/etc/llorch/client-keys").read().split()[1]
 else:
     key = open("/etc/llorch/orchestratord.token").read().strip()
 headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
-request = urllib.request.Request("http://127.0.0.1:9200" + path, data=body.encode() or None, headers=headers)
+request = urllib.request.Request("https://127.0.0.1:9200" + path, data=body.encode() or None, headers=headers)
 try:
-    with urllib.request.urlopen(request, timeout=60) as answer:
+    context = ssl.create_default_context(cafile="/etc/llorch/tls/ca.crt")
+    with urllib.request.urlopen(request, timeout=60, context=context) as answer:
         status, content_type, text = answer.status, answer.headers.get("Content-Type"), answer.read().decode()
 except urllib.error.HTTPError as error:
     status, content_type, text = error.code, error.headers.get("Content-Type"), error.read().decode()

@@ -84,7 +84,17 @@ def test_token_file_is_private_to_the_agent_user(host):
     assert token.user == "pool-managerd"
 
 
-def test_the_agent_reaches_the_control_host_by_name(host):
+def test_the_agent_reaches_the_control_host_by_name_over_https_trusting_the_cluster_ca(host):
     config = host.file("/etc/llorch/pool-managerd.yml").content_string
-    assert "http://molecule-control:9200" in config
-    assert host.addr("molecule-control").port(9200).is_reachable
+    assert "https://molecule-control:9200" in config
+    assert 'ca_file: "/etc/llorch/tls/ca.crt"' in config
+    ca = host.file("/etc/llorch/tls/ca.crt")
+    assert (ca.user, ca.group, ca.mode) == ("root", "root", 0o644)
+    # From the node, by the name the agent uses: the certificate holds it and the cluster CA signed it.
+    status = host.check_output(
+        "python3 -c %s",
+        "import ssl, urllib.request as u\n"
+        "context = ssl.create_default_context(cafile='/etc/llorch/tls/ca.crt')\n"
+        "print(u.urlopen('https://molecule-control:9200/health', timeout=5, context=context).status)",
+    )
+    assert status.strip() == "200"
