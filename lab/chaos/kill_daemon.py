@@ -3,7 +3,7 @@
 systemd restarts it (Restart=on-failure, RestartSec=2). Checked: a new MainPID, no registration or drain
 lost, every node (the swarm's and the lab's) heard again within two heartbeats of the daemon answering,
 and the peak rate of agent requests at recovery against the steady rate (buckets of a tenth of a
-heartbeat, at least 100 requests each).
+heartbeat, at least 200 requests each: bench/_chaos/swarm.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _chaos.swarm import Swarm, first_answer_after, node_id, rate_per_s
+from _chaos.swarm import Swarm, first_answer_after, herd_bucket_s, node_id, rate_per_s
 from common import Context, Row, heartbeat_s, poll, seconds
 
 
@@ -24,7 +24,7 @@ def nodes(ctx: Context) -> dict[str, dict]:
 def run(ctx: Context) -> list[Row]:
     lab, size = ctx.lab, ctx.swarm_size
     beat = heartbeat_s(lab)
-    bucket_s = max(beat / 10, 100 * beat / size)
+    bucket_s = herd_bucket_s(beat, size)
     drained = [node_id(n) for n in range(0, size, max(1, size // 10))]
     swarm = Swarm(lab.control_url, lab.api_token, size, start_over_s=beat, ca_file=lab.ca_file).start()
     try:
