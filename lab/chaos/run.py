@@ -25,7 +25,16 @@ from common import Context, Row, poll  # noqa: E402
 from target import LabError, lab  # noqa: E402
 
 # In order: the load alone first, then the faults. Each name is a module here with run(ctx) -> [Row].
-SCENARIOS = ("baseline", "partition", "kill_daemon", "daemon_away", "engine_crash", "gpu_hang", "node_reboot")
+SCENARIOS = (
+    "baseline",
+    "partition",
+    "kill_daemon",
+    "daemon_away",
+    "engine_crash",
+    "engine_hang",
+    "gpu_hang",
+    "node_reboot",
+)
 
 
 def lab_ready(ctx: Context) -> bool:
