@@ -36,6 +36,8 @@ from pool_managerd.config import PoolConfig, Settings  # noqa: E402
 from pool_managerd.control import Answer, ControlPlane  # noqa: E402
 from pool_managerd.node import probe_gpus  # noqa: E402
 
+AGENT_LOG = logging.getLogger("pool_managerd")
+
 
 @dataclass(frozen=True)
 class Sent:
@@ -100,6 +102,7 @@ class Swarm:
         self._ready = threading.Event()
         self._scratch = tempfile.TemporaryDirectory(prefix="llorch-swarm-")
         self._failure: BaseException | None = None
+        self._log_level: int | None = None
 
     def _settings(self, number: int) -> Settings:
         scratch = Path(self._scratch.name)
@@ -115,8 +118,10 @@ class Swarm:
         )
 
     def _build(self) -> None:
-        # A thousand agents saying "unreachable" once each is noise: the figures tell the story.
-        logging.getLogger("pool_managerd").setLevel(logging.ERROR)
+        # A thousand agents saying "unreachable" once each is noise: the figures tell the story. The level
+        # is the process's, so stop() puts it back (tests after this one read the agent's log lines).
+        self._log_level = AGENT_LOG.level
+        AGENT_LOG.setLevel(logging.ERROR)
         (Path(self._scratch.name) / "models").mkdir()
         os.environ.setdefault("NVIDIA_SMI_STANDIN_FIXTURE", str(STANDIN_FIXTURE))
         gpus = probe_gpus(self._settings(0))  # one probe: every simulated node is the same machine
@@ -159,6 +164,8 @@ class Swarm:
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._scratch.cleanup()
+        if self._log_level is not None:
+            AGENT_LOG.setLevel(self._log_level)
 
 
 def herd_bucket_s(heartbeat_s: float, count: int) -> float:
