@@ -33,6 +33,7 @@ SCENARIOS = (
     "engine_crash",
     "engine_hang",
     "gpu_hang",
+    "disk_full",
     "node_reboot",
 )
 
