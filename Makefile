@@ -12,11 +12,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_ROLES_PATH := $(CURDIR)/roles
 
-.PHONY: help venv lint sanity test unit molecule lab lab-down bench system-deps engine
+.PHONY: help venv lint sanity test unit molecule lab lab-down bench system-deps engine chaos
 
 help:
 	@echo "make lab        bring up the podman lab (1 control host, 2 GPU nodes) and print its state"
 	@echo "make lab-down   remove the lab"
+	@echo "make chaos      fault scenarios on the running lab under client load, one table (CHAOS_ARGS=--help)"
 	@echo "make test       lint + pytest + molecule (what CI runs)"
 	@echo "make unit       pytest only;  make lint  linters only;  make molecule  molecule only"
 	@echo "make sanity     ansible-test sanity on the built collection (part of make lint)"
@@ -81,6 +82,11 @@ lab: venv engine
 
 lab-down:
 	bash lab/down.sh
+
+# Fault scenarios against the lab `make lab` brought up, under client load through the gateway; prints one
+# table and fails on any failed row (docs/chaos.md). CHAOS_ARGS: scenario names, --away-s, --rate, --swarm.
+chaos: venv
+	$(BIN)/python lab/chaos/run.py $(CHAOS_ARGS)
 
 # Every script runs, even after one fails (bench/gateway.py exits 1 where the machine cannot keep its rate).
 bench: venv

@@ -1,0 +1,115 @@
+"""`make chaos`: fault scenarios against the running podman lab under client load, then one table.
+
+    python lab/chaos/run.py [SCENARIO ...] [--rate 4] [--away-s 60] [--swarm 1000]
+
+The client load (chat completions through the gateway, open loop) runs through every scenario; the first
+row is that load alone, before any fault. Each scenario checks its expected outcome and times its recovery;
+the table says scenario, expected, measured, pass/fail, and the exit status is 1 on any fail (2: the lab is
+not up). Scenarios run one after the other, each starting from a lab whose GPU nodes are online and ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "bench")]
+
+from _chaos.load import ClientLoad  # noqa: E402
+from common import Context, Row, poll  # noqa: E402
+from target import LabError, lab  # noqa: E402
+
+# In order: the load alone first, then the faults. Each name is a module here with run(ctx) -> [Row].
+SCENARIOS = (
+    "baseline",
+    "partition",
+    "kill_daemon",
+    "daemon_away",
+    "engine_crash",
+    "engine_hang",
+    "gpu_hang",
+    "disk_full",
+    "node_reboot",
+)
+
+
+def lab_ready(ctx: Context) -> bool:
+    for node in ctx.lab.gpu_nodes:
+        view = ctx.lab.node(node) or {}
+        pools = view.get("pools") or [{}]
+        if view.get("status") != "online" or not pools[0].get("ready"):
+            return False
+    return True
+
+
+def table(rows: list[Row]) -> str:
+    header = ("scenario", "expected", "measured", "result")
+    cells = [header, *((r.scenario, r.expected, r.measured, "pass" if r.ok else "FAIL") for r in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    lines = []
+    for number, row in enumerate(cells):
+        lines.append(" | ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(row)))
+        if number == 0:
+            lines.append("-+-".join("-" * w for w in [*widths, 6]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=f"of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--rate", type=float, default=4.0, help="client requests per second (default 4)")
+    parser.add_argument(
+        "--away-s", type=float, default=60.0, help="daemon away: seconds stopped (default 60)"
+    )
+    parser.add_argument("--swarm", type=int, default=1000, help="simulated agents for kill -9 (default 1000)")
+    args = parser.parse_args()
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    try:
+        target = lab()
+    except LabError as error:
+        print(f"chaos: {error}", file=sys.stderr)
+        return 2
+    load = ClientLoad(target.control_url, target.client_key, target.model(), args.rate, target.ssl_context())
+    ctx = Context(target, load, args.away_s, args.swarm)
+    if poll(lambda: lab_ready(ctx), 120, 1) is None:
+        print(
+            "chaos: the lab's GPU nodes are not online with ready pools; run `make lab` first",
+            file=sys.stderr,
+        )
+        return 2
+    rows: list[Row] = []
+    load.start()
+    try:
+        for name in args.scenarios:
+            print(f"== {name}", flush=True)
+            started = time.monotonic()
+            try:
+                new = importlib.import_module(name).run(ctx)
+            except Exception as error:  # a scenario that breaks is a failed row, and the run goes on
+                traceback.print_exc()
+                new = [Row(name, "runs to the end", f"{type(error).__name__}: {error}", False)]
+            for row in new:
+                print(f"   {'pass' if row.ok else 'FAIL'}: {row.scenario}: {row.measured}", flush=True)
+            rows += new
+            print(f"   ({time.monotonic() - started:.0f} s)", flush=True)
+            if poll(lambda: lab_ready(ctx), 180, 1) is None:
+                rows.append(Row(f"after {name}", "lab back to ready", "GPU nodes not ready in 180 s", False))
+                break
+    finally:
+        load.stop()
+    print()
+    print(table(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
