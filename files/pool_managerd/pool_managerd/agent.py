@@ -1,7 +1,8 @@
 """The agent's life: register with backoff, heartbeat at the pace the control plane sets, deregister on stop.
 
 It never exits because the control plane is down, slow, restarted or refusing it: every request has a
-timeout and every failure leads to a jittered backoff and another try. One log line per state change.
+timeout and every failure leads to another try: a registration after a jittered exponential backoff, a
+heartbeat at the heartbeat's own jittered pace. One log line per state change.
 """
 
 from __future__ import annotations
@@ -289,6 +290,17 @@ class Agent:
         log.debug("next try in %.3f s", delay)  # one line per retry, at debug level only
         await asyncio.sleep(delay)
 
+    async def _paced_retry(self) -> None:
+        """After a failed heartbeat, the next try comes at the heartbeat's own pace, jittered 0.8-1.2x.
+
+        Not the registration's exponential backoff: after a control plane's restart that backoff brought
+        the nodes whose heartbeats fell due meanwhile back together, 2-4x the steady rate, and the unlucky
+        ones only after 10-15 s (docs/chaos.md). At the heartbeat's pace a returning control plane sees its
+        steady rate, and every node is back within about one interval."""
+        delay = (self.heartbeat_s or self.backoff.initial_s) * random.uniform(0.8, 1.2)
+        log.debug("next heartbeat try in %.3f s", delay)
+        await asyncio.sleep(delay)
+
     # -- identity (identity.py) ------------------------------------------------------------------------------
 
     async def _renewed(self, credential) -> None:
@@ -404,7 +416,7 @@ class Agent:
                 interval = None
                 continue
             if outcome == "failed":
-                await self._back_off()
+                await self._paced_retry()
                 continue
             beat_since_registering = True
             self.backoff.reset()  # only a heartbeat that works ends a run of retries
