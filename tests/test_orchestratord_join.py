@@ -168,3 +168,17 @@ def test_a_single_use_join_token_is_spent_once_by_joins_at_the_same_time(daemon_
     assert sorted(answers) == [200] + [401] * 7, answers
     joined = [c for c in daemon.api("GET", "/v2/credentials").body["credentials"] if c["scope"] == "node"]
     assert len(joined) == 1
+
+
+def test_a_join_token_for_many_nodes_serves_joins_at_the_same_time_each_use_once(daemon_factory):
+    # A rack's nodes join together with one token: joins that waited on each other's write must not find
+    # the token "gone" because a use was spent meanwhile (bench/tls_heartbeat.py found this), and no use
+    # may be spent twice.
+    daemon = daemon_factory()
+    secret = issue_join(daemon, "rack", uses=6)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda n: join(daemon, secret, f"gpu-{n}").status, range(8)))
+    assert sorted(answers) == [200] * 6 + [401] * 2, answers
+    listed = {c["name"]: c for c in daemon.api("GET", "/v2/credentials").body["credentials"]}
+    assert listed["rack"]["uses_left"] == 0
+    assert sum(1 for c in listed.values() if c["scope"] == "node") == 6

@@ -240,10 +240,15 @@ class CredentialBook:
         if not valid_node_id(node_id):
             raise CredentialError(400, "INVALID_PARAMS", f"node_id {node_id!r} is refused: {NODE_ID_RULE}")
         async with self.writing:
-            # Looked at again under the lock: another join may have spent it while this one waited.
+            # Looked at again under the lock: another join may have spent a use (the book then holds a new
+            # record under the same name and digest) or the last one, or it was revoked meanwhile.
+            current = self.by_name.get(presented.name)
+            if current is None or current.digest != presented.digest:
+                raise CredentialError(401, "UNAUTHORIZED", f"credential {presented.name!r} is gone")
+            presented = current
             reason = presented.unusable(self.wall_clock())
-            if reason is not None or self.by_name.get(presented.name) is not presented:
-                raise CredentialError(401, "UNAUTHORIZED", reason or f"credential {presented.name!r} is gone")
+            if reason is not None:
+                raise CredentialError(401, "UNAUTHORIZED", reason)
             general = presented.scope == "join" and presented.node_id is None
             if general and self.has_node_credential(node_id):
                 raise CredentialError(
