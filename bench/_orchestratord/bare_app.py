@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from certs import server_context
 
 FIXED_PICK = {
     "node_id": "bench-00000",
@@ -43,8 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=["heartbeat", "placement"], required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cert", help="serve HTTPS with this certificate (and --key), as orchestratord does")
+    parser.add_argument("--key")
     args = parser.parse_args()
-    web.run_app(make_app(args.mode), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    context = server_context(Path(args.cert), Path(args.key)) if args.cert else None
+    app = make_app(args.mode)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, ssl_context=context)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -64,13 +65,15 @@ def require_tools() -> None:
             sys.exit("wrk is missing: install it (apt-get install wrk) and run again")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen, timeout: float = 30, context: ssl.SSLContext | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"server exited with {proc.returncode} before answering {url}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as answer:
+            with urllib.request.urlopen(url + "/health", timeout=1, context=context) as answer:
                 if answer.status == 200:
                     return
         except OSError:
@@ -80,12 +83,15 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 class Daemon:
-    """orchestratord as shipped (metrics on, SQLite WAL with synchronous=FULL), pinned to SERVER_CPU."""
+    """orchestratord as shipped (metrics on, SQLite WAL with synchronous=FULL), pinned to SERVER_CPU.
 
-    def __init__(self, workdir: Path, db_dir: Path, **settings) -> None:
+    With `ca_file` (and tls_cert_file, tls_key_file among the settings) it serves HTTPS, as deployed."""
+
+    def __init__(self, workdir: Path, db_dir: Path, ca_file: Path | None = None, **settings) -> None:
         self.token = secrets.token_urlsafe(32)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
         token_file = workdir / "api-token"
         token_file.write_text(self.token)
         token_file.chmod(0o600)
@@ -96,7 +102,7 @@ class Daemon:
             "db_path": str(db_dir / "registry.db"),
             "log_level": "warning",
             # The benches measure the daemon's own work; one that measures TLS passes its files instead.
-            "plain_http": True,
+            "plain_http": ca_file is None,
             **settings,
         }
         config_path = workdir / "orchestratord.yml"
@@ -123,7 +129,7 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_healthy(self.url, self.proc)
+        wait_healthy(self.url, self.proc, context=self.client_context)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -132,9 +138,12 @@ class Daemon:
 
 
 class BareApp:
-    def __init__(self, mode: str) -> None:
+    """The floor: bare_app.py pinned like the daemon; with `tls` (ca, cert, key) behind the daemon's TLS."""
+
+    def __init__(self, mode: str, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        tls_args = ["--cert", str(tls[1]), "--key", str(tls[2])] if tls else []
         self.proc = subprocess.Popen(
             [
                 "taskset",
@@ -146,11 +155,13 @@ class BareApp:
                 mode,
                 "--port",
                 str(self.port),
+                *tls_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_healthy(self.url, self.proc)
+        context = ssl.create_default_context(cafile=str(tls[0])) if tls else None
+        wait_healthy(self.url, self.proc, context=context)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -238,11 +249,11 @@ def seed_nodes(url: str, token: str, nodes: list[tuple[dict, dict]], concurrency
     return time.perf_counter() - started
 
 
-def online_count(url: str, token: str) -> int:
+def online_count(url: str, token: str, context: ssl.SSLContext | None = None) -> int:
     request = urllib.request.Request(
         url + "/v2/nodes?status=online", headers={"Authorization": f"Bearer {token}"}
     )
-    with urllib.request.urlopen(request, timeout=60) as answer:
+    with urllib.request.urlopen(request, timeout=60, context=context) as answer:
         return json.load(answer)["count"]
 
 
