@@ -29,7 +29,7 @@ def test_two_deletes_at_once_answer_204_then_404(daemon):
         assert sorted(answer.status for answer in answers) == [204, 404], [a.text for a in answers]
         assert next(a for a in answers if a.status == 404).body["code"] == "NODE_NOT_FOUND"
     assert daemon.api("GET", "/v2/nodes").body["count"] == 0
-    assert daemon.log().count(" deregistered") == ROUNDS
+    assert daemon.log().count(" deleted by admin 'cluster-admin'") == ROUNDS
 
 
 def test_drains_at_once_leave_the_api_and_the_disk_agreeing(daemon):
