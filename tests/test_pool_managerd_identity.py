@@ -192,3 +192,25 @@ def test_a_join_token_that_does_not_pin_ca_file_is_never_sent(
     # Nothing reached the daemon: the join token still has its one use.
     (listed,) = daemon.api("GET", "/v2/credentials").body["credentials"]
     assert listed["uses_left"] == 1 and front.connections == []
+
+
+def test_a_deleted_join_token_file_leaves_the_recovery_token_to_be_tried(tmp_path):
+    # The role deletes the join token once the node joined; a node off past its token's life must come back
+    # with its recovery token, not stop on the missing file (exit 2 would keep systemd from restarting it).
+    from pool_managerd.identity import CredentialStore, IdentityError, join_candidates
+
+    store = CredentialStore(str(tmp_path / "credentials"))
+    gone = str(tmp_path / "pool-managerd.join-token")
+    assert join_candidates(store, gone) == []
+
+    store.save_recovery_token("llv_" + "r" * 40)
+    (candidate,) = join_candidates(store, gone)
+    assert candidate.recovery
+
+    broken = tmp_path / "broken.join-token"
+    broken.write_text("sha256:not-a-pin::" + "s" * 40 + "\n")
+    broken.chmod(0o600)
+    (candidate,) = join_candidates(store, str(broken))
+    assert candidate.recovery
+    with pytest.raises(IdentityError, match="expected sha256"):
+        join_candidates(CredentialStore(str(tmp_path / "empty")), str(broken))

@@ -209,10 +209,22 @@ def join_candidates(store: CredentialStore, join_token_file: str | None) -> list
         # The node's own, made by the daemon this agent talks to: no pin (none was handed out with it); the
         # channel is the one ca_file already verifies.
         candidates.append(JoinCandidate("the recovery token", JoinSecret(recovery, None), recovery=True))
-    if join_token_file is not None:
-        candidates.append(
-            JoinCandidate(f"join_token_file {join_token_file}", read_join_secret(join_token_file))
-        )
+    if join_token_file is None:
+        return candidates
+    if not os.path.lexists(join_token_file):
+        # Deleted once the node joined (the role does so): a node back after its token expired goes on with
+        # its recovery token, and without one the caller says that nothing is left to join with.
+        log.info("join_token_file %s is gone (deleted after the join); not used", join_token_file)
+        return candidates
+    try:
+        secret = read_join_secret(join_token_file)
+    except IdentityError as error:
+        if not candidates:
+            raise
+        # A broken join token must not keep a working recovery token from being tried.
+        log.warning("%s; trying the recovery token alone", error)
+        return candidates
+    candidates.append(JoinCandidate(f"join_token_file {join_token_file}", secret))
     return candidates
 
 
