@@ -6,6 +6,7 @@ The answer comes back as the engine's bytes, streamed, never re-encoded. Nothing
 the commit point: the engine's first real token (sse.py) or, not streaming, its status line below 500.
 Before it a failure (refused, 5xx, a timeout, a stream that ends) is tried once more on another pool,
 silently; after it nothing is retried, and a broken stream ends with one defined SSE error event.
+A node that goes offline (the registry's sweep) fails its requests in flight at once, by the same rule.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class _Failed(Exception):
         self.code = code
         self.message = message
         self.timed_out = timed_out
+
+
+class _NodeLost(Exception):
+    """The engine's node went offline under the request (RoutingTable.drop_node cancelled it)."""
 
 
 class Gateway:
@@ -341,11 +346,19 @@ class Gateway:
     ) -> tuple[web.StreamResponse, str]:
         loop = asyncio.get_running_loop()
         first_byte_deadline = loop.time() + self.first_byte_timeout_s
+        task = asyncio.current_task()
+        assert task is not None
+        routes, node_id = self.routes, pool.key[0]
+        call = routes.calling(node_id, task)  # cancelled, `lost`, should the node go offline under it
         committed = False
         reading_engine = True  # after the commit point, an error while writing is the client's going
         engine: aiohttp.ClientResponse | None = None
         client: web.StreamResponse | None = None
         try:
+            # A pool handed to a queued request may have lost its node before the request ran: the sweep
+            # that dropped the node is past, and would not cut this call off.
+            if not self.registry.is_live(pool.node, self.registry.clock()):
+                raise _Failed("node_lost", f"its node {node_id} went offline before the request was sent")
             async with asyncio.timeout_at(first_byte_deadline) as timer:
                 engine = await self._send(pool, path, body)
                 status = engine.status
@@ -393,7 +406,13 @@ class Gateway:
             return client, "ok" if status < 400 else "engine_4xx"
         except _Failed:
             raise
+        except asyncio.CancelledError:
+            routes.call_ended(node_id, call)  # before any await: a later offline must not cancel again
+            if not call.lost or task.uncancel():
+                raise  # the client left, or the daemon stops: nothing to answer
+            return await self._node_lost(request, client, pool, label, committed), "stream_broken"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            routes.call_ended(node_id, call)  # before any await, as above
             if not committed:
                 # A connect timeout is an engine that cannot be reached, not a slow one.
                 timed_out = isinstance(exc, TimeoutError) and not isinstance(
@@ -408,8 +427,26 @@ class Gateway:
                 return client, "cancelled"
             return await self._broken(request, client, pool, label, exc), "stream_broken"
         finally:
+            routes.call_ended(node_id, call)
             if engine is not None:
                 engine.close()  # drops the engine's connection: llama-server stops the slot's work
+
+    async def _node_lost(
+        self,
+        request: web.Request,
+        client: web.StreamResponse | None,
+        pool: RoutePool,
+        label: str,
+        committed: bool,
+    ) -> web.StreamResponse:
+        """The pool's node went offline under the attempt: before the commit point another pool may take
+        it (_Failed), after it the answer ends as a broken one does."""
+        if self.stats is not None:
+            self.stats.node_lost["after_commit" if committed else "before_commit"] += 1
+        lost = _NodeLost(f"its node {pool.key[0]} went offline")
+        if not committed:
+            raise _Failed("node_lost", str(lost)) from None
+        return await self._broken(request, client, pool, label, lost)
 
     async def _send(self, pool: RoutePool, path: str, body: bytes) -> aiohttp.ClientResponse:
         assert self.session is not None
