@@ -26,6 +26,7 @@ from support_gateway import (
     Upstream,
     beat_pool,
     chat_body,
+    client_call,
     raw_post,
     serve_pool,
 )
@@ -206,3 +207,52 @@ def test_a_plain_answer_past_the_commit_point_is_cut_off_when_its_node_goes_offl
     print(f"\nnode lost after the commit point (plain): {seconds:.2f} s")
     assert seconds < ENDED_WITHIN_S
     assert node_lost(daemon, "after_commit") == 1.0
+
+
+# --- right after a restart
+
+
+def test_after_a_restart_a_served_model_is_503_warming_up_until_its_restored_node_reports(gateway, upstreams):
+    upstream = upstreams()
+    daemon = gateway(node_timeout_ms=NODE_TIMEOUT_MS, heartbeat_interval_ms=1500)
+    serve_pool(daemon, "gpu-1", upstream.url)
+    daemon.stop()  # a clean stop writes the node's last readings to the store
+    silent_from = time.monotonic()
+    # Down longer than the node timeout: the node comes back from the store offline, not yet heard from.
+    wait_until(lambda: time.monotonic() - silent_from > 1.5 * NODE_TIMEOUT_MS / 1000, what="a long stop")
+    daemon.start()
+    assert daemon.api("GET", "/v2/nodes/gpu-1").body["status"] == "offline"
+
+    answer = client_call(daemon, "/v1/chat/completions", chat_body(False))
+    assert answer.status == 503, answer.text
+    assert answer.body["error"]["code"] == "warming_up"
+    assert answer.headers["Retry-After"] == "2"  # the heartbeat interval, whole seconds, rounded up
+    # A model nothing held: 503 only within node_timeout_ms of the start, then the usual 404.
+    unknown = wait_until(
+        lambda: (
+            (
+                found := client_call(daemon, "/v1/chat/completions", chat_body(False, model="never-held"))
+            ).status
+            == 404
+            and found
+        ),
+        timeout=10,
+        what="404 for a model nothing held, once node_timeout_ms has passed",
+    )
+    assert unknown.body["error"]["code"] == "model_not_found"
+    # The model its silent restored node served stays 503 past that window...
+    answer = client_call(daemon, "/v1/chat/completions", chat_body(False))
+    assert (answer.status, answer.body["error"]["code"]) == (503, "warming_up"), answer.text
+    # ...until the node reports: here it no longer serves it, so the model is unknown now.
+    beat_pool(daemon, "gpu-1", upstream.url, model="other-model")
+    answer = client_call(daemon, "/v1/chat/completions", chat_body(False))
+    assert (answer.status, answer.body["error"]["code"]) == (404, "model_not_found"), answer.text
+    assert upstream.requests == []
+    outcomes = metric_values(daemon, "orchestratord_gateway_requests_total")
+    assert outcomes[f'{{model="{MODEL}",outcome="warming_up"}}'] >= 2.0
+
+
+def test_a_daemon_on_an_empty_store_answers_unknown_models_404_at_once(gateway):
+    daemon = gateway(node_timeout_ms=60_000)
+    answer = client_call(daemon, "/v1/chat/completions", chat_body(False))
+    assert (answer.status, answer.body["error"]["code"]) == (404, "model_not_found"), answer.text

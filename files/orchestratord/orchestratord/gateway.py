@@ -7,6 +7,10 @@ the commit point: the engine's first real token (sse.py) or, not streaming, its 
 Before it a failure (refused, 5xx, a timeout, a stream that ends) is tried once more on another pool,
 silently; after it nothing is retried, and a broken stream ends with one defined SSE error event.
 A node that goes offline (the registry's sweep) fails its requests in flight at once, by the same rule.
+
+Right after a restart the registry cannot yet say a model is unknown: the nodes restored from the store
+have not heartbeated. Until node_timeout_ms has passed, and after it while a restored node that held the
+model is still silent, a model no live node serves is `503 warming_up`, never `404 model_not_found`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -117,9 +122,20 @@ class Gateway:
         self.idle_slack_s = min(self.idle_timeout_s / 16, IDLE_SLACK_MAX_S)
         self.session: aiohttp.ClientSession | None = None
         self.fresh_session: aiohttp.ClientSession | None = None
+        # The warm-up after a start (see the module's docstring): the registry's clock at start, and the
+        # contact time each restored node had then (a heartbeat or a registration moves it).
+        self.started: float | None = None
+        self.restored_contact: dict[str, float] = {}
+        self.restarted = False  # the store held nodes: a cluster this daemon served before its start
+        self.warm_up_retry_after_s = max(1, math.ceil(settings.heartbeat_interval_ms / 1000))
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """One client session for every engine: keep-alive connections, no limit but the engines' own."""
+        # Runs after the registry loaded the store (app.py's cleanup_ctx order) and before the daemon
+        # listens, so no heartbeat has moved a restored node yet.
+        self.started = self.registry.clock()
+        self.restored_contact = {node_id: node.last_contact for node_id, node in self.registry.nodes.items()}
+        self.restarted = bool(self.restored_contact)
         # Idle connections are dropped before the engine drops them: llama-server (cpp-httplib) closes an
         # idle kept-alive connection after 5 s, and a request sent on one it just closed fails unsent.
         connector = aiohttp.TCPConnector(
@@ -260,6 +276,17 @@ class Gateway:
         routes = self.routes
         if not routes.routable(model, now):
             if not self._set_up_for(model, now):
+                if self._warming_up(model, now):
+                    raise self._refuse(
+                        model,
+                        server_error(
+                            503,
+                            "warming_up",
+                            f"{model!r} is not served yet: orchestratord restarted and the nodes that "
+                            "may serve it have not all reported since",
+                            self.warm_up_retry_after_s,
+                        ),
+                    )
                 raise self._refuse(
                     model, invalid_request("model_not_found", f"no engine serves model {model!r}", 404)
                 )
@@ -320,6 +347,27 @@ class Gateway:
             node = registry.nodes.get(node_id)
             if node is not None and registry.is_live(node, now):
                 return True
+        return False
+
+    def _warming_up(self, model: str, now: float) -> bool:
+        """Whether the registry may not know yet who serves `model`: within node_timeout_ms of a start
+        that restored nodes (any node live before it reports within that), or while a restored node that
+        served or staged `model` has sent nothing since. A daemon that starts on an empty store has no
+        cluster to wait for: its unknown models are 404 from the first request."""
+        if self.started is None or not self.restarted:
+            return False
+        registry = self.registry
+        if now - self.started < registry.node_timeout_s:
+            return True
+        # Only the model's holders are looked at: the cost is theirs, not the cluster's. A node that
+        # registered or heartbeated since has a newer contact time; the registry knows what it holds now.
+        restored = self.restored_contact
+        for holders in (registry.served_nodes.get(model, ()), registry.model_nodes.get(model, ())):
+            for node_id in holders:
+                contact = restored.get(node_id)
+                node = registry.nodes.get(node_id)
+                if contact is not None and node is not None and node.last_contact == contact:
+                    return True
         return False
 
     def _refuse(self, model: str, error: GatewayError) -> GatewayError:
