@@ -6,6 +6,11 @@ The answer comes back as the engine's bytes, streamed, never re-encoded. Nothing
 the commit point: the engine's first real token (sse.py) or, not streaming, its status line below 500.
 Before it a failure (refused, 5xx, a timeout, a stream that ends) is tried once more on another pool,
 silently; after it nothing is retried, and a broken stream ends with one defined SSE error event.
+A node that goes offline (the registry's sweep) fails its requests in flight at once, by the same rule.
+
+Right after a restart the registry cannot yet say a model is unknown: the nodes restored from the store
+have not heartbeated. Until node_timeout_ms has passed, and after it while a restored node that held the
+model is still silent, a model no live node serves is `503 warming_up`, never `404 model_not_found`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -88,6 +94,10 @@ class _Failed(Exception):
         self.timed_out = timed_out
 
 
+class _NodeLost(Exception):
+    """The engine's node went offline under the request (RoutingTable.drop_node cancelled it)."""
+
+
 class Gateway:
     def __init__(
         self,
@@ -112,9 +122,20 @@ class Gateway:
         self.idle_slack_s = min(self.idle_timeout_s / 16, IDLE_SLACK_MAX_S)
         self.session: aiohttp.ClientSession | None = None
         self.fresh_session: aiohttp.ClientSession | None = None
+        # The warm-up after a start (see the module's docstring): the registry's clock at start, and the
+        # contact time each restored node had then (a heartbeat or a registration moves it).
+        self.started: float | None = None
+        self.restored_contact: dict[str, float] = {}
+        self.restarted = False  # the store held nodes: a cluster this daemon served before its start
+        self.warm_up_retry_after_s = max(1, math.ceil(settings.heartbeat_interval_ms / 1000))
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """One client session for every engine: keep-alive connections, no limit but the engines' own."""
+        # Runs after the registry loaded the store (app.py's cleanup_ctx order) and before the daemon
+        # listens, so no heartbeat has moved a restored node yet.
+        self.started = self.registry.clock()
+        self.restored_contact = {node_id: node.last_contact for node_id, node in self.registry.nodes.items()}
+        self.restarted = bool(self.restored_contact)
         # Idle connections are dropped before the engine drops them: llama-server (cpp-httplib) closes an
         # idle kept-alive connection after 5 s, and a request sent on one it just closed fails unsent.
         connector = aiohttp.TCPConnector(
@@ -255,6 +276,17 @@ class Gateway:
         routes = self.routes
         if not routes.routable(model, now):
             if not self._set_up_for(model, now):
+                if self._warming_up(model, now):
+                    raise self._refuse(
+                        model,
+                        server_error(
+                            503,
+                            "warming_up",
+                            f"{model!r} is not served yet: orchestratord restarted and the nodes that "
+                            "may serve it have not all reported since",
+                            self.warm_up_retry_after_s,
+                        ),
+                    )
                 raise self._refuse(
                     model, invalid_request("model_not_found", f"no engine serves model {model!r}", 404)
                 )
@@ -317,6 +349,27 @@ class Gateway:
                 return True
         return False
 
+    def _warming_up(self, model: str, now: float) -> bool:
+        """Whether the registry may not know yet who serves `model`: within node_timeout_ms of a start
+        that restored nodes (any node live before it reports within that), or while a restored node that
+        served or staged `model` has sent nothing since. A daemon that starts on an empty store has no
+        cluster to wait for: its unknown models are 404 from the first request."""
+        if self.started is None or not self.restarted:
+            return False
+        registry = self.registry
+        if now - self.started < registry.node_timeout_s:
+            return True
+        # Only the model's holders are looked at: the cost is theirs, not the cluster's. A node that
+        # registered or heartbeated since has a newer contact time; the registry knows what it holds now.
+        restored = self.restored_contact
+        for holders in (registry.served_nodes.get(model, ()), registry.model_nodes.get(model, ())):
+            for node_id in holders:
+                contact = restored.get(node_id)
+                node = registry.nodes.get(node_id)
+                if contact is not None and node is not None and node.last_contact == contact:
+                    return True
+        return False
+
     def _refuse(self, model: str, error: GatewayError) -> GatewayError:
         self.recent_errors.record("gateway", model, error.code, error.message)
         return error
@@ -341,11 +394,19 @@ class Gateway:
     ) -> tuple[web.StreamResponse, str]:
         loop = asyncio.get_running_loop()
         first_byte_deadline = loop.time() + self.first_byte_timeout_s
+        task = asyncio.current_task()
+        assert task is not None
+        routes, node_id = self.routes, pool.key[0]
+        call = routes.calling(node_id, task)  # cancelled, `lost`, should the node go offline under it
         committed = False
         reading_engine = True  # after the commit point, an error while writing is the client's going
         engine: aiohttp.ClientResponse | None = None
         client: web.StreamResponse | None = None
         try:
+            # A pool handed to a queued request may have lost its node before the request ran: the sweep
+            # that dropped the node is past, and would not cut this call off.
+            if not self.registry.is_live(pool.node, self.registry.clock()):
+                raise _Failed("node_lost", f"its node {node_id} went offline before the request was sent")
             async with asyncio.timeout_at(first_byte_deadline) as timer:
                 engine = await self._send(pool, path, body)
                 status = engine.status
@@ -393,7 +454,13 @@ class Gateway:
             return client, "ok" if status < 400 else "engine_4xx"
         except _Failed:
             raise
+        except asyncio.CancelledError:
+            routes.call_ended(node_id, call)  # before any await: a later offline must not cancel again
+            if not call.lost or task.uncancel():
+                raise  # the client left, or the daemon stops: nothing to answer
+            return await self._node_lost(request, client, pool, label, committed), "stream_broken"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            routes.call_ended(node_id, call)  # before any await, as above
             if not committed:
                 # A connect timeout is an engine that cannot be reached, not a slow one.
                 timed_out = isinstance(exc, TimeoutError) and not isinstance(
@@ -408,8 +475,26 @@ class Gateway:
                 return client, "cancelled"
             return await self._broken(request, client, pool, label, exc), "stream_broken"
         finally:
+            routes.call_ended(node_id, call)
             if engine is not None:
                 engine.close()  # drops the engine's connection: llama-server stops the slot's work
+
+    async def _node_lost(
+        self,
+        request: web.Request,
+        client: web.StreamResponse | None,
+        pool: RoutePool,
+        label: str,
+        committed: bool,
+    ) -> web.StreamResponse:
+        """The pool's node went offline under the attempt: before the commit point another pool may take
+        it (_Failed), after it the answer ends as a broken one does."""
+        if self.stats is not None:
+            self.stats.node_lost["after_commit" if committed else "before_commit"] += 1
+        lost = _NodeLost(f"its node {pool.key[0]} went offline")
+        if not committed:
+            raise _Failed("node_lost", str(lost)) from None
+        return await self._broken(request, client, pool, label, lost)
 
     async def _send(self, pool: RoutePool, path: str, body: bytes) -> aiohttp.ClientResponse:
         assert self.session is not None

@@ -25,6 +25,7 @@ PLACEMENT_OUTCOMES = ("placed", "model_not_available", "no_capacity", "invalid")
 
 # The gateway's times run from milliseconds (a queue wait) to minutes (a long answer).
 GATEWAY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+NODE_LOST_PHASES = ("before_commit", "after_commit")
 UNKNOWN_MODEL = "_unknown"  # the label of a model no engine is set up for: label counts stay bounded
 
 
@@ -58,6 +59,8 @@ class GatewayMetrics:
         self.queue_wait: dict[str, _Latency] = {}
         self.retries = 0
         self.resends = 0  # sent once more on a fresh connection: the engine had closed the pooled one
+        # Engine requests cut off because their node went offline, by whether the answer had begun.
+        self.node_lost = dict.fromkeys(NODE_LOST_PHASES, 0)
 
     def finished(self, model: str, outcome: str, seconds: float) -> None:
         key = (model, outcome)
@@ -191,6 +194,15 @@ class Metrics(Collector):
             "Requests sent once more to the same engine on a fresh connection (it had closed the pooled one)",
             value=gateway.resends,
         )
+        node_lost = CounterMetricFamily(
+            "orchestratord_gateway_node_lost",
+            "Engine requests cut off because their node went offline: before the first token (tried on "
+            "another pool) or after it (the answer ended broken)",
+            labels=["phase"],
+        )
+        for phase, count in gateway.node_lost.items():
+            node_lost.add_metric([phase], count)
+        yield node_lost
         routes = self._routes
         yield CounterMetricFamily(
             "orchestratord_gateway_set_aside",

@@ -15,6 +15,10 @@ Pick: most free places; ties in (node_id, pool_id) order, rotated.
 
 The queue per model is served round-robin across client keys: one key flooding it cannot starve another.
 Everything here runs on the event loop, with no awaits, so two requests never take the same last slot.
+
+The table also knows which requests are on each node's engines now (`EngineCall`): when the registry's
+sweep finds a node offline (`drop_node`), those are cut off at once rather than left to the gateway's
+first-byte and idle timeouts, which a partition (bytes held, nothing reset) would otherwise run out.
 """
 
 from __future__ import annotations
@@ -44,6 +48,16 @@ class RoutePool:
     @property
     def label(self) -> str:
         return f"{self.key[0]}/{self.key[1]}"
+
+
+class EngineCall:
+    """One request on a node's engine, which the table cancels when the node goes offline."""
+
+    __slots__ = ("lost", "task")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.lost = False  # set (and the task cancelled) when the node went offline under it
 
 
 class QueueRefused(Exception):
@@ -87,6 +101,7 @@ class RoutingTable:
         self.queues: dict[str, ModelQueue] = {}
         self.waiting = 0  # over every model's queue
         self.set_aside_total = 0
+        self.calls: dict[str, set[EngineCall]] = {}  # node id -> the requests on its engines now
 
     # --- kept by the registry
 
@@ -131,10 +146,31 @@ class RoutingTable:
             self.dispatch(model)  # new capacity takes waiters at once
 
     def drop_node(self, node_id: str) -> None:
+        """The node went offline (the registry's sweep): its pools leave the table and the requests on
+        its engines are cut off; the gateway retries or ends each by its commit point."""
         keys = self.by_node.pop(node_id, ())
         touched = {self.pools.pop(key).model for key in keys}
         for model in touched:
             self._rebuild(model)
+        for call in self.calls.pop(node_id, ()):
+            call.lost = True
+            call.task.cancel()
+
+    def calling(self, node_id: str, task: asyncio.Task) -> EngineCall:
+        """`task` sends a request to an engine of `node_id` now; `call_ended` when it is done."""
+        call = EngineCall(task)
+        calls = self.calls.get(node_id)
+        if calls is None:
+            calls = self.calls[node_id] = set()
+        calls.add(call)
+        return call
+
+    def call_ended(self, node_id: str, call: EngineCall) -> None:
+        calls = self.calls.get(node_id)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self.calls[node_id]
 
     def _rebuild(self, model: str) -> None:
         members = sorted((pool for pool in self.pools.values() if pool.model == model), key=lambda p: p.key)
