@@ -12,8 +12,8 @@ description:
   - The daemon shows a new credential's secret once, in the answer that made it, and stores only its digest.
     This module returns it as RV(secret) only on the run that issued it; a later run finds the name and
     changes nothing, and cannot return the secret again (revoke it and issue a new one to get another).
-  - B(Put C(no_log: true) on every task that runs this module with O(state=present)):
-    the secret is a return value, and Ansible hides return values only on a C(no_log) task.
+  - "B(Put C(no_log: true) on every task that runs this module with O(state=present)):
+    the secret is a return value, and Ansible hides return values only on a C(no_log) task."
   - A credential is never changed in place. A name held by a credential of another O(scope) or O(node_id)
     is an error; O(ttl_s) and O(uses) are used only when the credential is issued.
   - Joining a GPU node with a join credential is described in docs/credentials.md; role C(pool_managerd)
@@ -106,7 +106,7 @@ credential:
     usable: true
 secret:
   description:
-    - The new credential's secret, shown this once by the daemon. Run the task with C(no_log: true).
+    - "The new credential's secret, shown this once by the daemon. Run the task with C(no_log: true)."
   returned: when a credential was issued (not in check mode, not when the name already existed)
   type: str
   sample: llj_...
