@@ -57,6 +57,7 @@ attributes:
     description: Reports whether a credential would be issued or revoked, without doing it (no secret then).
   diff_mode:
     support: none
+    description: Credentials have no state worth a diff; RV(credential) shows what the daemon holds.
 author:
   - llorch-kit contributors (@llorch-kit)
 """
