@@ -320,6 +320,31 @@ class LlorchClient:
             raise
         return True
 
+    def list_credentials(self) -> list[dict]:
+        """Every credential the daemon holds, without secrets (admin only)."""
+        answer = self.request("GET", "/v2/credentials")
+        if not isinstance(answer, dict) or not isinstance(answer.get("credentials"), list):
+            raise LlorchApiError(f"the registry at {self.url} answered GET /v2/credentials without a list")
+        return answer["credentials"]
+
+    def get_credential(self, name: str) -> dict | None:
+        """The credential called `name` (no secret), or None when the daemon holds none by that name."""
+        return next((item for item in self.list_credentials() if item.get("name") == name), None)
+
+    def create_credential(self, body: dict) -> dict:
+        """Issue one; the answer holds its secret, which the daemon shows this once."""
+        return self.request("POST", "/v2/credentials", body=body)
+
+    def delete_credential(self, name: str) -> bool:
+        """Revoke the credential; False when it was already gone. Names may hold a '/' (node/<id>)."""
+        try:
+            self.request("DELETE", f"/v2/credentials/{quote(name, safe='/')}")
+        except LlorchApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     def catalog_availability(self) -> dict:
         return self.request("GET", "/v2/catalog/availability")
 

@@ -329,4 +329,10 @@ def test_remove_node_stops_the_agent_and_deletes_the_node_from_the_registry():
     assert not agent.is_running
     assert not agent.is_enabled
     assert not removed.file("/etc/llorch/pool-managerd.token").exists
+    # Nor any secret of its own identity; the registry's delete revoked its credentials.
+    assert not removed.file("/etc/llorch/pool-managerd.join-token").exists
+    assert not removed.file("/var/lib/pool-managerd/credentials").exists
+    status, listing = registry("GET", "/v2/credentials")
+    assert status == 200, listing
+    assert not [item["name"] for item in listing["credentials"] if GPU_2 in item["name"]]
     assert not removed.file("/etc/llorch/pool-managerd.yml").exists

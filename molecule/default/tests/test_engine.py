@@ -22,8 +22,9 @@ POOL = "gpus01"
 UNIT = f"llorch-engine@{POOL}"
 ENGINE_URL = "http://10.89.240.11:8101"
 KEY_FILE = "/etc/pool-managerd/engine-api-key"
-REGISTRY = "https://10.89.240.10:9200"
-AGENT_TOKEN_FILE = "/etc/llorch/pool-managerd.token"
+# The cluster's admin token, on the control host only: the node holds its own credential, which may not
+# read the registry.
+CONTROL_TOKEN_FILE = "/etc/llorch/orchestratord.token"
 
 # Run on the node as root: reads the key from its 0600 file (its path in argv, never the key), asks the
 # engine, prints the status code and the body. argv: URL, the key file or "-" for none, JSON body or "".
@@ -152,7 +153,11 @@ def test_engine_refuses_a_completion_without_the_key(host):
 
 
 def pool_in_registry(host):
-    node = registry_get(host, "/v2/nodes/molecule-gpu", AGENT_TOKEN_FILE, base_url=REGISTRY)
+    # Asked on the control host with the admin token (the node's own credential may not read the registry).
+    control = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_host(
+        "molecule-control"
+    )
+    node = registry_get(control, "/v2/nodes/molecule-gpu", CONTROL_TOKEN_FILE)
     return {pool["pool_id"]: pool for pool in node["pools"]}[POOL]
 
 

@@ -1,6 +1,12 @@
-"""The GPU node after converge: pool-managerd runs hardened, as its own user, with its token kept private."""
+"""The GPU node after converge: pool-managerd runs hardened, as its own user, with its own node identity
+(joined through the role's join token): no copy of the cluster's admin token, its node and recovery tokens
+private to it, and a node credential that may neither drain the node nor read the registry."""
 
+import json
 import os
+import ssl
+import urllib.request
+from pathlib import Path
 
 import testinfra.utils.ansible_runner
 from service_checks import (
@@ -14,7 +20,43 @@ testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
 ).get_hosts("gpu_nodes")
 
-TOKEN_FILE = "/etc/llorch/pool-managerd.token"
+SHARED_TOKEN_FILE = "/etc/llorch/pool-managerd.token"
+JOIN_TOKEN_FILE = "/etc/llorch/pool-managerd.join-token"
+CREDENTIAL_DIR = "/var/lib/pool-managerd/credentials"
+NODE = "molecule-gpu"
+# The registry as the controller reaches it (llorch_controller_url), with the scenario's CA and admin token.
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+REGISTRY = "https://10.89.240.10:9200"
+CA_FILE = PROJECT / ".lab" / "molecule" / "pki" / "ca.crt"
+ADMIN_TOKEN_FILE = PROJECT / ".lab" / "molecule" / "api-token"
+
+# Run on the node as root: reads the node token from its file (the path in argv, never the token) and
+# prints the status of each request to the registry, the way the agent reaches it.
+AS_THE_NODE = """
+import json, ssl, sys, urllib.error, urllib.request
+token = open(sys.argv[1]).read().splitlines()[0]
+context = ssl.create_default_context(cafile="/etc/llorch/tls/ca.crt")
+for method, path, body in json.loads(sys.argv[2]):
+    request = urllib.request.Request(
+        "https://molecule-control:9200" + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+            print(answer.status)
+    except urllib.error.HTTPError as error:
+        print(error.code)
+"""
+
+
+def as_admin(path):
+    """GET a registry route from this machine with the cluster's admin token (in a header, never argv)."""
+    request = urllib.request.Request(
+        REGISTRY + path, headers={"Authorization": "Bearer " + ADMIN_TOKEN_FILE.read_text().strip()}
+    )
+    context = ssl.create_default_context(cafile=str(CA_FILE))
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+        return json.loads(answer.read())
 
 
 def test_pool_managerd_is_enabled_and_running(host):
@@ -78,10 +120,44 @@ def test_models_folder_belongs_to_root_and_is_read_only_to_the_agent(host):
     assert "/var/lib/llorch/models" not in config.split("ReadWritePaths=")[1].splitlines()[0]
 
 
-def test_token_file_is_private_to_the_agent_user(host):
-    token = host.file(TOKEN_FILE)
-    assert token.mode == 0o600
-    assert token.user == "pool-managerd"
+def test_the_node_keeps_no_shared_token_and_no_spent_join_token(host):
+    assert not host.file(SHARED_TOKEN_FILE).exists
+    assert not host.file(JOIN_TOKEN_FILE).exists
+    config = host.file("/etc/llorch/pool-managerd.yml").content_string
+    assert "token_file: " not in config.replace("join_token_file: ", "")
+    assert f'join_token_file: "{JOIN_TOKEN_FILE}"' in config
+    assert f'credential_dir: "{CREDENTIAL_DIR}"' in config
+
+
+def test_the_nodes_own_tokens_are_private_to_the_agent_user(host):
+    folder = host.file(CREDENTIAL_DIR)
+    assert (folder.user, folder.mode) == ("pool-managerd", 0o700)
+    for name in ("node-token", "recovery-token"):
+        token = host.file(f"{CREDENTIAL_DIR}/{name}")
+        assert (token.user, token.group, token.mode) == ("pool-managerd", "pool-managerd", 0o600), name
+    assert host.file(f"{CREDENTIAL_DIR}/node-token").content_string.startswith("lln_")
+
+
+def test_the_registry_lists_the_node_online_with_its_own_credentials_and_no_join_credential_left():
+    assert as_admin(f"/v2/nodes/{NODE}")["status"] == "online"
+    names = {item["name"]: item for item in as_admin("/v2/credentials")["credentials"]}
+    assert names[f"node/{NODE}"]["node_id"] == NODE and names[f"node/{NODE}"]["usable"]
+    assert f"recovery/{NODE}" in names
+    # The role revoked the spent join credential once the node was online.
+    assert not [name for name in names if name.startswith(f"join-{NODE}-")]
+
+
+def test_the_nodes_own_credential_may_neither_drain_it_nor_read_the_registry(host):
+    requests = [
+        ["POST", f"/v2/nodes/{NODE}/drain", {"drain": True}],
+        ["GET", "/v2/nodes", None],
+        ["GET", f"/v2/nodes/{NODE}", None],
+    ]
+    statuses = host.check_output(
+        "python3 -c %s %s %s", AS_THE_NODE, f"{CREDENTIAL_DIR}/node-token", json.dumps(requests)
+    ).split()
+    assert statuses == ["403", "403", "403"]
+    assert as_admin(f"/v2/nodes/{NODE}")["drain"] is False
 
 
 def test_the_agent_reaches_the_control_host_by_name_over_https_trusting_the_cluster_ca(host):
