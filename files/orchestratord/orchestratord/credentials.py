@@ -147,6 +147,27 @@ class CredentialBook:
             kept += credential.unusable(now) is None
         log.info("loaded %d credential(s), %d usable now", len(rows), kept)
 
+    def apply_stored(self, name: str, row: CredentialRow | None) -> None:
+        """Take in a credential as the database holds it now (None: revoked or gone), as another replica
+        wrote it: issued, revoked, a join's use spent, a node's token renewed. The caller holds `writing`."""
+        if name == BUILTIN_ADMIN:
+            return
+        before = self.by_name.get(name)
+        if row is None:
+            if before is not None:
+                self._forget(name)
+                log.info("credential %s gone (through another replica)", before.described())
+            return
+        if row.digest in self.by_digest and self.by_digest[row.digest].name == BUILTIN_ADMIN:
+            return
+        fresh = Credential(
+            row.name, row.scope, row.node_id, row.digest, row.expires_at, row.uses_left, row.created_at
+        )
+        if before == fresh:
+            return
+        self._forget(name)
+        self._remember(fresh)
+
     def _remember(self, credential: Credential) -> None:
         self.by_digest[credential.digest] = credential
         self.by_name[credential.name] = credential

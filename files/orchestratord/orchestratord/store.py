@@ -80,6 +80,10 @@ class StoredNode:
     drain: bool
     last_heartbeat_at: str | None
     pools: bytes | None  # the last heartbeat's pool list as JSON
+    # Seconds since the last heartbeat (or the registration) by the database's own clock, where the store
+    # has one clock for every replica (PostgreSQL); None: the age comes from last_heartbeat_at and the
+    # daemon's wall clock (SQLite, one daemon).
+    silent_s: float | None = None
 
 
 @dataclass
