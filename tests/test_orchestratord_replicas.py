@@ -11,6 +11,7 @@ import email.utils
 import glob
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,22 @@ def test_the_same_state_gives_the_same_placement_on_every_replica(pair):
         assert all(answer.status == 200 for answer in answers), [a.text for a in answers]
         assert answers[0].body == answers[1].body
         assert (answers[0].body["node_id"], answers[0].body["pool_id"]) == ("gpu-1", "pool-0")
+
+
+def test_a_single_use_join_token_joins_one_node_however_many_replicas_are_asked_at_once(pair):
+    first, second = (daemon.start() for daemon in pair)
+    join = first.api("POST", "/v2/credentials", {"name": "one-join", "scope": "join"})
+    assert join.status == 201, join.text
+    wait_until(lambda: "one-join" in names_on(second), CONVERGES_WITHIN_S, what="the join credential there")
+    secret = join.body["secret"]
+
+    def join_on(n: int):
+        daemon = (first, second)[n % 2]
+        return daemon.api("POST", "/v2/join", {"node_id": f"gpu-{n}"}, token=secret).status
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = sorted(pool.map(join_on, range(8)))
+    # Both replicas held the token with its one use left; the database spends it once.
+    assert statuses == [200] + [401] * 7, statuses
+    joined = [n for n in range(8) if f"node/gpu-{n}" in names_on(first) | names_on(second)]
+    assert len(joined) == 1, joined

@@ -31,6 +31,7 @@ from .config import DatabaseTarget
 from .store import (
     CREDENTIAL_COLUMNS,
     CredentialRow,
+    CredentialSpent,
     HeartbeatRow,
     StoredNode,
     StoreError,
@@ -372,13 +373,28 @@ class PostgresStore:
             ) from None
         return [CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
-    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
-        """Deletes then upserts in one transaction, after every write asked for earlier."""
+    async def write_credentials(
+        self, delete: list[str], put: list[CredentialRow], spend: tuple[str, bytes] | None = None
+    ) -> int | None:
+        """Deletes then upserts in one transaction, after every write asked for earlier. `spend` takes
+        one use in the database itself: replicas holding the same join secret cannot both spend its last
+        use (the row lock orders them; the second finds none left)."""
         assert self._pool is not None
+        left = None
         async with self._write_lock:
             try:
                 async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", ORDER_LOCK_KEY)
+                    if spend is not None:
+                        row = await conn.fetchrow(
+                            "UPDATE credentials SET uses_left = uses_left - 1 "
+                            "WHERE name = $1 AND digest = $2 AND (uses_left IS NULL OR uses_left > 0) "
+                            "RETURNING uses_left",
+                            *spend,
+                        )
+                        if row is None:
+                            raise CredentialSpent(spend[0])
+                        left = row[0]
                     if delete:
                         await conn.execute("DELETE FROM credentials WHERE name = ANY($1::text[])", delete)
                     if put:
@@ -390,10 +406,12 @@ class PostgresStore:
                             "created_at = excluded.created_at",
                             [credential_values(row) for row in put],
                         )
-                    await self._log_changes(conn, "credential", [*delete, *(row.name for row in put)])
+                    changed = [*delete, *(row.name for row in put), *([spend[0]] if spend else [])]
+                    await self._log_changes(conn, "credential", changed)
             except _UNAVAILABLE as exc:
                 raise self._failed(exc) from None
             self._worked()
+        return left
 
     # --- replicas: what the others wrote (replication.py)
 
