@@ -109,6 +109,12 @@ def test_registration_drain_and_deletion_on_one_replica_show_on_the_other(pair):
     seen_after_s = time.monotonic() - started
     node = second.api("GET", "/v2/nodes/gpu-1").body
     assert node["models"] == ["llama"] and node["address"] == "http://gpu-1.lab:8080"
+    # The agent registers again (a restart) with the same body: it starts over on both replicas.
+    assert first.api("POST", "/v2/nodes/register", sample_registration("gpu-1")).status == 200
+    assert node_status(first, "gpu-1") == "registering"
+    wait_until(lambda: node_status(second, "gpu-1") == "registering", CONVERGES_WITHIN_S, what="registering")
+    beat(first, sample_registration("gpu-1"), ["llama"], serve="llama")
+    wait_until(lambda: node_status(second, "gpu-1") == "online", CONVERGES_WITHIN_S, what="online again")
 
     assert second.api("POST", "/v2/nodes/gpu-1/drain", {"drain": True}).status == 200
     wait_until(lambda: first.api("GET", "/v2/nodes/gpu-1").body["drain"] is True, CONVERGES_WITHIN_S)

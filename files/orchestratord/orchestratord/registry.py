@@ -420,7 +420,13 @@ class Registry:
                 self._forget_node(node)
                 log.info("node %s deleted (through another replica)", node_id)
             return
-        if node is None or node.generation != generation_of(row.registration):
+        # The registration time too: an agent registering again with the same body starts its node
+        # over as registering, here as on the replica it registered with.
+        if (
+            node is None
+            or node.generation != generation_of(row.registration)
+            or node.registered_at != row.registered_at
+        ):
             if node is not None:
                 self._forget_node(node)
             fresh = self._restore(row, self.clock(), time.time())
