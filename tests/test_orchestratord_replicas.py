@@ -276,3 +276,40 @@ def test_a_single_use_join_token_joins_one_node_however_many_replicas_are_asked_
     assert statuses == [200] + [401] * 7, statuses
     joined = [n for n in range(8) if f"node/gpu-{n}" in names_on(first) | names_on(second)]
     assert len(joined) == 1, joined
+
+
+def test_a_lost_listen_connection_is_opened_again_and_changes_still_show_at_once(postgres, tmp_path):
+    # Polls ten seconds apart: a change showing within a second came through the NOTIFY.
+    first, second = (daemon.start() for daemon in replicas(postgres, tmp_path, db_poll_interval_ms=10_000))
+    try:
+        database = first.config["db_url"].rsplit("/", 1)[1]
+        killed = postgres.sql(
+            database,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE application_name = 'orchestratord-listen' AND datname = '{database}'",
+        )
+        assert len(killed) == 2, killed
+        wait_until(
+            lambda: "LISTEN connection" in second.log() and "was lost: opening it again" in second.log(),
+            5.0,
+            what="the lost LISTEN connection noticed",
+        )
+        wait_until(
+            lambda: (
+                len(
+                    postgres.sql(
+                        database,
+                        "SELECT pid FROM pg_stat_activity "
+                        f"WHERE application_name = 'orchestratord-listen' AND datname = '{database}'",
+                    )
+                )
+                == 2
+            ),
+            5.0,
+            what="both replicas listening again",
+        )
+        online_node(first, "gpu-1", ["llama"], serve="llama")
+        wait_until(lambda: node_status(second, "gpu-1") is not None, 2.0, what="the registration via NOTIFY")
+    finally:
+        first.stop()
+        second.stop()

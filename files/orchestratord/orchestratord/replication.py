@@ -69,7 +69,12 @@ class Replication:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.poll_interval_s)
             self.wake.clear()
-            await self._read_until_caught_up()
+            try:
+                await self._read_until_caught_up()
+            except Exception as exc:  # a record this version cannot take in: keep following the rest
+                log.error(
+                    "taking in the other replicas' changes failed: %s", " ".join(str(exc).split())[:300]
+                )
             if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
                 self._pruned_at = time.monotonic()
                 with contextlib.suppress(StoreUnavailable):
@@ -78,8 +83,11 @@ class Replication:
     # --- the wake-up hint
 
     async def _keep_listening(self) -> None:
-        if self.listener is not None and not self.listener.is_closed():
-            return
+        if self.listener is not None:
+            if not self.listener.is_closed():
+                return
+            self.listener = None
+            log.warning("the LISTEN connection to %s was lost: opening it again", self.store.description)
         if time.monotonic() < self._listen_after:
             return
         try:

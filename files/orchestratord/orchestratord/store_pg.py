@@ -509,6 +509,8 @@ class PostgresStore:
         )
         try:
             await conn.add_listener(CHANGES_CHANNEL, lambda *_args: wake())
+            # A lost connection wakes the replica too: it reads what it may have missed and listens again.
+            conn.add_termination_listener(lambda _conn: wake())
         except BaseException:
             conn.terminate()
             raise
