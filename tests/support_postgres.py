@@ -192,3 +192,24 @@ def daemon_sql(config: dict, statement: str, *rows: tuple) -> list[tuple]:
             await conn.close()
 
     return asyncio.run(run())
+
+
+# What each schema version added, undone: tests that start from an older version's database.
+_UNDO_MIGRATION = {
+    2: ["DROP TABLE credentials"],
+    3: [
+        "DROP TABLE changes",
+        "DROP SEQUENCE change_seq",
+        "ALTER TABLE nodes DROP COLUMN beat_seq, DROP COLUMN heartbeat_by, DROP COLUMN heartbeat_db_at, "
+        "DROP COLUMN registered_db_at",
+    ],
+}
+
+
+def downgrade_database(config: dict, version: int) -> None:
+    """Put a daemon's database back to what schema `version` left (the daemon stopped)."""
+    applied = max(row[0] for row in daemon_sql(config, "SELECT version FROM schema_version"))
+    for undone in range(applied, version, -1):
+        for statement in _UNDO_MIGRATION[undone]:
+            daemon_sql(config, statement)
+        daemon_sql(config, "DELETE FROM schema_version WHERE version = $1", (undone,))

@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 from support import Daemon, sample_heartbeat, sample_registration, wait_until
 from support_daemon import online_node
-from support_postgres import daemon_sql
+from support_postgres import downgrade_database
 
 pytestmark = pytest.mark.parametrize("daemon_factory", ["sqlite", "postgresql"], indirect=True)
 
@@ -185,8 +185,7 @@ def test_a_database_of_the_previous_version_gains_the_credentials_table(daemon_f
     daemon.stop()
     # Back to what the previous version left: no credentials table (and, on PostgreSQL, schema version 1).
     if daemon.config.get("db_url"):
-        daemon_sql(daemon.config, "DROP TABLE credentials")
-        daemon_sql(daemon.config, "DELETE FROM schema_version WHERE version = 2")
+        downgrade_database(daemon.config, 1)
     else:
         with sqlite3.connect(daemon.config["db_path"]) as db:
             db.execute("DROP TABLE credentials")

@@ -15,6 +15,7 @@ from support_postgres import daemon_sql, fresh_database
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "orchestratord"))
 from orchestratord.config import ConfigError, load_settings, parse_db_url
+from orchestratord.store_pg import MIGRATIONS
 
 WRITE_FAILURE_LINE = "writes to the database PostgreSQL"
 
@@ -96,9 +97,13 @@ def test_fresh_database_is_migrated_and_logged_then_left_alone(postgres, tmp_pat
     daemon = pg_daemon(postgres, tmp_path).start()
     daemon.restart()
     daemon.stop()
-    assert daemon_sql(daemon.config, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert daemon_sql(daemon.config, "SELECT version FROM schema_version ORDER BY version") == [
+        (v,) for v in range(1, len(MIGRATIONS) + 1)
+    ]
     log = daemon.log()
-    assert log.count("from schema version 0 to 2") == 1, log  # said once, at the first start only
+    assert log.count(f"from schema version 0 to {len(MIGRATIONS)}") == 1, (
+        log
+    )  # said once, at the first start only
     assert "database PostgreSQL t_" in log  # the start line names the backend, user, host and database
     assert password_of(daemon) not in log
 
@@ -109,7 +114,7 @@ def test_newer_schema_refuses_to_start_with_exit_code_2(postgres, tmp_path):
     daemon.stop()
     daemon_sql(daemon.config, "INSERT INTO schema_version (version) VALUES (7)")
     line = refusal_line(run_daemon_once(daemon.config_path))
-    assert "database schema version 7 is newer than this orchestratord (2)" in line
+    assert f"database schema version 7 is newer than this orchestratord ({len(MIGRATIONS)})" in line
     # Left as found, for a newer orchestratord.
     assert daemon_sql(daemon.config, "SELECT node_id FROM nodes") == [("gpu-1",)]
 
@@ -153,8 +158,10 @@ def test_two_daemons_starting_together_migrate_once(postgres, tmp_path):
             daemon.start(wait=False)
         for daemon in (first, second):
             wait_until(daemon._answers, timeout=20, what=f"orchestratord on {daemon.url}")
-        assert sorted(daemon_sql(first.config, "SELECT version FROM schema_version")) == [(1,), (2,)]
-        for version in (1, 2):
+        assert sorted(daemon_sql(first.config, "SELECT version FROM schema_version")) == [
+            (v,) for v in range(1, len(MIGRATIONS) + 1)
+        ]
+        for version in range(1, len(MIGRATIONS) + 1):
             applied = [d.log().count(f"database schema version {version} applied") for d in (first, second)]
             assert sorted(applied) == [0, 1], applied
     finally:

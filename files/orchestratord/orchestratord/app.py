@@ -75,6 +75,16 @@ def build_store(settings: Settings, db_password: str | None) -> Store:
     return PostgresStore(parse_db_url(settings.db_url), db_password)
 
 
+def _replication(store: Store, registry: Registry, settings: Settings):
+    """PostgreSQL may be shared by several replicas: each then keeps up with the others' writes.
+    SQLite belongs to one daemon: nothing to follow, nothing added to its path."""
+    if isinstance(store, SqliteStore):
+        return None
+    from .replication import Replication
+
+    return Replication(registry, store, settings.db_poll_interval_ms)
+
+
 def create_app(
     settings: Settings,
     token: str,
@@ -82,8 +92,9 @@ def create_app(
     db_password: str | None = None,
     server_tls: ServerTls | None = None,
 ) -> web.Application:
+    store = build_store(settings, db_password)
     registry = Registry(
-        build_store(settings, db_password),
+        store,
         settings.node_timeout_ms,
         settings.heartbeat_interval_ms,
         Limits(settings),
@@ -118,16 +129,25 @@ def create_app(
         app, [*routes, *page_routes], BearerAuth(token), client_keys or ClientKeys(), metrics, connections
     )
 
+    replication = _replication(store, registry, settings)
+
     async def state(app: web.Application) -> AsyncIterator[None]:
-        await registry.open()
+        if replication is None:
+            await registry.open()
+        else:
+            await replication.open()
         # Move what start-up built (the app, the restored nodes) out of the collector's regular passes.
         gc.freeze()
         tasks = [asyncio.create_task(_write_back(registry)), asyncio.create_task(_sweep(registry))]
+        if replication is not None:
+            tasks.append(asyncio.create_task(replication.run()))
         yield
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if replication is not None:
+            await replication.close()
         await registry.close()
 
     app.cleanup_ctx.append(state)

@@ -38,6 +38,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # password comes from db_password_file (0600), never from the URL, which is logged.
     db_url: str | None = None
     db_password_file: str | None = None
+    # PostgreSQL replicas (replication.py): how often each reads what the others wrote when no NOTIFY woke
+    # it earlier. Other replicas' changes and heartbeats show within about this long.
+    db_poll_interval_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
     heartbeat_interval_ms: PositiveMs = 5000
     # Three missed heartbeats: one lost packet or a slow GC pause must not flap a node
     # offline, yet a dead node leaves placement within 15 s.

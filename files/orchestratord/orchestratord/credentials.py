@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from .access import ISSUABLE_SCOPES, describe
 from .contract import NODE_ID_RULE, valid_id, valid_node_id
-from .store import CredentialRow, Store
+from .store import CredentialRow, CredentialSpent, Store
 from .wire import JoinAnswer, NodeCredential
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,27 @@ class CredentialBook:
             kept += credential.unusable(now) is None
         log.info("loaded %d credential(s), %d usable now", len(rows), kept)
 
+    def apply_stored(self, name: str, row: CredentialRow | None) -> None:
+        """Take in a credential as the database holds it now (None: revoked or gone), as another replica
+        wrote it: issued, revoked, a join's use spent, a node's token renewed. The caller holds `writing`."""
+        if name == BUILTIN_ADMIN:
+            return
+        before = self.by_name.get(name)
+        if row is None:
+            if before is not None:
+                self._forget(name)
+                log.info("credential %s gone (through another replica)", before.described())
+            return
+        if row.digest in self.by_digest and self.by_digest[row.digest].name == BUILTIN_ADMIN:
+            return
+        fresh = Credential(
+            row.name, row.scope, row.node_id, row.digest, row.expires_at, row.uses_left, row.created_at
+        )
+        if before == fresh:
+            return
+        self._forget(name)
+        self._remember(fresh)
+
     def _remember(self, credential: Credential) -> None:
         self.by_digest[credential.digest] = credential
         self.by_name[credential.name] = credential
@@ -168,8 +189,23 @@ class CredentialBook:
 
     # --- changes, each written before memory changes
 
-    async def _write(self, delete: list[str], put: list[Credential]) -> None:
-        await self.store.write_credentials(delete, [credential.row() for credential in put])
+    async def _write(self, delete: list[str], put: list[Credential], spend: Credential | None = None) -> None:
+        """The change, in the store first. `spend`: one use of that credential is taken in the database
+        itself (replicas share it); memory takes the count the database answers."""
+        try:
+            left = await self.store.write_credentials(
+                delete,
+                [credential.row() for credential in put],
+                None if spend is None else (spend.name, spend.digest),
+            )
+        except CredentialSpent:
+            assert spend is not None
+            raise CredentialError(
+                401, "UNAUTHORIZED", f"credential {spend.name!r} is used up (spent through another replica)"
+            ) from None
+        if spend is not None and spend.name not in {credential.name for credential in put}:
+            self._forget(spend.name)
+            self._remember(replace(spend, uses_left=left))
         for name in delete:
             self._forget(name)
         for credential in put:
@@ -265,13 +301,10 @@ class CredentialBook:
             recovery, recovery_token = self._new(
                 f"recovery/{node_id}", "recovery", node_id, self.recovery_ttl_s, 1
             )
-            put = [node_credential, recovery]
-            delete = [f"node/{node_id}/old"]
-            if presented.scope == "join":
-                assert presented.uses_left is not None
-                put.append(replace(presented, uses_left=presented.uses_left - 1))
-            # A recovery secret is replaced by the new one under the same name: spent in the same write.
-            await self._write(delete, put)
+            # One use of the join secret is spent in the database, so two replicas cannot both spend its
+            # last one; a recovery secret (one use) is spent the same way, then replaced by the new one
+            # under the same name, all in the same write.
+            await self._write([f"node/{node_id}/old"], [node_credential, recovery], spend=presented)
         log.info("node %s joined with %s", node_id, presented.described())
         assert node_credential.expires_at is not None
         return JoinAnswer(

@@ -138,6 +138,10 @@ class Registry:
         self.unsettled: set[str] = set()
         self._pool_decoder = msgspec.json.Decoder(list[schemas.PoolStatus])
         self._registration_decoder = msgspec.json.Decoder(schemas.Registration)
+        # Set (to the monotonic time silence was last accounted) while liveness is paused: this replica
+        # cannot read the heartbeats other replicas write, so the silence it sees is not the nodes'
+        # (replication.py).
+        self.liveness_paused_at: float | None = None
 
     # --- liveness: the one rule
 
@@ -226,8 +230,10 @@ class Registry:
         self.nodes[node.node_id] = node
         # The silence before the restart counts: a node heard just before it keeps the rest of its timeout
         # while its agent re-sends, one silent for longer is offline at once. Monotonic time does not
-        # survive a restart, so the age comes from the wall clock (never negative, should it step back).
-        node.last_contact = now - max(0.0, wall_now - heard_at)
+        # survive a restart, so the age comes from a clock: the database's where it has one for every
+        # replica (PostgreSQL), else this host's wall clock (never negative, should it step back).
+        silent_s = wall_now - heard_at if row.silent_s is None else row.silent_s
+        node.last_contact = now - max(0.0, silent_s)
         node.reported_status = self.status_of(node, now)
         return node
 
@@ -388,15 +394,112 @@ class Registry:
     async def _delete_record(self, node: NodeState, by: Credential) -> None:
         node_id = node.node_id
         await self.store.delete_node(node_id)
+        self._forget_node(node)
+        if by.scope == "node":
+            log.info("node %s deregistered by %s", node_id, by.described())
+        else:
+            log.info("node %s deleted by %s", node_id, by.described())
+
+    def _forget_node(self, node: NodeState) -> None:
+        node_id = node.node_id
         del self.nodes[node_id]
         self.by_contact.pop(node_id, None)
         self._apply_pools(node, None)
         self.dirty.pop(node_id, None)
         self.unsettled.discard(node_id)
-        if by.scope == "node":
-            log.info("node %s deregistered by %s", node_id, by.described())
-        else:
-            log.info("node %s deleted by %s", node_id, by.described())
+
+    # --- what other replicas committed (replication.py calls these, holding `writing`)
+
+    def apply_stored(self, node_id: str, row: StoredNode | None) -> None:
+        """Take in a node record as the database holds it now: new, registered again, drained or
+        undrained, or deleted (None). A record already in memory as it is changes nothing, so a replica
+        reading back its own writes is a no-op."""
+        node = self.nodes.get(node_id)
+        if row is None:
+            if node is not None:
+                self._forget_node(node)
+                log.info("node %s deleted (through another replica)", node_id)
+            return
+        # The registration time too: an agent registering again with the same body starts its node
+        # over as registering, here as on the replica it registered with.
+        if (
+            node is None
+            or node.generation != generation_of(row.registration)
+            or node.registered_at != row.registered_at
+        ):
+            if node is not None:
+                self._forget_node(node)
+            fresh = self._restore(row, self.clock(), time.time())
+            if fresh is None:
+                return
+            self.by_contact[node_id] = fresh
+            self.by_contact.move_to_end(node_id)
+            if fresh.pools is None:
+                self._index_node(fresh)
+            log.info(
+                "node %s registered %sfrom %s (through another replica)",
+                node_id,
+                "" if node is None else "again ",
+                fresh.registration.address,
+            )
+            return
+        if node.drain != row.drain:
+            node.drain = row.drain
+            self.settle()
+            self._index_node(node)
+            log.info("node %s %s (through another replica)", node_id, "drained" if row.drain else "undrained")
+            node.reported_status = self.status_of(node, self.clock())
+
+    def apply_remote_heartbeat(self, node_id: str, pools: bytes, last_heartbeat_at: str) -> None:
+        """A heartbeat another replica took, learnt from its batch row: the node is heard NOW on this
+        replica's own monotonic clock (no wall clock is compared), with the readings of that row."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        try:
+            readings = self._pool_decoder.decode(pools)
+            heartbeat_epoch = datetime.fromisoformat(last_heartbeat_at).timestamp()
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            log.warning("node %s: a heartbeat row another replica wrote does not read (%s)", node_id, exc)
+            return
+        now = self.clock()
+        came_back = not self.is_live(node, now)
+        if came_back and node.heard:
+            log.info("node %s heard from again (through another replica)", node_id)
+        node.last_contact = now
+        node.last_heartbeat_epoch = heartbeat_epoch
+        self.by_contact[node_id] = node
+        self.by_contact.move_to_end(node_id)
+        if came_back or not node.heard or readings != node.pools:
+            node.heard = True
+            node.pools = readings
+            self.unsettled.add(node_id)
+            self._note_status(node, now)
+
+    def resort_contacts(self) -> None:
+        """Contact order again, after many records were taken in at once (a full reload)."""
+        ordered = sorted(self.by_contact.values(), key=lambda node: node.last_contact)
+        self.by_contact = OrderedDict((node.node_id, node) for node in ordered)
+
+    def pause_liveness(self) -> None:
+        """No silence counts from now until resume_liveness: the replica cannot read the heartbeats the
+        other replicas take, so a node silent here may well be heard there."""
+        if self.liveness_paused_at is None:
+            self.liveness_paused_at = self.clock()
+
+    def resume_liveness(self) -> None:
+        if self.liveness_paused_at is not None:
+            self._hold_silence(self.clock())
+            self.liveness_paused_at = None
+
+    def _hold_silence(self, now: float) -> None:
+        """Move every live node's last contact forward by the paused time (never past now): silence
+        resumes counting where it stood. Keeps the contact order (the shift is monotonic)."""
+        assert self.liveness_paused_at is not None
+        paused_s = now - self.liveness_paused_at
+        for node in self.by_contact.values():
+            node.last_contact = min(now, node.last_contact + paused_s)
+        self.liveness_paused_at = now
 
     # --- bringing the index and the model lists up to the latest readings
 
@@ -455,6 +558,9 @@ class Registry:
         offline, not the size of the cluster.
         """
         now = self.clock()
+        if self.liveness_paused_at is not None:
+            self._hold_silence(now)
+            return
         while self.by_contact:
             node = next(iter(self.by_contact.values()))
             if self.is_live(node, now):

@@ -65,6 +65,11 @@ class StoreUnavailable(Exception):
     """A write failed (a full disk, an I/O error): the request is answered 503 and nothing changed."""
 
 
+class CredentialSpent(Exception):
+    """A credential change that spends one use of a credential found it gone, replaced or used up in the
+    database (another replica spent it first): nothing was changed."""
+
+
 # What a damaged file raises when read (sqlite3.DatabaseError covers "malformed", "not a database").
 _DAMAGE_HINT = (
     "restore it from a backup, or move it aside to start with an empty registry (the nodes register "
@@ -80,6 +85,10 @@ class StoredNode:
     drain: bool
     last_heartbeat_at: str | None
     pools: bytes | None  # the last heartbeat's pool list as JSON
+    # Seconds since the last heartbeat (or the registration) by the database's own clock, where the store
+    # has one clock for every replica (PostgreSQL); None: the age comes from last_heartbeat_at and the
+    # daemon's wall clock (SQLite, one daemon).
+    silent_s: float | None = None
 
 
 @dataclass
@@ -116,8 +125,12 @@ class Store(Protocol):
     async def delete_node(self, node_id: str) -> None: ...
     async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None: ...
     async def load_credentials(self) -> list[CredentialRow]: ...
-    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
-        """Deletes the named rows, then inserts or replaces `put`, in one transaction."""
+    async def write_credentials(
+        self, delete: list[str], put: list[CredentialRow], spend: tuple[str, bytes] | None = None
+    ) -> int | None:
+        """Deletes the named rows, then inserts or replaces `put`, in one transaction. With `spend`
+        (name, digest), that credential must still be in the database with that secret and a use left:
+        one use is taken in the same transaction (its uses left are returned), else CredentialSpent."""
 
 
 CREDENTIAL_COLUMNS = "name, scope, node_id, digest, expires_at, uses_left, created_at"
@@ -292,14 +305,33 @@ class SqliteStore:
             ) from None
         return [CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
-    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
-        await self._write(self._write_credentials, delete, put)
+    async def write_credentials(
+        self, delete: list[str], put: list[CredentialRow], spend: tuple[str, bytes] | None = None
+    ) -> int | None:
+        spent: list[int | None] = []
+        await self._write(self._write_credentials, delete, put, spend, spent)
+        return spent[0] if spent else None
 
-    def _write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
+    def _write_credentials(
+        self,
+        delete: list[str],
+        put: list[CredentialRow],
+        spend: tuple[str, bytes] | None,
+        spent: list[int | None],
+    ) -> None:
         assert self._db is not None
         # One transaction: a join's used-up token and the node's new credential commit together.
         with self._db:
             self._db.execute("BEGIN")
+            if spend is not None:
+                left = self._db.execute(
+                    "UPDATE credentials SET uses_left = uses_left - 1 WHERE name = ? AND digest = ? "
+                    "AND (uses_left IS NULL OR uses_left > 0) RETURNING uses_left",
+                    spend,
+                ).fetchone()
+                if left is None:
+                    raise CredentialSpent(spend[0])
+                spent.append(left[0])
             self._db.executemany("DELETE FROM credentials WHERE name = ?", [(name,) for name in delete])
             self._db.executemany(
                 f"INSERT OR REPLACE INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -8,12 +8,22 @@ away or starved answers 503 STORE_UNAVAILABLE within seconds instead of holding 
 The schema is migrated forward at open: MIGRATIONS is the list, schema_version records what was applied.
 Each migration runs in its own transaction under an advisory lock, so replicas starting together apply
 it once, one after the other; a database newer than this code is refused, never used.
+
+Replicas (replication.py) learn what the others wrote from the database itself. Every registration,
+drain, deletion and credential change appends a row to `changes`, and every heartbeat batch stamps its
+rows' `beat_seq`, both from one sequence, in the same transaction as the write. Those transactions take
+one advisory lock (ORDER_LOCK_KEY) first, so they commit in the order of their numbers: a reader that has
+seen number n has seen everything below n, and "what is new since n" is a range scan. A NOTIFY on commit
+wakes the other replicas early; without it they find the same rows at their next poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -21,6 +31,7 @@ from .config import DatabaseTarget
 from .store import (
     CREDENTIAL_COLUMNS,
     CredentialRow,
+    CredentialSpent,
     HeartbeatRow,
     StoredNode,
     StoreError,
@@ -38,6 +49,11 @@ STATEMENT_TIMEOUT_S = 10.0  # a heartbeat batch of 10,000 nodes takes well under
 ACQUIRE_TIMEOUT_S = 5.0
 # pg_advisory_xact_lock's key for migrations: any constant other tools on the database do not use.
 MIGRATION_LOCK_KEY = 0x6C6C6F7263680001  # "llorch" + 1
+# Taken by every write other replicas must see, for its transaction: they commit in sequence order.
+ORDER_LOCK_KEY = 0x6C6C6F7263680002
+CHANGES_CHANNEL = "llorch_changes"  # NOTIFY's channel: a wake-up hint, never the change itself
+# How long a change stays in the log: a replica that read nothing for half of it reloads everything.
+CHANGES_KEPT_S = 600
 
 # Version n is MIGRATIONS[n - 1]; append only, never edit one that has shipped.
 MIGRATIONS: list[str] = [
@@ -64,11 +80,63 @@ MIGRATIONS: list[str] = [
         created_at BIGINT NOT NULL
     )
     """,
+    # 3: replicas. The change log and its sequence; per node, the number of its last heartbeat batch
+    # (beat_seq), the replica that wrote it, and the database's own time of it and of the registration
+    # (one clock for every replica, read only as an age).
+    """
+    CREATE SEQUENCE change_seq;
+    CREATE TABLE changes (
+        seq BIGINT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    ALTER TABLE nodes
+        ADD COLUMN beat_seq BIGINT,
+        ADD COLUMN heartbeat_by TEXT,
+        ADD COLUMN heartbeat_db_at TIMESTAMPTZ,
+        ADD COLUMN registered_db_at TIMESTAMPTZ;
+    CREATE INDEX nodes_beat_seq ON nodes (beat_seq);
+    """,
 ]
+
+NODE_COLUMNS = (
+    "node_id, registration, registered_at, drain, last_heartbeat_at, pools, "
+    "extract(epoch FROM now() - coalesce(heartbeat_db_at, registered_db_at))::float8"
+)
+
 
 # What a failure to reach or use the database raises: the server away, a timeout, a connection dropped
 # mid-statement, a server that refuses (starting up, shutting down, out of connections, read-only).
 _UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass
+class RemoteBeat:
+    """One node's heartbeat batch row written since a replica last looked."""
+
+    node_id: str
+    pools: bytes
+    last_heartbeat_at: str
+    by: str | None  # the replica that wrote it
+
+
+@dataclass
+class ChangeBatch:
+    """What changed since a replica's cursors, read in one snapshot."""
+
+    nodes: dict[str, StoredNode | None]  # changed node records; None: deleted
+    credentials: dict[str, CredentialRow | None]  # changed credentials; None: deleted
+    beats: list[RemoteBeat]
+    change_cursor: int
+    beat_cursor: int
+    more: bool  # a limit was reached: read again at once
+
+
+def _stored_node(r) -> StoredNode:
+    return StoredNode(
+        r[0], bytes(r[1]), r[2], bool(r[3]), r[4], bytes(r[5]) if r[5] is not None else None, r[6]
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -87,6 +155,8 @@ class PostgresStore:
         # FIFO: asyncio.Lock wakes waiters in the order they came, so writes keep the registry's order.
         self._write_lock = asyncio.Lock()
         self.write_error: str | None = None  # why the last write failed, until one works again
+        # Names this process in the heartbeat rows it writes, so it can tell its own from the others'.
+        self.replica_id = secrets.token_hex(6)
 
     # --- lifecycle
 
@@ -191,16 +261,30 @@ class PostgresStore:
             log.warning("writes to the database %s work again", self.description)
             self.write_error = None
 
-    async def _write(self, query: str, *args) -> None:
-        """One statement, committed before it returns (autocommit), after every write asked for earlier."""
+    async def _write(self, kind: str, keys: list[str], query: str, *args) -> None:
+        """One statement and its entries in the change log, committed together before it returns, after
+        every write asked for earlier."""
         assert self._pool is not None
         async with self._write_lock:
             try:
-                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", ORDER_LOCK_KEY)
                     await conn.execute(query, *args)
+                    await self._log_changes(conn, kind, keys)
             except _UNAVAILABLE as exc:
                 raise self._failed(exc) from None
             self._worked()
+
+    @staticmethod
+    async def _log_changes(conn: asyncpg.Connection, kind: str, keys: list[str]) -> None:
+        """Under ORDER_LOCK_KEY, in the write's transaction: the NOTIFY goes out with the commit."""
+        await conn.execute(
+            "INSERT INTO changes (seq, kind, key) SELECT nextval('change_seq'), $1, key "
+            "FROM unnest($2::text[]) AS key",
+            kind,
+            keys,
+        )
+        await conn.execute("SELECT pg_notify($1, '')", CHANGES_CHANNEL)
 
     # --- the interface
 
@@ -226,46 +310,57 @@ class PostgresStore:
         assert self._pool is not None
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                rows = await conn.fetch(
-                    "SELECT node_id, registration, registered_at, drain, last_heartbeat_at, pools FROM nodes"
-                )
+                rows = await conn.fetch(f"SELECT {NODE_COLUMNS} FROM nodes")
         except _UNAVAILABLE as exc:
             raise StoreError(
                 f"cannot read the node records from {self.description}: {_one_line(exc)}"
             ) from None
-        return [
-            StoredNode(r[0], bytes(r[1]), r[2], bool(r[3]), r[4], bytes(r[5]) if r[5] is not None else None)
-            for r in rows
-        ]
+        return [_stored_node(r) for r in rows]
 
     async def upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
         # A new registration forgets the old pool readings; the operator's drain stays.
         await self._write(
-            "INSERT INTO nodes (node_id, registration, registered_at) VALUES ($1, $2, $3) "
+            "node",
+            [node_id],
+            "INSERT INTO nodes (node_id, registration, registered_at, registered_db_at) "
+            "VALUES ($1, $2, $3, now()) "
             "ON CONFLICT (node_id) DO UPDATE SET registration = excluded.registration, "
-            "registered_at = excluded.registered_at, last_heartbeat_at = NULL, pools = NULL",
+            "registered_at = excluded.registered_at, registered_db_at = now(), last_heartbeat_at = NULL, "
+            "pools = NULL, heartbeat_db_at = NULL",
             node_id,
             registration,
             registered_at,
         )
 
     async def update_drain(self, node_id: str, drain: bool) -> None:
-        await self._write("UPDATE nodes SET drain = $1 WHERE node_id = $2", drain, node_id)
+        await self._write("node", [node_id], "UPDATE nodes SET drain = $1 WHERE node_id = $2", drain, node_id)
 
     async def delete_node(self, node_id: str) -> None:
-        await self._write("DELETE FROM nodes WHERE node_id = $1", node_id)
+        await self._write("node", [node_id], "DELETE FROM nodes WHERE node_id = $1", node_id)
 
     async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None:
-        # One statement, so one transaction and one commit for the whole batch; arrays keep it one round
-        # trip at any size. UPDATE, not upsert: a node deleted since its heartbeat stays deleted.
-        await self._write(
-            "UPDATE nodes SET last_heartbeat_at = batch.at, pools = batch.pools "
-            "FROM unnest($1::text[], $2::text[], $3::bytea[]) AS batch(node_id, at, pools) "
-            "WHERE nodes.node_id = batch.node_id",
-            [row.node_id for row in rows],
-            [row.last_heartbeat_at for row in rows],
-            [row.pools for row in rows],
-        )
+        # One transaction and one commit for the whole batch; arrays keep it one round trip at any size.
+        # UPDATE, not upsert: a node deleted since its heartbeat stays deleted. Each row gets the next
+        # number of the change sequence: how other replicas learn the node was heard, with no clock.
+        assert self._pool is not None
+        async with self._write_lock:
+            try:
+                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", ORDER_LOCK_KEY)
+                    await conn.execute(
+                        "UPDATE nodes SET last_heartbeat_at = batch.at, pools = batch.pools, "
+                        "beat_seq = nextval('change_seq'), heartbeat_by = $4, heartbeat_db_at = now() "
+                        "FROM unnest($1::text[], $2::text[], $3::bytea[]) AS batch(node_id, at, pools) "
+                        "WHERE nodes.node_id = batch.node_id",
+                        [row.node_id for row in rows],
+                        [row.last_heartbeat_at for row in rows],
+                        [row.pools for row in rows],
+                        self.replica_id,
+                    )
+                    await conn.execute("SELECT pg_notify($1, '')", CHANGES_CHANNEL)
+            except _UNAVAILABLE as exc:
+                raise self._failed(exc) from None
+            self._worked()
 
     async def load_credentials(self) -> list[CredentialRow]:
         assert self._pool is not None
@@ -278,12 +373,28 @@ class PostgresStore:
             ) from None
         return [CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
-    async def write_credentials(self, delete: list[str], put: list[CredentialRow]) -> None:
-        """Deletes then upserts in one transaction, after every write asked for earlier."""
+    async def write_credentials(
+        self, delete: list[str], put: list[CredentialRow], spend: tuple[str, bytes] | None = None
+    ) -> int | None:
+        """Deletes then upserts in one transaction, after every write asked for earlier. `spend` takes
+        one use in the database itself: replicas holding the same join secret cannot both spend its last
+        use (the row lock orders them; the second finds none left)."""
         assert self._pool is not None
+        left = None
         async with self._write_lock:
             try:
                 async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", ORDER_LOCK_KEY)
+                    if spend is not None:
+                        row = await conn.fetchrow(
+                            "UPDATE credentials SET uses_left = uses_left - 1 "
+                            "WHERE name = $1 AND digest = $2 AND (uses_left IS NULL OR uses_left > 0) "
+                            "RETURNING uses_left",
+                            *spend,
+                        )
+                        if row is None:
+                            raise CredentialSpent(spend[0])
+                        left = row[0]
                     if delete:
                         await conn.execute("DELETE FROM credentials WHERE name = ANY($1::text[])", delete)
                     if put:
@@ -295,6 +406,112 @@ class PostgresStore:
                             "created_at = excluded.created_at",
                             [credential_values(row) for row in put],
                         )
+                    changed = [*delete, *(row.name for row in put), *([spend[0]] if spend else [])]
+                    await self._log_changes(conn, "credential", changed)
             except _UNAVAILABLE as exc:
                 raise self._failed(exc) from None
             self._worked()
+        return left
+
+    # --- replicas: what the others wrote (replication.py)
+
+    async def cursors(self) -> tuple[int, int]:
+        """The newest change and heartbeat numbers committed now. Read before a full load: what commits
+        meanwhile is read again by the next poll, and applying a record twice changes nothing."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                row = await conn.fetchrow(
+                    "SELECT (SELECT coalesce(max(seq), 0) FROM changes), "
+                    "(SELECT coalesce(max(beat_seq), 0) FROM nodes)"
+                )
+        except _UNAVAILABLE as exc:
+            raise StoreError(f"cannot read the change log of {self.description}: {_one_line(exc)}") from None
+        return row[0], row[1]
+
+    async def changes_since(
+        self, change_cursor: int, beat_cursor: int, max_changes: int, max_beats: int
+    ) -> ChangeBatch:
+        """The records changed and the heartbeat rows written after the cursors, in one snapshot and at
+        most max_changes and max_beats of them (the rest at the next call). Raises StoreUnavailable."""
+        assert self._pool is not None
+        try:
+            async with (
+                self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                changed = await conn.fetch(
+                    "SELECT seq, kind, key FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    change_cursor,
+                    max_changes,
+                )
+                node_ids = sorted({r[2] for r in changed if r[1] == "node"})
+                names = sorted({r[2] for r in changed if r[1] == "credential"})
+                nodes: dict[str, StoredNode | None] = dict.fromkeys(node_ids)
+                credentials: dict[str, CredentialRow | None] = dict.fromkeys(names)
+                if node_ids:
+                    for r in await conn.fetch(
+                        f"SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = ANY($1::text[])", node_ids
+                    ):
+                        nodes[r[0]] = _stored_node(r)
+                if names:
+                    for r in await conn.fetch(
+                        f"SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE name = ANY($1::text[])", names
+                    ):
+                        credentials[r[0]] = CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6])
+                beats = await conn.fetch(
+                    "SELECT node_id, pools, last_heartbeat_at, heartbeat_by, beat_seq FROM nodes "
+                    "WHERE beat_seq > $1 ORDER BY beat_seq LIMIT $2",
+                    beat_cursor,
+                    max_beats,
+                )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot read the change log: {_one_line(exc)}") from None
+        return ChangeBatch(
+            nodes=nodes,
+            credentials=credentials,
+            # A registration since the batch cleared the readings: nothing to take in from that row.
+            beats=[
+                RemoteBeat(r[0], bytes(r[1]), r[2], r[3])
+                for r in beats
+                if r[1] is not None and r[2] is not None
+            ],
+            change_cursor=changed[-1][0] if changed else change_cursor,
+            beat_cursor=beats[-1][4] if beats else beat_cursor,
+            more=len(changed) == max_changes or len(beats) == max_beats,
+        )
+
+    async def prune_changes(self) -> None:
+        """Drop change-log rows older than CHANGES_KEPT_S (by the database's clock)."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await conn.execute(
+                    "DELETE FROM changes WHERE at < now() - make_interval(secs => $1)", float(CHANGES_KEPT_S)
+                )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot prune the change log: {_one_line(exc)}") from None
+
+    async def listen(self, wake: Callable[[], None]) -> asyncpg.Connection:
+        """A dedicated connection outside the pool, LISTENing for commits of other replicas; `wake` is
+        called on each. A pooler in transaction mode would drop the LISTEN: this connects to db_url's
+        server directly, and polling covers whatever a lost connection misses."""
+        conn = await asyncpg.connect(
+            host=self.target.host,
+            port=self.target.port,
+            user=self.target.user,
+            database=self.target.database,
+            password=self._password,
+            ssl=self.target.sslmode,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=STATEMENT_TIMEOUT_S,
+            server_settings={"application_name": "orchestratord-listen"},
+        )
+        try:
+            await conn.add_listener(CHANGES_CHANNEL, lambda *_args: wake())
+            # A lost connection wakes the replica too: it reads what it may have missed and listens again.
+            conn.add_termination_listener(lambda _conn: wake())
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
