@@ -8,7 +8,7 @@
 # and PostgreSQL 15's server, which the tests start themselves (tests/support_postgres.py): the install
 # must not leave a cluster of its own running or enabled.
 set -euo pipefail
-wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck cmake g++ make chromium chromium-driver postgresql)
+wanted=(podman runc debootstrap openssh-client python3-venv curl wrk uidmap slirp4netns shellcheck cmake g++ make chromium chromium-driver postgresql libfaketime)
 missing=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

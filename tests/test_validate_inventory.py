@@ -73,7 +73,6 @@ def test_url_without_scheme_is_refused(tmp_path):
     assert "llorch_control_url is 'ctl:9200'" in message
 
 
-
 def test_a_fail_over_list_passes_and_each_entry_is_checked(tmp_path):
     good = ["https://ctl-a:9200", "https://ctl-b:9200"]
     rc, message = validate(tmp_path, inventory(llorch_control_urls=good))
@@ -89,6 +88,7 @@ def test_a_fail_over_list_that_is_no_list_or_repeats_a_url_is_refused(tmp_path):
         rc, message = validate(tmp_path, inventory(llorch_control_urls=wrong))
         assert rc != 0, wrong
         assert "llorch_control_urls must be a list of 1 to 16 different orchestratord URLs" in message
+
 
 def test_gpu_in_two_pools_is_refused_naming_the_host(tmp_path):
     pools = [{"pool_id": "a", "gpus": [0, 1]}, {"pool_id": "b", "gpus": [1]}]
