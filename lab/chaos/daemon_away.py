@@ -38,7 +38,10 @@ def run(ctx: Context) -> list[Row]:
         swarm.stop()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda n: lab.api("DELETE", f"/v2/nodes/{node_id(n)}"), range(size)))
-    ctx.load.settled(back_at)
+    # The clients' view two to four heartbeats after the return: wait until that window has passed (the
+    # agents may all be back long before it ends) and its requests have ended.
+    time.sleep(max(0.0, back_at + 4 * beat - time.monotonic()))
+    ctx.load.settled(back_at + 4 * beat)
     away = ctx.load.window(stopped_at + 1, back_at)  # from a second in: requests in flight at the stop aside
     after = ctx.load.window(back_at + 2 * beat, back_at + 4 * beat)
     hung = [r for r in away.errors if r.seconds > FAIL_FAST_S]
