@@ -25,6 +25,7 @@ class Context:
     load: ClientLoad
     away_s: float  # how long "daemon away" keeps orchestratord stopped
     swarm_size: int
+    tasks_rate: float = 1000.0  # the first row's placements a second
 
 
 def poll(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.2) -> float | None:

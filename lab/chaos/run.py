@@ -1,11 +1,13 @@
 """`make chaos`: fault scenarios against the running podman lab under client load, then one table.
 
-    python lab/chaos/run.py [SCENARIO ...] [--rate 4] [--away-s 60] [--swarm 1000]
+    python lab/chaos/run.py [SCENARIO ...] [--rate 4] [--away-s 60] [--swarm 1000] [--tasks-rate 1000]
 
-The client load (chat completions through the gateway, open loop) runs through every scenario; the first
-row is that load alone, before any fault. Each scenario checks its expected outcome and times its recovery;
-the table says scenario, expected, measured, pass/fail, and the exit status is 1 on any fail (2: the lab is
-not up). Scenarios run one after the other, each starting from a lab whose GPU nodes are online and ready.
+The first row is the load test on its own: 1,000 tasks (placements) a second for 30 s with P50/P95/P99.
+Then the client load (chat completions through the gateway, open loop) starts and runs through every other
+scenario; the next row is that load alone, before any fault. Each scenario checks its expected outcome and
+times its recovery; the table says scenario, expected, measured, pass/fail, and the exit status is 1 on any
+fail (2: the lab is not up). Scenarios run one after the other, each starting from a lab whose GPU nodes are
+online and ready.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from target import LabError, lab  # noqa: E402
 
 # In order: the load alone first, then the faults. Each name is a module here with run(ctx) -> [Row].
 SCENARIOS = (
+    "tasks",
     "baseline",
     "partition",
     "kill_daemon",
@@ -69,6 +72,9 @@ def main() -> int:
         "--away-s", type=float, default=60.0, help="daemon away: seconds stopped (default 60)"
     )
     parser.add_argument("--swarm", type=int, default=1000, help="simulated agents for kill -9 (default 1000)")
+    parser.add_argument(
+        "--tasks-rate", type=float, default=1000.0, help="the first row's tasks a second (default 1000)"
+    )
     args = parser.parse_args()
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
@@ -79,7 +85,7 @@ def main() -> int:
         print(f"chaos: {error}", file=sys.stderr)
         return 2
     load = ClientLoad(target.control_url, target.client_key, target.model(), args.rate, target.ssl_context())
-    ctx = Context(target, load, args.away_s, args.swarm)
+    ctx = Context(target, load, args.away_s, args.swarm, args.tasks_rate)
     if poll(lambda: lab_ready(ctx), 120, 1) is None:
         print(
             "chaos: the lab's GPU nodes are not online with ready pools; run `make lab` first",
@@ -87,9 +93,12 @@ def main() -> int:
         )
         return 2
     rows: list[Row] = []
-    load.start()
+    loading = False
     try:
         for name in args.scenarios:
+            if name != "tasks" and not loading:  # the tasks row runs on its own, before the client load
+                load.start()
+                loading = True
             print(f"== {name}", flush=True)
             started = time.monotonic()
             try:
@@ -105,7 +114,8 @@ def main() -> int:
                 rows.append(Row(f"after {name}", "lab back to ready", "GPU nodes not ready in 180 s", False))
                 break
     finally:
-        load.stop()
+        if loading:
+            load.stop()
     print()
     print(table(rows))
     return 0 if all(row.ok for row in rows) else 1
