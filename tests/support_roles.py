@@ -61,3 +61,52 @@ def failures(output: dict[str, Any]) -> dict[str, str]:
 def local_host(**host_vars: Any) -> dict[str, Any]:
     """Inventory vars for a host that is this machine, run with the test's own Python."""
     return {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, **host_vars}
+
+
+def render_role(
+    tmp_path: Path,
+    role: str,
+    template: str | None = None,
+    facts: tuple[str, ...] = (),
+    host: str = "host-1",
+    shared_vars: dict[str, Any] | None = None,
+    host_vars: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a role makes of its variables, without running it: its `template` rendered and the named internal
+    variables as values, with the role's defaults and `shared_vars` as group vars, its vars/main.yml loaded
+    and `host_vars` on the one host. Returns {"config": the rendered file, name: value, ...}."""
+    role_dir = REPO_ROOT / "roles" / role
+    out = tmp_path / "rendered"
+    out.mkdir(exist_ok=True)
+    tasks: list[dict[str, Any]] = []
+    if template is not None:
+        tasks.append(
+            {
+                "ansible.builtin.template": {
+                    "src": str(role_dir / "templates" / template),
+                    "dest": str(out / template),
+                    "mode": "0644",
+                }
+            }
+        )
+    tasks += [
+        {"ansible.builtin.copy": {"content": "{{ " + name + " | to_json }}", "dest": str(out / name)}}
+        for name in facts
+    ]
+    play = {
+        "name": "render",
+        "hosts": "all",
+        "gather_facts": False,
+        "vars_files": [str(role_dir / "vars" / "main.yml")],
+        "tasks": tasks,
+    }
+    defaults = yaml.safe_load((role_dir / "defaults" / "main.yml").read_text())
+    inventory = {
+        "all": {"vars": {**defaults, **(shared_vars or {})}, "hosts": {host: local_host(**(host_vars or {}))}}
+    }
+    rc, output = run_playbook(tmp_path, [play], inventory)
+    assert rc == 0, failures(output)
+    rendered: dict[str, Any] = {name: yaml.safe_load((out / name).read_text()) for name in facts}
+    if template is not None:
+        rendered["config"] = out / template
+    return rendered

@@ -21,7 +21,7 @@ import yaml
 from aiohttp import web
 from support import REPO_ROOT, Daemon, free_port, wait_until
 from support_agent import AgentProcess, ScriptedControlPlane, make_agent
-from support_roles import failures, local_host, run_playbook
+from support_roles import render_role
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.config import load_settings
@@ -198,27 +198,8 @@ def _refused(agent: AgentProcess, *words: str) -> None:
 def _render_config(tmp_path: Path, **host_vars: Any) -> tuple[dict[str, Any], Any]:
     """pool-managerd.yml as the role renders it from its defaults (as group vars) and these host vars: the
     file's keys and the agent's settings loaded from it."""
-    out = tmp_path / "pool-managerd.yml"
-    play = {
-        "name": "render",
-        "hosts": "all",
-        "gather_facts": False,
-        "vars_files": [str(ROLE / "vars" / "main.yml")],
-        "tasks": [
-            {
-                "ansible.builtin.template": {
-                    "src": str(ROLE / "templates" / "pool-managerd.yml.j2"),
-                    "dest": str(out),
-                    "mode": "0644",
-                }
-            }
-        ],
-    }
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    inventory = {"all": {"vars": defaults, "hosts": {"gpu-1": local_host(**host_vars)}}}
-    rc, output = run_playbook(tmp_path, [play], inventory)
-    assert rc == 0, failures(output)
-    return yaml.safe_load(out.read_text()), load_settings(out)
+    out = render_role(tmp_path, "pool_managerd", "pool-managerd.yml.j2", host="gpu-1", host_vars=host_vars)
+    return yaml.safe_load(out["config"].read_text()), load_settings(out["config"])
 
 
 def test_role_renders_control_urls_from_llorch_control_urls(tmp_path):

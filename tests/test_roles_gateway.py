@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from support import REPO_ROOT
-from support_roles import failures, local_host, run_playbook
+from support_roles import failures, local_host, render_role, run_playbook
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "orchestratord"))
 from orchestratord.client_keys import load_client_keys
@@ -31,28 +31,14 @@ MY_GROUP = grp.getgrgid(os.getgid()).gr_name
 
 def _render_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """orchestratord.yml as the role renders it from its defaults (as group vars) and these host vars."""
-    out = tmp_path / "orchestratord.yml"
-    play = {
-        "name": "render",
-        "hosts": "all",
-        "gather_facts": False,
-        "vars_files": [str(ROLE / "vars" / "main.yml")],
-        "tasks": [
-            {
-                "ansible.builtin.template": {
-                    "src": str(ROLE / "templates" / "orchestratord.yml.j2"),
-                    "dest": str(out),
-                    "mode": "0644",
-                }
-            }
-        ],
-    }
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    inventory = {"all": {"vars": defaults, "hosts": {"control-1": local_host(**overrides)}}}
-    rc, output = run_playbook(tmp_path, [play], inventory)
-    assert rc == 0, failures(output)
+    out = render_role(
+        tmp_path, "orchestratord", "orchestratord.yml.j2", host="control-1", host_vars=overrides
+    )
     # The daemon's own loader: an unknown key, a wrong type or a value out of range fails here.
-    return {"settings": load_settings(out, environ={}), "values": yaml.safe_load(out.read_text())}
+    return {
+        "settings": load_settings(out["config"], environ={}),
+        "values": yaml.safe_load(out["config"].read_text()),
+    }
 
 
 def test_the_gateway_settings_render_with_the_designs_defaults(tmp_path):

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from support import REPO_ROOT, TEST_TOKEN, Daemon
 from support_agent import STANDIN, standin_env
-from support_roles import failures, local_host, run_playbook
+from support_roles import failures, local_host, render_role, run_playbook
 from support_tls import write_ca
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
@@ -287,23 +287,9 @@ def test_over_https_the_join_token_pins_the_cluster_ca_from_the_controllers_pki(
     ],
 )
 def test_tls_is_decided_from_every_control_url_in_use(tmp_path, urls, tls):
-    out = tmp_path / "tls.json"
-    play = {
-        "name": "render",
-        "hosts": "all",
-        "gather_facts": False,
-        "vars_files": [str(ROLE / "vars" / "main.yml")],
-        "tasks": [
-            {"ansible.builtin.copy": {"content": "{{ _pool_managerd_tls | to_json }}", "dest": str(out)}}
-        ],
-    }
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    inventory = {
-        "all": {"vars": {**defaults, "llorch_api_token": TEST_TOKEN, **urls}, "hosts": {NODE: local_host()}}
-    }
-    rc, output = run_playbook(tmp_path, [play], inventory)
-    assert rc == 0, failures(output)
-    assert yaml.safe_load(out.read_text()) is tls
+    shared = {"llorch_api_token": TEST_TOKEN, **urls}
+    rendered = render_role(tmp_path, "pool_managerd", None, ("_pool_managerd_tls",), NODE, shared)
+    assert rendered["_pool_managerd_tls"] is tls
 
 
 def test_mixed_schemes_in_the_control_urls_are_refused(daemon, tmp_path):

@@ -21,7 +21,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from support import REPO_ROOT, TEST_TOKEN
-from support_roles import failures, local_host, run_playbook
+from support_roles import failures, local_host, render_role, run_playbook
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "orchestratord"))
 from orchestratord.config import load_settings as load_daemon_settings
@@ -198,32 +198,8 @@ def test_a_vault_encrypted_ca_key_signs_without_being_rewritten_and_leaves_no_cl
 def _render(tmp_path: Path, role: Path, template: str, facts: list[str], host_vars: dict[str, Any]) -> dict:
     """The role's template rendered with its defaults (as group vars) and vars, plus the named internal
     variables as JSON: {"config": path, name: value}."""
-    out = tmp_path / "rendered"
-    out.mkdir(exist_ok=True)
-    tasks = [
-        {
-            "ansible.builtin.template": {
-                "src": str(role / "templates" / template),
-                "dest": str(out / template),
-            }
-        },
-        *(
-            {"ansible.builtin.copy": {"content": "{{ " + name + " | to_json }}", "dest": str(out / name)}}
-            for name in facts
-        ),
-    ]
-    play = {
-        "name": "render",
-        "hosts": "all",
-        "gather_facts": False,
-        "vars_files": [str(role / "vars" / "main.yml")],
-    }
-    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
-    shared = {"llorch_api_token": TEST_TOKEN, "llorch_pki_dir": "/home/op/pki", **defaults}
-    inventory = {"all": {"vars": shared, "hosts": {"ctl-1": local_host(**host_vars)}}}
-    rc, output = run_playbook(tmp_path, [{**play, "tasks": tasks}], inventory)
-    assert rc == 0, failures(output)
-    return {"config": out / template, **{name: yaml.safe_load((out / name).read_text()) for name in facts}}
+    shared = {"llorch_api_token": TEST_TOKEN, "llorch_pki_dir": "/home/op/pki"}
+    return render_role(tmp_path, role.name, template, tuple(facts), "ctl-1", shared, host_vars)
 
 
 def test_orchestratord_config_names_the_tls_files_and_the_role_copies_them_from_the_pki(tmp_path):
