@@ -136,33 +136,9 @@ def main() -> None:
             )
             daemon_script = write_lua(scratch / "daemon.lua", tokens, args.nodes)
             bare_script = write_lua(scratch / "bare.lua", None, args.nodes)
-            harness.run_wrk(daemon.url, daemon_script, 2, CONNECTIONS, daemon.proc.pid, "warm-up, daemon")
-            harness.run_wrk(bare.url, bare_script, 2, CONNECTIONS, bare.proc.pid, "warm-up, bare")
-            daemon_runs, bare_runs = [], []
-            for round_number in range(1, args.rounds + 1):
-                daemon_runs.append(
-                    harness.run_wrk(
-                        daemon.url,
-                        daemon_script,
-                        args.duration,
-                        CONNECTIONS,
-                        daemon.proc.pid,
-                        f"round {round_number}, orchestratord over TLS",
-                    )
-                )
-                bare_runs.append(
-                    harness.run_wrk(
-                        bare.url,
-                        bare_script,
-                        args.duration,
-                        CONNECTIONS,
-                        bare.proc.pid,
-                        f"round {round_number}, bare aiohttp over TLS",
-                    )
-                )
-                print(f"round {round_number}:")
-                print("  " + harness.describe("orchestratord", daemon_runs[-1]))
-                print("  " + harness.describe("bare aiohttp", bare_runs[-1]))
+            daemon_runs, bare_runs = harness.paired_rounds(
+                daemon, daemon_script, bare, bare_script, args.rounds, args.duration, CONNECTIONS, " over TLS"
+            )
             online = harness.online_count(daemon.url, daemon.token, daemon.client_context)
         finally:
             daemon.stop()

@@ -363,3 +363,44 @@ def machine_note() -> str:
 
 def rng(seed: int = 42) -> random.Random:
     return random.Random(seed)
+
+
+def paired_rounds(
+    daemon: Daemon,
+    daemon_script: Path,
+    bare: BareApp,
+    bare_script: Path,
+    rounds: int,
+    duration_s: int,
+    connections: int,
+    note: str = "",
+) -> tuple[list[WrkResult], list[WrkResult]]:
+    """A 2 s warm-up of each, then `rounds` of the daemon and the bare app back to back, each printed."""
+    run_wrk(daemon.url, daemon_script, 2, connections, daemon.proc.pid, "warm-up, daemon")
+    run_wrk(bare.url, bare_script, 2, connections, bare.proc.pid, "warm-up, bare")
+    daemon_runs, bare_runs = [], []
+    for number in range(1, rounds + 1):
+        daemon_runs.append(
+            run_wrk(
+                daemon.url,
+                daemon_script,
+                duration_s,
+                connections,
+                daemon.proc.pid,
+                f"round {number}, orchestratord{note}",
+            )
+        )
+        bare_runs.append(
+            run_wrk(
+                bare.url,
+                bare_script,
+                duration_s,
+                connections,
+                bare.proc.pid,
+                f"round {number}, bare aiohttp{note}",
+            )
+        )
+        print(f"round {number}:")
+        print("  " + describe("orchestratord", daemon_runs[-1]))
+        print("  " + describe("bare aiohttp", bare_runs[-1]))
+    return daemon_runs, bare_runs
