@@ -16,6 +16,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -38,6 +39,7 @@ GPU_2 = "molecule-day2-gpu-2"
 REGISTRY_URL = "https://10.89.240.30:9200"
 # The scenarios' CA on this machine (llorch_pki_dir in molecule.yml): the registry serves HTTPS only.
 CA_FILE = PROJECT / ".lab" / "molecule" / "pki" / "ca.crt"
+HEARTBEAT_S = 5  # orchestratord's default heartbeat interval, which the scenario keeps
 # The token the inventory reads (llorch_api_token in molecule.yml), made 0600 by lab/molecule_setup.sh.
 TOKEN_FILE = PROJECT / ".lab" / "molecule" / "api-token"
 
@@ -321,7 +323,13 @@ def test_remove_node_stops_the_agent_and_deletes_the_node_from_the_registry():
     assert registry("GET", f"/v2/nodes/{GPU_2}")[0] == 404
     nodes = registered_nodes()
     assert sorted(nodes) == [GPU_1]
-    assert_in_service(nodes[GPU_1])
+    # The other node stays in service. Polled for two heartbeats: the failed upgrade before this test drained
+    # and undrained GPU 1 within two seconds, and an agent that heard the drain in between reports its pools
+    # draining until its next heartbeat hears the undrain.
+    deadline = time.monotonic() + 2 * HEARTBEAT_S
+    while registered_nodes()[GPU_1]["status"] != "online" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert_in_service(registered_nodes()[GPU_1])
     assert placed_node() == GPU_1
 
     removed = RUNNER.get_host(GPU_2)
