@@ -306,15 +306,17 @@ class PostgresStore:
         self._worked()
         return True
 
-    async def load_all(self) -> list[StoredNode]:
+    async def _read_all(self, query: str, what: str) -> list:
+        """Every row of a start-up read; a database away is a StoreError naming what could not be read."""
         assert self._pool is not None
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                rows = await conn.fetch(f"SELECT {NODE_COLUMNS} FROM nodes")
+                return await conn.fetch(query)
         except _UNAVAILABLE as exc:
-            raise StoreError(
-                f"cannot read the node records from {self.description}: {_one_line(exc)}"
-            ) from None
+            raise StoreError(f"cannot read {what} from {self.description}: {_one_line(exc)}") from None
+
+    async def load_all(self) -> list[StoredNode]:
+        rows = await self._read_all(f"SELECT {NODE_COLUMNS} FROM nodes", "the node records")
         return [_stored_node(r) for r in rows]
 
     async def upsert_node(self, node_id: str, registration: bytes, registered_at: str) -> None:
@@ -363,14 +365,7 @@ class PostgresStore:
             self._worked()
 
     async def load_credentials(self) -> list[CredentialRow]:
-        assert self._pool is not None
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                rows = await conn.fetch(f"SELECT {CREDENTIAL_COLUMNS} FROM credentials")
-        except _UNAVAILABLE as exc:
-            raise StoreError(
-                f"cannot read the credentials from {self.description}: {_one_line(exc)}"
-            ) from None
+        rows = await self._read_all(f"SELECT {CREDENTIAL_COLUMNS} FROM credentials", "the credentials")
         return [CredentialRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
     async def write_credentials(
