@@ -31,6 +31,11 @@ DEREGISTER_TIMEOUT_S = 3.0
 HEARTBEAT_NOT_FOUND = "heartbeat-not-found"
 # Exit code when a person must act (as __main__'s configuration errors): a CA pin that does not match.
 EXIT_PERSON_MUST_ACT = 2
+# A failed heartbeat is tried again after this share of the interval, drawn uniformly. Below 1 so that a
+# node whose network heals is back within one interval even at the worst draw (1.2 made it 5.8 s at 5 s
+# in the chaos run); at least 0.7 so that a whole cluster retrying comes at most 1/0.7 = 1.43x its steady
+# rate, under the 2x that counts as a thundering herd (docs/chaos.md).
+RETRY_PACE = (0.7, 0.95)
 
 
 # The pace the control plane sets is obeyed within these bounds: a hostile or broken answer can neither
@@ -291,13 +296,13 @@ class Agent:
         await asyncio.sleep(delay)
 
     async def _paced_retry(self) -> None:
-        """After a failed heartbeat, the next try comes at the heartbeat's own pace, jittered 0.8-1.2x.
+        """After a failed heartbeat, the next try comes at about the heartbeat's own pace (RETRY_PACE).
 
         Not the registration's exponential backoff: after a control plane's restart that backoff brought
         the nodes whose heartbeats fell due meanwhile back together, 2-4x the steady rate, and the unlucky
-        ones only after 10-15 s (docs/chaos.md). At the heartbeat's pace a returning control plane sees its
-        steady rate, and every node is back within about one interval."""
-        delay = (self.heartbeat_s or self.backoff.initial_s) * random.uniform(0.8, 1.2)
+        ones only after 10-15 s (docs/chaos.md). At about the heartbeat's pace a returning control plane sees
+        close to its steady rate, and every node is back within one interval."""
+        delay = (self.heartbeat_s or self.backoff.initial_s) * random.uniform(*RETRY_PACE)
         log.debug("next heartbeat try in %.3f s", delay)
         await asyncio.sleep(delay)
 
