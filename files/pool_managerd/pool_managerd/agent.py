@@ -38,6 +38,10 @@ EXIT_PERSON_MUST_ACT = 2
 # a request lost to a partition has already waited its timeout, so the next try follows soon after it and
 # a healed node is back well within one interval (counted from the failure it was 5.8 s at 5 s).
 RETRY_PACE = (0.8, 1.2)
+# Each wait between heartbeats is the interval the control plane set times a draw from this range (mean 1,
+# so the rate it planned for holds). Without it nodes that a slow moment of the control plane answered
+# together (a restart's TLS handshakes, a pause) would stay in step, every interval, for good.
+BEAT_JITTER = (0.9, 1.1)
 
 
 # The pace the control plane sets is obeyed within these bounds: a hostile or broken answer can neither
@@ -432,7 +436,7 @@ class Agent:
             self.backoff.reset()  # only a heartbeat that works ends a run of retries
             interval = next_interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), interval)
+                await asyncio.wait_for(self._beat_now.wait(), interval * random.uniform(*BEAT_JITTER))
             self._beat_now.clear()
 
     # -- the whole life -----------------------------------------------------------------------------------
