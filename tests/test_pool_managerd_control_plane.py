@@ -304,3 +304,35 @@ def test_model_whose_file_is_damaged_stops_being_reported_at_the_next_heartbeat(
     wait_until(lambda: len(control.heartbeats) >= seen + 2, timeout=10, what="2 more heartbeats")
     assert _models_of(control.heartbeats[seen + 1]) == ["org/a"]
     assert running(agent)
+
+
+# --- a refusal against no way there: the retry's pace (agent.py RETRY_PACE) ---------------------------
+
+
+def test_a_refused_connection_is_a_refusal_and_a_silent_one_is_unreachable():
+    """A closed port (the daemon restarting: retried at the heartbeat's pace) against a host that takes the
+    connection and never answers (as far as the agent can tell, a partition: retried within one interval)."""
+    from pool_managerd.control import ControlPlane
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes: no answer ever
+        writer.close()
+
+    async def scenario() -> tuple:
+        silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+        closed = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        silent_port = silent.sockets[0].getsockname()[1]
+        closed_port = closed.sockets[0].getsockname()[1]
+        closed.close()
+        await closed.wait_closed()
+        async with silent:
+            async with ControlPlane(f"http://127.0.0.1:{closed_port}", TEST_TOKEN, 0.5) as refusing:
+                refused = await refusing.request("GET", "/health")
+            async with ControlPlane(f"http://127.0.0.1:{silent_port}", TEST_TOKEN, 0.5) as hanging:
+                unanswered = await hanging.request("GET", "/health")
+        return refused, unanswered
+
+    refused, unanswered = asyncio.run(scenario())
+    assert refused.status is None and not refused.unreachable, refused
+    assert unanswered.status is None and unanswered.unreachable, unanswered
+    assert unanswered.problem == "no answer within 0.5 s"

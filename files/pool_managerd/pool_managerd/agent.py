@@ -33,11 +33,13 @@ HEARTBEAT_NOT_FOUND = "heartbeat-not-found"
 # Exit code when a person must act (as __main__'s configuration errors): a CA pin that does not match.
 EXIT_PERSON_MUST_ACT = 2
 # A failed heartbeat's next try starts this share of the interval after the failed one started, drawn
-# uniformly. Counted from the start, not the failure: a refused connection fails at once and the retries
-# of a whole cluster come back at its steady pace, not as a herd (1.12-1.26x at a restart, docs/chaos.md);
-# a request lost to a partition has already waited its timeout, so the next try follows soon after it and
-# a healed node is back well within one interval (counted from the failure it was 5.8 s at 5 s).
+# uniformly. A host that refused or answered an error is up and will come back with every node at once:
+# retries at the heartbeat's own pace keep its return at the steady rate, not a herd (1.12-1.36x after a
+# kill -9, docs/chaos.md). A try that found no way there (no route, no reply in time) never reached the
+# control plane, so it cannot add to a herd there: the next comes within one interval, so that a healed
+# network brings the node back within one heartbeat (at 0.8-1.2x it took 5.8 s at 5 s).
 RETRY_PACE = (0.8, 1.2)
+UNREACHABLE_RETRY_PACE = (0.5, 1.0)
 # Each wait between heartbeats is the interval the control plane set times a draw from this range (mean 1,
 # so the rate it planned for holds). Without it nodes that a slow moment of the control plane answered
 # together (a restart's TLS handshakes, a pause) would stay in step, every interval, for good.
@@ -256,7 +258,8 @@ class Agent:
 
     async def _heartbeat(self, control: ControlPlane) -> tuple[str, float | None]:
         """Send one heartbeat: ('ok', next interval s) | ('unknown', None) | ('failed', None) |
-        ('changed', None) when the control plane holds another registration than this agent's."""
+        ('unreachable', None) (failed on the way, see Answer.unreachable) | ('changed', None) when the
+        control plane holds another registration than this agent's."""
         statuses = pool_statuses(
             self.pools,
             self.gpus,
@@ -270,7 +273,7 @@ class Agent:
             return "unknown", None
         if not answer.ok:
             self._trouble("heartbeat", answer)
-            return "failed", None
+            return ("unreachable" if answer.unreachable else "failed"), None
         if self.state != "online":
             self._enter("online", f"control plane {self.control_url} back online")
         if answer.body.credential is not None:
@@ -301,15 +304,17 @@ class Agent:
         log.debug("next try in %.3f s", delay)  # one line per retry, at debug level only
         await asyncio.sleep(delay)
 
-    async def _paced_retry(self, tried_at: float) -> None:
-        """After a failed heartbeat, the next try starts at the heartbeat's own pace (RETRY_PACE), counted
-        from `tried_at`, the monotonic time the failed one started.
+    async def _paced_retry(self, tried_at: float, unreachable: bool) -> None:
+        """After a failed heartbeat, the next try starts at the heartbeat's own pace (RETRY_PACE, or
+        UNREACHABLE_RETRY_PACE when no way there was found), counted from `tried_at`, the monotonic time
+        the failed one started.
 
         Not the registration's exponential backoff: after a control plane's restart that backoff brought
         the nodes whose heartbeats fell due meanwhile back together, 2-4x the steady rate, and the unlucky
         ones only after 10-15 s (docs/chaos.md). At the heartbeat's pace a returning control plane sees its
         steady rate, and every node is back within about one interval."""
-        pace = (self.heartbeat_s or self.backoff.initial_s) * random.uniform(*RETRY_PACE)
+        share = random.uniform(*(UNREACHABLE_RETRY_PACE if unreachable else RETRY_PACE))
+        pace = (self.heartbeat_s or self.backoff.initial_s) * share
         delay = max(0.0, pace - (time.monotonic() - tried_at))
         log.debug("next heartbeat try in %.3f s", delay)
         await asyncio.sleep(delay)
@@ -429,8 +434,8 @@ class Agent:
                 self.state = "unregistered"
                 interval = None
                 continue
-            if outcome == "failed":
-                await self._paced_retry(tried_at)
+            if outcome in ("failed", "unreachable"):
+                await self._paced_retry(tried_at, unreachable=outcome == "unreachable")
                 continue
             beat_since_registering = True
             self.backoff.reset()  # only a heartbeat that works ends a run of retries

@@ -8,6 +8,7 @@ false), and follows no redirect (its registration must not travel to a host it w
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import ssl
@@ -25,6 +26,9 @@ from .wire import Heartbeat, HeartbeatAnswer, JoinAnswer, JoinRequest, RegisterA
 # orchestratord's answers are a few hundred bytes; an error envelope is under 1 KiB.
 MAX_ANSWER_BYTES = 64 * 1024
 JSON = {"Content-Type": "application/json"}
+# A connect that failed on the way (no route to the network or host, the kernel's own connect timeout), not
+# at a host that refused it.
+UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ETIMEDOUT})
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ class Answer:
     body: Any = None
     problem: str = ""
     untrusted_certificate: bool = False
+    # No answer because the way there failed (no route, no reply within the timeout), as opposed to a
+    # reachable host refusing or answering: the agent retries these sooner (agent.py RETRY_PACE).
+    unreachable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -205,7 +212,7 @@ class ControlPlane:
                     return Answer(response.status, problem=str(error))
                 return _decoded(response.status, raw, answer_type)
         except TimeoutError:
-            return Answer(None, problem=f"no answer within {timeout.total:g} s")
+            return Answer(None, problem=f"no answer within {timeout.total:g} s", unreachable=True)
         except aiohttp.ClientConnectorCertificateError as error:
             # Caught before its base class ClientConnectorError: a setup problem (ca_file), not an outage,
             # said apart so that the log can name the fix.
@@ -215,7 +222,11 @@ class ControlPlane:
                 None, problem=f"certificate not trusted: {shown(reason, 160)}", untrusted_certificate=True
             )
         except aiohttp.ClientConnectorError as error:
-            return Answer(None, problem=f"cannot connect ({error.os_error.strerror or error.os_error})")
+            return Answer(
+                None,
+                problem=f"cannot connect ({error.os_error.strerror or error.os_error})",
+                unreachable=error.os_error.errno in UNREACHABLE_ERRNOS,
+            )
         except (aiohttp.ClientError, OSError, ValueError) as error:
             return Answer(None, problem=f"{type(error).__name__}: {error}".rstrip(": "))
 
