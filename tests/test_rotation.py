@@ -377,3 +377,89 @@ def test_the_agent_takes_a_changed_ca_file_without_a_restart(cluster, tmp_path):
     wait_until(lambda: statuses(daemon).get(NODES[0]) == "online", timeout=15, what="the node online")
     assert agent.proc.pid == pid and agent.running()
     assert agent.log()[mark:].count("changed: new connections trust") == 1
+
+
+def test_the_playbooks_modules_rotate_the_ca_files_and_a_node(cluster, tmp_path):
+    """llorch_certificate_rotation and llorch_node_credential, run by ansible-playbook: the CA steps are
+    idempotent and a node switches to its new token before the old one is revoked."""
+    from support_registry import ansible_env, run_tasks
+
+    cluster, agents = cluster
+    daemon, agent = cluster.daemon, agents[2]
+    pki = str(cluster.pki)
+    env = ansible_env(daemon, tmp_path)
+    made, again = run_tasks(
+        env,
+        tmp_path,
+        [
+            {"llorch.kit.llorch_certificate_rotation": {"pki_dir": pki, "state": "overlap"}},
+            {"llorch.kit.llorch_certificate_rotation": {"pki_dir": pki, "state": "overlap"}},
+        ],
+    )
+    assert made["changed"] and not again["changed"] and made["next_sha256"] == again["next_sha256"]
+    assert made["current_sha256"] == cluster.old_pin and made["bundle"].count("BEGIN CERTIFICATE") == 2
+    assert (cluster.pki / "next").stat().st_mode & 0o777 == 0o700
+    assert (cluster.pki / "next" / "ca.key").stat().st_mode & 0o777 == 0o600
+
+    asked, switched, revoked_again = run_tasks(
+        env,
+        tmp_path,
+        [
+            {
+                "llorch.kit.llorch_node_credential": {
+                    "node_id": "gpu-c",
+                    "state": "rotating",
+                    "ca_path": str(cluster.pki / "ca.crt"),
+                },
+                "register": "rotation",
+            },
+            {
+                "llorch.kit.llorch_node_credential": {
+                    "node_id": "gpu-c",
+                    "state": "switched",
+                    "since": "{{ rotation.asked_at }}",
+                    "ca_path": str(cluster.pki / "ca.crt"),
+                    "timeout_s": 20,
+                }
+            },
+            {
+                "llorch.kit.llorch_node_credential": {
+                    "node_id": "gpu-c",
+                    "state": "switched",
+                    "since": "{{ rotation.asked_at }}",
+                    "ca_path": str(cluster.pki / "ca.crt"),
+                }
+            },
+        ],
+    )
+    assert asked["changed"] and asked["recovery_token"].startswith("llv_"), asked
+    assert switched["changed"] and switched["credential"]["name"] == "node/gpu-c", switched
+    assert not revoked_again["changed"]  # the old token is gone already
+    assert "node/gpu-c/old" not in credentials(daemon)
+    assert "node token renewed" in agent.log() and statuses(daemon)["gpu-c"] == "online"
+
+    promoted, promoted_again = run_tasks(
+        env,
+        tmp_path,
+        [
+            {"llorch.kit.llorch_certificate_rotation": {"pki_dir": pki, "state": "promoted"}},
+            {"llorch.kit.llorch_certificate_rotation": {"pki_dir": pki, "state": "promoted"}},
+        ],
+    )
+    assert promoted["changed"] and promoted["sha256"] == made["next_sha256"] and not promoted_again["changed"]
+    assert not (cluster.pki / "next").exists() and len(list((cluster.pki / "retired").iterdir())) == 1
+
+
+def test_a_promotion_stopped_between_its_renames_is_finished_by_the_next_run(tmp_path):
+    pki = tmp_path / "pki"
+    pki.mkdir(mode=0o700)
+    ensure("ca", pki / "ca.crt", pki / "ca.key")
+    overlap = llorch_pki.ca_overlap(str(pki), 3650, llorch_pki.DEFAULT_CA_NAME, False)
+    # What a stop right after the first rename leaves: ca.crt is the next CA, its key still in next/.
+    Path(overlap["next_ca_path"]).replace(pki / "ca.crt")
+    again = llorch_pki.ca_overlap(str(pki), 3650, llorch_pki.DEFAULT_CA_NAME, False)
+    assert again["finished_previous"] and again["current_sha256"] == overlap["next_sha256"]
+    key = llorch_pki.read_private_key(str(pki / "ca.key"))
+    cert = llorch_pki.read_certificate(str(pki / "ca.crt"))
+    assert llorch_pki._public_der(key) == llorch_pki._public_der(cert.public_key())
+    assert not (pki / "next").exists()
