@@ -463,3 +463,25 @@ def test_a_promotion_stopped_between_its_renames_is_finished_by_the_next_run(tmp
     cert = llorch_pki.read_certificate(str(pki / "ca.crt"))
     assert llorch_pki._public_der(key) == llorch_pki._public_der(cert.public_key())
     assert not (pki / "next").exists()
+
+
+def test_only_an_admin_rotates_and_only_a_node_with_a_credential(daemon):
+    """The route's refusals: an unknown node is a 404 naming it; reader, operator and node credentials are
+    403 (access.py's admin need); a bad id is a 400."""
+    assert daemon.api("POST", "/v2/nodes/gpu-x/credential/rotate").body["code"] == "CREDENTIAL_NOT_FOUND"
+    for scope in ("reader", "operator"):
+        secret = daemon.api("POST", "/v2/credentials", {"name": f"a-{scope}", "scope": scope}).body["secret"]
+        answer = daemon.api("POST", "/v2/nodes/gpu-x/credential/rotate", token=secret)
+        assert answer.status == 403 and scope in answer.body["message"], answer.text
+    join = daemon.api("POST", "/v2/credentials", {"name": "j", "scope": "join", "node_id": "gpu-x"}).body
+    joined = daemon.api("POST", "/v2/join", {"node_id": "gpu-x"}, token=join["secret"]).body
+    answer = daemon.api("POST", "/v2/nodes/gpu-x/credential/rotate", token=joined["node_token"])
+    assert answer.status == 403, answer.text
+    assert daemon.api("POST", "/v2/nodes/bad%20id/credential/rotate").status == 400
+    # An admin's rotation of a node with a credential: the recovery secret replaced at once.
+    rotated = daemon.api("POST", "/v2/nodes/gpu-x/credential/rotate")
+    assert rotated.status == 200 and rotated.body["name"] == "recovery/gpu-x", rotated.text
+    stale = daemon.api("POST", "/v2/join", {"node_id": "gpu-x"}, token=joined["recovery_token"])
+    assert stale.status == 401, stale.text
+    assert "credential rotation asked by admin 'cluster-admin'" in daemon.log()
+    assert rotated.body["secret"] not in daemon.log()
