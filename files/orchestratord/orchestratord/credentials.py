@@ -312,6 +312,7 @@ class CredentialBook:
             # last one; a recovery secret (one use) is spent the same way, then replaced by the new one
             # under the same name, all in the same write.
             await self._write([f"node/{node_id}/old"], [node_credential, recovery], spend=presented)
+            self._due_now.discard(node_id)  # a rotation asked before is served by these fresh credentials
         log.info("node %s joined with %s", node_id, presented.described())
         assert node_credential.expires_at is not None
         return JoinAnswer(
@@ -389,3 +390,4 @@ class CredentialBook:
             names = [name for name in _names_of_node(node_id) if name in self.by_name]
             if names:
                 await self._write(names, [])
+            self._due_now.discard(node_id)
