@@ -383,3 +383,145 @@ def certificate_info(params: dict) -> dict:
         "reason": reason,
         **(facts(cert) if cert is not None else NO_FACTS),
     }
+
+
+# --- CA rotation: a next CA beside the current one, trusted together, then promoted -------------------------
+#
+# <pki_dir>/ca.crt, ca.key        the current CA (what every role uses)
+# <pki_dir>/next/ca.crt, ca.key   the CA a rotation moves to (0700 folder, key 0600), made once
+# <pki_dir>/next/bundle.crt       current + next: what every host trusts while the two overlap
+# <pki_dir>/retired/ca-<date>-<pin12>.crt   a promoted-away CA certificate, for the record; its key is deleted
+#
+# Each step is idempotent and resumable: a run stopped anywhere is finished by running it again.
+
+NEXT_DIR = "next"
+RETIRED_DIR = "retired"
+
+
+def rotation_paths(pki_dir: str) -> dict:
+    next_dir = os.path.join(pki_dir, NEXT_DIR)
+    return {
+        "ca_path": os.path.join(pki_dir, "ca.crt"),
+        "ca_private_key_path": os.path.join(pki_dir, "ca.key"),
+        "next_dir": next_dir,
+        "next_ca_path": os.path.join(next_dir, "ca.crt"),
+        "next_ca_private_key_path": os.path.join(next_dir, "ca.key"),
+        "bundle_path": os.path.join(next_dir, "bundle.crt"),
+        "retired_dir": os.path.join(pki_dir, RETIRED_DIR),
+    }
+
+
+def _pin(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _belongs(key_path: str, cert: x509.Certificate, what: str) -> bool:
+    """Whether the key at key_path (owner-only, never a vaulted one: see below) is cert's."""
+    key = read_private_key(key_path, what)
+    return key is not None and _public_der(key) == _public_der(cert.public_key())
+
+
+def _finish_promotion(paths: dict, check_mode: bool) -> bool:
+    """A promotion stopped between its two renames (ca.crt already the next CA, its key still in next/):
+    finished now. True when there was one to finish."""
+    next_key = paths["next_ca_private_key_path"]
+    if os.path.lexists(paths["next_ca_path"]) or not os.path.lexists(next_key):
+        return False
+    current = read_certificate(paths["ca_path"], "ca_path")
+    if current is None or not _belongs(next_key, current, "the next CA's key"):
+        raise PkiError(
+            f"{next_key} is left without its certificate and is not the key of {paths['ca_path']}: "
+            f"move {paths['next_dir']} aside by hand and start the rotation again"
+        )
+    if not check_mode:
+        os.replace(next_key, paths["ca_private_key_path"])
+        _remove_next_dir(paths)
+    return True
+
+
+def _remove_next_dir(paths: dict) -> None:
+    bundle = paths["bundle_path"]
+    if os.path.lexists(bundle):
+        os.unlink(bundle)
+    if os.path.isdir(paths["next_dir"]) and not os.listdir(paths["next_dir"]):
+        os.rmdir(paths["next_dir"])
+
+
+def ca_overlap(pki_dir: str, valid_days: int, common_name: str, check_mode: bool) -> dict:
+    """The next CA (made once, with the current CA's common name so that the roles' later runs find
+    nothing to change) and the bundle current + next. Returns both pins and the bundle's PEM (public).
+
+    `finished_previous`: a promotion of an earlier run had stopped half-way; it is finished and nothing
+    else is done (the hosts already trust only that CA: the promotion is the rotation's last step)."""
+    paths = rotation_paths(pki_dir)
+    if _finish_promotion(paths, check_mode):
+        current = read_certificate(paths["ca_path"], "ca_path")
+        return {"changed": True, "finished_previous": True, "current_sha256": _pin(current), **paths}
+    current = read_certificate(paths["ca_path"], "ca_path")
+    if current is None:
+        raise PkiError(f"no CA at {paths['ca_path']}: run site.yml first, it makes one")
+    made = ensure_certificate(
+        {
+            "kind": "ca",
+            "path": paths["next_ca_path"],
+            "private_key_path": paths["next_ca_private_key_path"],
+            "common_name": common_name,
+            "dns_names": [],
+            "ip_addresses": [],
+            "valid_days": valid_days,
+            "renew_before_days": 30,
+            "ca_path": None,
+            "ca_private_key_path": None,
+        },
+        check_mode,
+    )
+    following = read_certificate(paths["next_ca_path"], "next CA")
+    if following is None:  # check mode before the next CA exists
+        return {"changed": True, "finished_previous": False, "current_sha256": _pin(current), **paths}
+    if _pin(following) == _pin(current):
+        raise PkiError(f"{paths['next_ca_path']} is the current CA itself: move {paths['next_dir']} aside")
+    bundle = cert_pem(current) + cert_pem(following)
+    changed = made["changed"] or _read_bounded(paths["bundle_path"], "bundle") != bundle
+    if changed and not check_mode:
+        write_file(paths["bundle_path"], bundle, 0o644)
+    return {
+        "changed": changed,
+        "finished_previous": False,
+        "current_sha256": _pin(current),
+        "next_sha256": _pin(following),
+        "bundle": bundle.decode("ascii"),
+        **paths,
+    }
+
+
+def ca_promote(pki_dir: str, check_mode: bool) -> dict:
+    """The next CA becomes the CA (ca.crt, ca.key). The current CA's certificate is kept under retired/
+    (dated, for the record); its key is deleted: once no host trusts that CA it can sign nothing anyone
+    accepts, and a key kept is a key that can leak (a rotation is often made because one did).
+
+    The order makes a stop anywhere resumable: the record first, then ca.crt, then ca.key (a stop between
+    the two is what _finish_promotion completes)."""
+    paths = rotation_paths(pki_dir)
+    if _finish_promotion(paths, check_mode):
+        current = read_certificate(paths["ca_path"], "ca_path")
+        return {"changed": True, "sha256": _pin(current), "retired": None, **paths}
+    following = read_certificate(paths["next_ca_path"], "next CA")
+    current = read_certificate(paths["ca_path"], "ca_path")
+    if following is None:
+        if current is None:
+            raise PkiError(f"no CA at {paths['ca_path']} and none at {paths['next_ca_path']}")
+        return {"changed": False, "sha256": _pin(current), "retired": None, **paths}  # nothing pending
+    if not _belongs(paths["next_ca_private_key_path"], following, "the next CA's key"):
+        raise PkiError(f"{paths['next_ca_private_key_path']} is not the key of {paths['next_ca_path']}")
+    retired = None
+    if current is not None:
+        stamp = _now().strftime("%Y%m%d")
+        retired = os.path.join(paths["retired_dir"], f"ca-{stamp}-{_pin(current)[:12]}.crt")
+    if not check_mode:
+        if retired is not None:
+            write_file(retired, cert_pem(current), 0o644)
+        os.replace(paths["next_ca_path"], paths["ca_path"])
+        # Over the old key, plain or vaulted alike, in one rename.
+        os.replace(paths["next_ca_private_key_path"], paths["ca_private_key_path"])
+        _remove_next_dir(paths)
+    return {"changed": True, "sha256": _pin(following), "retired": retired, **paths}

@@ -6,7 +6,8 @@ registration route asks again with the node_id of its body (the path has none).
 
   reader    GET /v2/*, POST /v2/placement
   operator  reader's, and drain, undrain, delete nodes
-  admin     everything, credentials too, and may act for any node (the token_file token: `cluster-admin`)
+  admin     everything, credentials too (issue, list, revoke, rotate a node's), and may act for any node
+            (the token_file token: `cluster-admin`)
   node      register, heartbeat and deregister its own node_id only
   join      POST /v2/join only (a general one, or one bound to a node_id)
   recovery  POST /v2/join for its own node_id only, once

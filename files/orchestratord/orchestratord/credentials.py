@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from .access import ISSUABLE_SCOPES, describe
@@ -83,6 +83,9 @@ class Credential:
     expires_at: int | None  # unix seconds, wall clock; None: never
     uses_left: int | None  # None: unlimited
     created_at: int
+    # The last heartbeat it authenticated on this replica (wall clock), kept in memory only: how a rotation
+    # knows that the agent has switched to its new token before the previous one is revoked.
+    last_used_at: float | None = field(default=None, compare=False)
 
     def described(self) -> str:
         return describe(self.name, self.scope, self.node_id)
@@ -126,6 +129,10 @@ class CredentialBook:
         # Changes one at a time: a single-use token must not be spent twice by two joins in flight.
         self.writing = asyncio.Lock()
         self._renewing: set[str] = set()  # nodes whose renewal is being written
+        # Nodes an admin asked to rotate (POST /v2/nodes/{id}/credential/rotate): renewed at their next
+        # heartbeat whatever their token's age. In memory: a replica that restarts forgets the request and
+        # the rotation's wait times out; running it again asks again.
+        self._due_now: set[str] = set()
 
     # --- loading and lookup
 
@@ -305,6 +312,7 @@ class CredentialBook:
             # last one; a recovery secret (one use) is spent the same way, then replaced by the new one
             # under the same name, all in the same write.
             await self._write([f"node/{node_id}/old"], [node_credential, recovery], spend=presented)
+            self._due_now.discard(node_id)  # a rotation asked before is served by these fresh credentials
         log.info("node %s joined with %s", node_id, presented.described())
         assert node_credential.expires_at is not None
         return JoinAnswer(
@@ -324,7 +332,10 @@ class CredentialBook:
         return (
             expires_at is not None
             and credential.scope == "node"
-            and 2 * (expires_at - now) < expires_at - credential.created_at
+            and (
+                2 * (expires_at - now) < expires_at - credential.created_at
+                or credential.node_id in self._due_now
+            )
             and credential.name == f"node/{credential.node_id}"
             and credential.node_id not in self._renewing
         )
@@ -345,10 +356,33 @@ class CredentialBook:
                 )
                 kept = replace(presented, name=f"node/{node_id}/old")
                 await self._write([f"node/{node_id}", f"node/{node_id}/old"], [fresh, kept])
+                self._due_now.discard(node_id)
         finally:
             self._renewing.discard(node_id)
         log.info("node %s: its credential renewed, valid until %s", node_id, rfc3339(fresh.expires_at or 0))
         return NodeCredential(node_token=token, expires_at=rfc3339(fresh.expires_at or 0))
+
+    async def rotate(self, node_id: str, by: Credential) -> tuple[Credential, str]:
+        """An admin's rotation of one node: its node token is renewed at its next heartbeat (the answer
+        carries the new one; the current one becomes `node/<id>/old`, which the rotation revokes once the
+        agent has heartbeated with the new one), and its recovery secret is replaced now; the new recovery
+        secret is returned once, for the caller to hand to the node (the playbook writes it to the node's
+        credential_dir)."""
+        async with self.writing:
+            current = self.by_name.get(node_credential_name(node_id))
+            if current is None:
+                raise CredentialError(
+                    404, "CREDENTIAL_NOT_FOUND", f"node {node_id} has no node credential to rotate"
+                )
+            recovery, secret = self._new(f"recovery/{node_id}", "recovery", node_id, self.recovery_ttl_s, 1)
+            await self._write([recovery.name], [recovery])
+            self._due_now.add(node_id)
+        log.info(
+            "node %s: credential rotation asked by %s (renewed at its next heartbeat, recovery replaced)",
+            node_id,
+            by.described(),
+        )
+        return recovery, secret
 
     async def forget_node(self, node_id: str) -> None:
         """The node's own and recovery credentials, gone with the node an operator deleted."""
@@ -356,3 +390,4 @@ class CredentialBook:
             names = [name for name in _names_of_node(node_id) if name in self.by_name]
             if names:
                 await self._write(names, [])
+            self._due_now.discard(node_id)

@@ -152,6 +152,20 @@ def _credential_routes() -> dict[str, Any]:
                 "responses": {"204": {"description": "Revoked"}, **_errors("401", "403", "404", "503")},
             }
         },
+        "/v2/nodes/{node_id}/credential/rotate": {
+            "post": {
+                "summary": "Rotate a node's credentials (admin): its node token is renewed at its next "
+                "heartbeat, its recovery credential replaced now",
+                "description": "The answer holds the new recovery secret, this once, for the node's "
+                "credential_dir; the node's current token becomes node/<id>/old at the renewal. See "
+                "docs/credentials.md#rotation.",
+                "parameters": [NODE_ID_PARAM],
+                "responses": {
+                    "200": _json("CredentialIssued", "The new recovery credential"),
+                    **_errors("400", "401", "403", "404", "503"),
+                },
+            }
+        },
         "/v2/join": {
             "post": {
                 "summary": "Join a node with a join or recovery secret: its node token and recovery token",

@@ -164,8 +164,9 @@ async def heartbeat(request: web.Request) -> web.Response:
         metrics.heartbeats["ok"] += 1
     credential: Credential = request[CREDENTIAL]
     if credential.scope == "node":
-        book = registry.credentials
-        if book.renewal_due(credential, time.time()):  # about once per half a token's life
+        book, now = registry.credentials, time.time()
+        credential.last_used_at = now  # a rotation waits for the agent's first heartbeat with its new token
+        if book.renewal_due(credential, now):  # about once per half a token's life, or asked (rotate)
             answer.credential = await book.renew(credential)
     return json_response(answer)
 
@@ -273,6 +274,7 @@ def _credential_view(credential: Credential, now: float) -> schemas.CredentialVi
         uses_left=credential.uses_left,
         created_at=rfc3339(credential.created_at),
         usable=credential.unusable(now) is None,
+        last_used_at=None if credential.last_used_at is None else rfc3339(credential.last_used_at),
     )
 
 
@@ -315,6 +317,22 @@ async def revoke_credential(request: web.Request) -> web.Response:
     except CredentialError as exc:
         raise _credential_error(exc) from None
     return web.Response(status=204)
+
+
+@routes.post("/v2/nodes/{node_id}/credential/rotate")
+@rule(auth="admin")
+async def rotate_node_credential(request: web.Request) -> web.Response:
+    node_id = node_id_of(request)
+    book = request.app[REGISTRY].credentials
+    try:
+        recovery, secret = await book.rotate(node_id, request[CREDENTIAL])
+    except CredentialError as exc:
+        raise _credential_error(exc) from None
+    expires_at = None if recovery.expires_at is None else rfc3339(recovery.expires_at)
+    answer = schemas.CredentialIssued(
+        name=recovery.name, scope=recovery.scope, secret=secret, expires_at=expires_at
+    )
+    return json_response(answer)
 
 
 @routes.post("/v2/join")

@@ -124,6 +124,10 @@ class CredentialView(Wire):
     uses_left: int | None
     created_at: str
     usable: Annotated[bool, Meta(description="false once expired or used up")]
+    last_used_at: Annotated[
+        str | None,
+        Meta(description="a node credential's last heartbeat on this replica since it started; null: none"),
+    ] = None
 
 
 class CredentialList(Wire):

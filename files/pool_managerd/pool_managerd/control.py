@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,55 @@ def _decoded(status: int, raw: bytes, answer_type: type | None) -> Answer:
     return Answer(status, payload)
 
 
+class CaTrust:
+    """ca_file as an SSL context, rebuilt when the file changes (another inode, size or mtime: a rotation
+    writes a new bundle by rename). One os.stat per request is the whole cost while nothing changes.
+
+    A file that cannot be loaded any more (removed, half-written by hand) keeps the context built last, with
+    one ERROR line per change: the agent goes on trusting what worked rather than nothing."""
+
+    def __init__(self, ca_file: str) -> None:
+        self.ca_file = ca_file
+        self.context: ssl.SSLContext | None = None
+        self._seen: tuple[int, int, int, int] | None = None
+
+    def _identity(self) -> tuple[int, int, int, int] | None:
+        try:
+            info = os.stat(self.ca_file)
+        except OSError:
+            return None
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def load(self) -> ssl.SSLContext:
+        """Build the context now; ssl's errors (OSError, SSLError) reach the caller."""
+        seen = self._identity()
+        self.context = ssl.create_default_context(cafile=self.ca_file)
+        self._seen = seen
+        return self.context
+
+    def current(self) -> ssl.SSLContext:
+        seen = self._identity()
+        if self.context is not None and seen == self._seen:
+            return self.context
+        previous = self.context
+        try:
+            self.load()
+        except (OSError, ssl.SSLError, ValueError) as error:
+            self._seen = seen  # one line per change of the file, not one per request
+            if previous is None:
+                raise
+            log.error(
+                "ca_file %s changed but cannot be loaded (%s); still trusting its previous content",
+                self.ca_file,
+                error,
+            )
+            return previous
+        if previous is not None:
+            log.info("ca_file %s changed: new connections trust what it holds now", self.ca_file)
+        assert self.context is not None
+        return self.context
+
+
 class ControlPlane:
     """One HTTP session to orchestratord; every request has a total timeout and follows no redirect.
 
@@ -119,15 +169,18 @@ class ControlPlane:
         self._timeout_s = timeout_s
         self._ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
+        # The trust built from ca_file, and what the file was when it was built (CaTrust): a rotation
+        # rewrites the file and the next request trusts what it holds now, with no restart.
+        self._trust = CaTrust(ca_file) if ca_file else None
 
     async def __aenter__(self) -> ControlPlane:
-        ssl_context = ssl.create_default_context(cafile=str(self._ca_file)) if self._ca_file else None
+        if self._trust is not None:
+            self._trust.load()  # at start a ca_file that cannot be read is the caller's error, as before
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             # Uncompressed only: a small compressed answer must not inflate past the bound in one chunk.
             headers={"Accept-Encoding": "identity"},
             auto_decompress=False,
-            connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else aiohttp.TCPConnector(),
         )
         return self
 
@@ -188,6 +241,9 @@ class ControlPlane:
         headers = {"Authorization": f"Bearer {token or self.token}"}
         if body is not None:
             headers.update(JSON)
+        # Per request: aiohttp pools connections by their SSL context, so keep-alive connections opened with
+        # the previous trust finish on it and every new one is verified with what ca_file holds now.
+        ssl_context = self._trust.current() if self._trust is not None else True
         try:
             async with self._session.request(
                 method,
@@ -196,6 +252,7 @@ class ControlPlane:
                 headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
+                ssl=ssl_context,
             ) as response:
                 if 300 <= response.status < 400:
                     where = response.headers.get("Location", "")

@@ -10,8 +10,9 @@ A join answers a node token bound to this node_id and a single-use recovery toke
 credential_dir (0600, replaced atomically) before they are used, so a crash never loses the only copy.
 
 The join token file holds `sha256:<64 hex>::<secret>` (the pin of the cluster CA, k3s-style) or, for a
-plain-http lab, the secret alone. Over https the pin must match the first certificate of ca_file before
-the join secret leaves the node: a node pointed at an impostor's CA never hands it a credential.
+plain-http lab, the secret alone. Over https the pin must match a certificate of ca_file (during a CA
+rotation it holds the old and the new CA) before the join secret leaves the node: a node pointed at an
+impostor's CA never hands it a credential.
 """
 
 from __future__ import annotations
@@ -51,23 +52,30 @@ class JoinSecret:
     pin: str | None  # hex sha256 of the CA certificate's DER, or None (plain http only)
 
 
-def ca_pin(ca_file: str) -> str:
-    """sha256 (hex) of the DER of the first certificate in ca_file: what `llorch_certificate` returns as
-    the CA's `sha256`."""
+def ca_pins(ca_file: str) -> list[str]:
+    """sha256 (hex) of the DER of every certificate in ca_file, in file order: what `llorch_certificate`
+    returns as a CA's `sha256`. A bundle holds two CAs while a rotation overlaps the old and the new one."""
     try:
         with open(ca_file, "rb") as handle:
             text = handle.read(MAX_CA_FILE_BYTES).decode("ascii", "replace")
     except OSError as error:
         raise IdentityError(f"ca_file {ca_file} cannot be read: {error.strerror}") from None
-    match = _PEM_CERTIFICATE.search(text)
-    if match is None:
+    pins = []
+    for match in _PEM_CERTIFICATE.finditer(text):
+        pem = f"-----BEGIN CERTIFICATE-----\n{match.group(1).strip()}\n-----END CERTIFICATE-----\n"
+        try:
+            der = ssl.PEM_cert_to_DER_cert(pem)
+        except ValueError:
+            raise IdentityError(f"ca_file {ca_file}: certificate {len(pins) + 1} is not valid PEM") from None
+        pins.append(hashlib.sha256(der).hexdigest())
+    if not pins:
         raise IdentityError(f"ca_file {ca_file} holds no PEM certificate")
-    pem = f"-----BEGIN CERTIFICATE-----\n{match.group(1).strip()}\n-----END CERTIFICATE-----\n"
-    try:
-        der = ssl.PEM_cert_to_DER_cert(pem)
-    except ValueError:
-        raise IdentityError(f"ca_file {ca_file}: its first certificate is not valid PEM") from None
-    return hashlib.sha256(der).hexdigest()
+    return pins
+
+
+def ca_pin(ca_file: str) -> str:
+    """The pin of the first certificate in ca_file."""
+    return ca_pins(ca_file)[0]
 
 
 def read_join_secret(path: str) -> JoinSecret:
@@ -96,10 +104,11 @@ def check_pin(join: JoinSecret, control_url: str, ca_file: str | None, where: st
         )
     if ca_file is None:
         raise IdentityError(f"{where}: set ca_file to the cluster CA so its pin can be checked")
-    found = ca_pin(ca_file)
-    if found != join.pin:
+    found = ca_pins(ca_file)
+    if join.pin not in found:
+        held = ", ".join(f"sha256:{pin[:12]}..." for pin in found)
         raise IdentityError(
-            f"ca_file {ca_file} (sha256:{found[:12]}...) is not the CA the join token pins "
+            f"ca_file {ca_file} ({held}) does not hold the CA the join token pins "
             f"(sha256:{join.pin[:12]}...); the join secret was not sent"
         )
 
