@@ -71,7 +71,10 @@ def drain_inventory(daemon, tmp_path: Path, **shared: Any) -> Path:
             },
         }
     }
-    path = tmp_path / "hosts.yml"
+    # Its own folder: validate_inventory refuses credential files inside the inventory folder.
+    folder = tmp_path / "inventory"
+    folder.mkdir(exist_ok=True)
+    path = folder / "hosts.yml"
     path.write_text(yaml.safe_dump(inventory))
     path.chmod(0o600)
     return path
