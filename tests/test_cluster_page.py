@@ -6,19 +6,28 @@ the browser sees only what the daemon answers.
 
 from __future__ import annotations
 
+import datetime
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 from selenium.webdriver.common.by import By
 from support import REPO_ROOT, TEST_TOKEN, Daemon, http, sample_registration, wait_until
 from support_browser import console_errors, headless_chromium, shown, texts
 from support_daemon import beat, online_node
+from support_tls import make_tls_daemon, write_ca, write_server_certificate
+
+# The contract is stdlib only: the test reads the very file the daemon imports as its contract.py.
+sys.path.insert(0, str(REPO_ROOT / "plugins" / "module_utils"))
+from llorch_contract import CERTIFICATE_WARN_DAYS
 
 MODEL = "tiny-model"
 NODE_TIMEOUT_MS = 1500  # short, so a silent node shows offline within a few seconds
@@ -128,6 +137,12 @@ def test_page_asks_for_the_token_shows_the_cluster_and_a_node_going_offline(clus
         and browser.find_element(By.ID, "errors-empty").text == "None recorded."
     )
     assert browser.find_element(By.ID, "freshness").text.startswith("updated ")
+    # Plain HTTP (the lab switch): no certificate to count days on, and the page says why.
+    assert shown(browser, "certificates-empty") and not shown(browser, "certificates")
+    assert (
+        browser.find_element(By.ID, "certificates-empty").text
+        == "No certificate: this daemon serves plain HTTP."
+    )
 
     # A placement the daemon refuses shows among the recent errors at the next refresh.
     refused = daemon.api("POST", "/v2/placement", {"model_id": "no-such-model"})
@@ -269,3 +284,83 @@ def test_the_wheel_carries_the_page(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for file in UI.iterdir():
         assert f"orchestratord/ui/{file.name}" in names, file.name
+
+
+# --- the days left on the certificates ----------------------------------------------------------------------
+
+
+def certificate_row(driver, certificate: str) -> tuple[list[str], str]:
+    """The row's cells and its class."""
+    selector = f'#certificates tr[data-certificate="{certificate}"]'
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return (texts(driver, selector + " td"), found[0].get_attribute("class") if found else "")
+
+
+def test_page_shows_days_left_on_the_certificates_and_warns_below_the_threshold(tmp_path, browser):
+    """A reader credential is enough; a certificate with 0 days left warns, one renewed for 40 does not."""
+    ca = write_ca(tmp_path / "ca.pem")
+    daemon = make_tls_daemon(tmp_path / "orchestratord", ca=ca).start()
+    try:
+        issued = daemon.api("POST", "/v2/credentials", {"name": "page-reader", "scope": "reader"})
+        assert issued.status == 201, issued.text
+        reader = issued.body["secret"]
+        # The data route is a reader route like every /v2 read: nothing without a credential.
+        assert daemon.api("GET", "/v2/certificates", token=None).status == 401
+        answer = daemon.api("GET", "/v2/certificates", token=reader)
+        assert answer.status == 200, answer.text
+        assert answer.body["warn_days"] == CERTIFICATE_WARN_DAYS
+        assert [(c["certificate"], c["days_left"], c["warn"]) for c in answer.body["certificates"]] == [
+            ("server", 0, True),
+            ("ca", 0, True),
+        ]
+
+        # The test CA is not the browser's: tell this one browser to take the daemon's certificate.
+        browser.execute_cdp_cmd("Security.setIgnoreCertificateErrors", {"ignore": True})
+        sign_in(browser, daemon, reader)
+        wait_until(
+            lambda: certificate_row(browser, "server")[0] != [],
+            timeout=15,
+            what="the certificates on the page",
+        )
+        cells, style = certificate_row(browser, "server")
+        server_not_after = answer.body["certificates"][0]["not_after"]
+        assert cells == [
+            "server certificate (this daemon)",
+            f"0 (fewer than {CERTIFICATE_WARN_DAYS}: renew)",
+            server_not_after,
+        ]
+        assert style == "warn"
+        assert certificate_row(browser, "ca")[0][:2] == [
+            "cluster CA",
+            f"0 (fewer than {CERTIFICATE_WARN_DAYS}: renew)",
+        ]
+        colour = browser.find_element(By.CSS_SELECTOR, "#certificates td.days-warn").value_of_css_property(
+            "color"
+        )
+        assert colour == "rgba(180, 35, 24, 1)"
+
+        # Renewed for 40 days and reloaded (SIGHUP, as renew_certificates.yml does): no warning at the next
+        # refresh; the CA still warns.
+        later = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=40)
+        write_server_certificate(
+            ca, Path(daemon.config["tls_cert_file"]), Path(daemon.config["tls_key_file"]), not_after=later
+        )
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: certificate_row(browser, "server")[1] == "",
+            timeout=20,
+            what="the renewed certificate on the page without a warning",
+        )
+        assert certificate_row(browser, "server")[0][1:] == ["39", later.strftime("%Y-%m-%dT%H:%M:%SZ")]
+        assert certificate_row(browser, "ca")[1] == "warn"
+        assert console_errors(browser) == []
+    finally:
+        daemon.stop()
+
+
+def test_every_warning_threshold_is_the_contracts():
+    """One threshold: the page's (the daemon's warn_days), status.yml's and llorch_pki's default."""
+    pki_defaults = yaml.safe_load((REPO_ROOT / "roles" / "llorch_pki" / "defaults" / "main.yml").read_text())
+    assert pki_defaults["llorch_pki_warn_days"] == CERTIFICATE_WARN_DAYS
+    status = (REPO_ROOT / "playbooks" / "status.yml").read_text()
+    assert f"llorch_pki_warn_days | default({CERTIFICATE_WARN_DAYS})" in status

@@ -69,6 +69,25 @@ def test_nodes_become_hosts_in_status_and_model_groups_with_lean_vars(slow_daemo
     assert graph.stdout.split() == ["@llorch_online:", "|--gpu-a", "|--gpu-b"]
 
 
+def test_the_controllers_reader_file_is_all_the_inventory_needs(slow_daemon, tmp_path):
+    """Least privilege: the reader credential role orchestratord issues reads the nodes; no admin token."""
+    add_node(slow_daemon, "gpu-a", ["m1"])
+    issued = slow_daemon.api("POST", "/v2/credentials", {"name": "ansible-reader-inv", "scope": "reader"})
+    assert issued.status == 201, issued.text
+    reader = tmp_path / "reader.token"
+    reader.write_text(issued.body["secret"] + "\n")
+    reader.chmod(0o600)
+    env = ansible_env(slow_daemon, tmp_path)
+    del env["LLORCH_API_TOKEN"]
+
+    listing = inventory_list(env, inventory_file(tmp_path, token_file=str(reader)))
+
+    assert group_hosts(listing, "llorch_online") == ["gpu-a"]
+    # The reader may read, nothing more: the same secret cannot drain the node it just listed.
+    refused = slow_daemon.api("POST", "/v2/nodes/gpu-a/drain", {"drain": True}, token=issued.body["secret"])
+    assert refused.status == 403, refused.text
+
+
 def test_engines_give_serving_groups_a_down_group_and_lean_vars(slow_daemon, tmp_path):
     llama = "meta-llama/Llama-3.1-8B"
     url_a0, url_a1 = "http://10.89.0.11:8101", "http://10.89.0.11:8102"

@@ -67,3 +67,34 @@ def test_status_says_why_the_registry_did_not_answer(daemon, tmp_path):
     assert done.returncode != 0
     assert f"token rejected by {daemon.url} (401)" in done.stdout
     assert wrong_token not in done.stdout + done.stderr
+
+
+def test_status_reads_the_registry_with_the_controllers_reader_file_alone(daemon, tmp_path):
+    """Least privilege: with the reader file role orchestratord issues, status.yml needs no admin token."""
+    add_node(daemon, "gpu-a", ["m-shared"])
+    issued = daemon.api("POST", "/v2/credentials", {"name": "ansible-reader-status", "scope": "reader"})
+    assert issued.status == 201, issued.text
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    reader = credentials / "reader.token"
+    reader.write_text(issued.body["secret"] + "\n")
+    reader.chmod(0o600)
+    vars_file = tmp_path / "registry-vars.yml"
+    vars_file.write_text(
+        yaml.safe_dump({"llorch_controller_url": daemon.url, "llorch_credentials_dir": str(credentials)})
+    )
+
+    done = run(
+        ["ansible-playbook", "playbooks/status.yml", "-e", f"@{vars_file}"], ansible_env(None, tmp_path)
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert table_rows(done.stdout)[1][:2] == ["gpu-a", "online"]
+    assert issued.body["secret"] not in done.stdout + done.stderr
+    # The same file, readable by the group: refused before any call, with the reason.
+    reader.chmod(0o640)
+    refused = run(
+        ["ansible-playbook", "playbooks/status.yml", "-e", f"@{vars_file}"], ansible_env(None, tmp_path)
+    )
+    assert refused.returncode != 0
+    assert f"cannot read token_file {reader}: readable by group or others (mode 0640)" in refused.stdout

@@ -218,3 +218,18 @@ def test_slots_total_that_differs_from_the_engines_parallel_is_refused(tmp_path)
     rc, message = validate(tmp_path, engine_inventory(pools))
     assert rc != 0
     assert "gpu-3, pool a: slots_total 8 differs from engine parallel 2" in message
+
+
+def test_controller_credential_files_inside_the_inventory_folder_are_refused_by_name(tmp_path):
+    outside = tmp_path.parent / f"{tmp_path.name}-credentials"
+    rc, message = validate(
+        tmp_path, inventory(llorch_credentials_dir=str(outside), llorch_reader_token_file=str(outside / "r"))
+    )
+    assert rc == 0, message
+
+    rc, message = validate(tmp_path, inventory(llorch_operator_token_file=str(tmp_path / "operator.token")))
+    assert rc != 0
+    assert message.startswith(
+        f"llorch_operator_token_file ({tmp_path / 'operator.token'}) must be a path on the controller "
+        f"outside the inventory folder {tmp_path}"
+    )

@@ -69,12 +69,14 @@ EXAMPLES = r"""
 #   plugin: llorch_registry
 #   url: [https://ctl-1.example.com:9200, https://ctl-2.example.com:9200]
 
-# A production file: token from a 0600 file, only nodes that are up, groups by GPU model. It sets no
-# ansible_host (set_ansible_host: false), so the static inventory listed before it says where to connect.
+# A production file: the controller's reader credential (a 0600 file that role orchestratord issues: the
+# inventory only reads, so it needs no more than a reader), only nodes that are up, groups by GPU model. It
+# sets no ansible_host (set_ansible_host: false), so the static inventory listed before it says where to
+# connect.
 plugin: llorch_registry
 url: https://llorch-control.example.com:9200
-token_file: ~/.config/llorch/api-token
-ca_path: /etc/llorch/ca.pem
+token_file: ~/.local/share/llorch-kit/credentials/reader.token
+ca_path: ~/.local/share/llorch-kit/pki/ca.crt
 statuses: [online, draining]
 keyed_groups:
   - key: llorch_gpus | string

@@ -95,6 +95,19 @@ DEFAULT_MAX_POOLS_PER_NODE = 64
 DEFAULT_MAX_MODELS_PER_NODE = 4096
 
 
+# --- certificates ---------------------------------------------------------------------------------------
+#
+# Fewer whole days than this left on a certificate is a warning, wherever days left are shown: status.yml
+# (the default of llorch_pki_warn_days) and the cluster page. 21 leaves three weekly windows to renew in.
+CERTIFICATE_WARN_DAYS = 21
+
+
+def days_left(not_after_s: float, now_s: float) -> int:
+    """Whole days from now_s until not_after_s (both unix seconds), rounded down: 0 on the last day, negative
+    once expired (the way llorch_pki counts them)."""
+    return int((not_after_s - now_s) // 86400)
+
+
 # --- secret files ---------------------------------------------------------------------------------------
 
 MIN_TOKEN_LENGTH = 32

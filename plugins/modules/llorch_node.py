@@ -80,6 +80,13 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+status:
+  description:
+    - The registry's HTTP status when it refused the call (403 for a credential whose scope does not
+      allow it).
+  returned: failure
+  type: int
+  sample: 403
 node:
   description:
     - The node's registry record after the change (what it would be, in check mode); empty when absent.
@@ -195,7 +202,14 @@ def main():
             elif wanted == "present":
                 node = wait_until_online(client, node_id, module.params["wait_timeout"])
     except LlorchApiError as exc:
-        module.fail_json(msg=str(exc), **result)
+        message = str(exc)
+        if exc.status == 403:
+            # The daemon says which credential and what it may do; say which one this needs.
+            message += (
+                "; draining, undraining and deleting nodes need an operator credential "
+                "(llorch_operator_token_file)"
+            )
+        module.fail_json(msg=message, status=exc.status, **result)
 
     result["node"] = node or {}
     if node is not None:

@@ -79,6 +79,13 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+status:
+  description:
+    - The registry's HTTP status when it refused the call (401 for an unknown or revoked token, 403 for a
+      credential whose scope does not allow it); null when it gave no HTTP answer.
+  returned: failure
+  type: int
+  sample: 401
 count:
   description: How many nodes were returned.
   returned: success, and when a wait runs out
@@ -248,7 +255,8 @@ def main():
             # One status is filtered by the registry; several are filtered here from one answer.
             nodes = client.list_nodes(status=statuses[0] if statuses and len(statuses) == 1 else None)
     except LlorchApiError as exc:
-        module.fail_json(msg=str(exc))
+        # The HTTP status tells a rejected credential (401, 403) from a registry that did not answer (none).
+        module.fail_json(msg=str(exc), status=exc.status)
 
     if statuses:
         nodes = [node for node in nodes if node.get("status") in statuses]

@@ -22,7 +22,7 @@ from .limits import Limits
 from .metrics import Metrics
 from .middleware import add_guarded_routes
 from .openapi import build_document
-from .page import page_routes
+from .page import CERTIFICATE_EXPIRY, page_routes
 from .recent_errors import RecentErrors
 from .registry import Registry
 from .routes import CONNECTIONS, GATEWAY, METRICS, OPENAPI, RECENT_ERRORS, REGISTRY, routes
@@ -121,6 +121,8 @@ def create_app(
     app[METRICS] = metrics
     app[OPENAPI] = json.dumps(build_document(settings.metrics_enabled)).encode()
     app[CONNECTIONS] = connections
+    # The page's GET /v2/certificates: the days left on what this daemon serves (none on plain HTTP).
+    app[CERTIFICATE_EXPIRY] = None if server_tls is None else server_tls.expiry
     recent_errors = app[RECENT_ERRORS] = RecentErrors()
     gateway = app[GATEWAY] = Gateway(
         settings, registry, EngineKeys(settings.engine_keys_dir), metrics, recent_errors, connections

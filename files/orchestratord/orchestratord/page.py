@@ -2,7 +2,9 @@
 
 The page itself holds no cluster data: it is static, and its script asks the `/v2/*` read routes with a
 credential the person types in (see docs/page.md). So it can be served to anyone, under a
-Content-Security-Policy that lets it load and talk to this daemon only.
+Content-Security-Policy that lets it load and talk to this daemon only. The one read route the page adds,
+`GET /v2/certificates` (the days left on the certificate served and on the cluster CA), is a reader route
+like the others: the page's data never goes out without a credential.
 
 The files ship inside the package (package data, see pyproject.toml) and are read once, when this module
 is imported at start: a request never touches the disk. Their ETag is a digest of their bytes, and every
@@ -12,12 +14,16 @@ answer says `no-cache`, so a browser revalidates each load and a new daemon vers
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
+import msgspec
 from aiohttp import web
 
-from .bodies import ApiError
+from .bodies import ApiError, json_response
+from .contract import CERTIFICATE_WARN_DAYS, days_left
 from .routes import rule
 
 CONTENT_TYPES = {
@@ -87,3 +93,38 @@ async def ui_file(request: web.Request) -> web.Response:
     if asset is None:
         raise ApiError(404, "NOT_FOUND", "no such file under /ui/")
     return _answer(request, asset)
+
+
+# --- the days left on the certificates ------------------------------------------------------------------
+
+# tls.ServerTls.expiry (certificate label -> not-after, unix seconds), or None on plain HTTP; app.py sets it.
+CERTIFICATE_EXPIRY = web.AppKey("certificate_expiry", object)
+
+
+class CertificateDays(msgspec.Struct, forbid_unknown_fields=True):
+    certificate: str  # "server" (the one this daemon serves) or "ca" (the cluster CA)
+    not_after: str  # RFC 3339 UTC
+    days_left: int  # whole days, rounded down; negative once expired
+    warn: bool  # days_left < warn_days
+
+
+class Certificates(msgspec.Struct, forbid_unknown_fields=True):
+    certificates: list[CertificateDays]  # empty on plain HTTP (the lab switch)
+    warn_days: int
+
+
+def certificate_days(expiry: dict[str, float] | None, now_s: float) -> Certificates:
+    """What GET /v2/certificates answers for `expiry` (ServerTls.expiry(), None on plain HTTP) at now_s."""
+    rows = []
+    for certificate, not_after_s in sorted((expiry or {}).items(), key=lambda item: item[0] != "server"):
+        left = days_left(not_after_s, now_s)
+        not_after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after_s))
+        rows.append(CertificateDays(certificate, not_after, left, left < CERTIFICATE_WARN_DAYS))
+    return Certificates(rows, CERTIFICATE_WARN_DAYS)
+
+
+@page_routes.get("/v2/certificates")
+@rule(auth="reader")
+async def certificates(request: web.Request) -> web.Response:
+    expiry: Callable[[], dict[str, float]] | None = request.app.get(CERTIFICATE_EXPIRY)
+    return json_response(certificate_days(None if expiry is None else expiry(), time.time()))

@@ -1,6 +1,6 @@
 "use strict";
-// The cluster page: reads /v2/nodes, /v2/catalog/models and /v2/placement/errors with a read credential
-// and redraws its tables every few seconds.
+// The cluster page: reads /v2/nodes, /v2/catalog/models, /v2/placement/errors and /v2/certificates with a
+// read credential and redraws its tables every few seconds.
 //
 // The credential lives in this tab's sessionStorage only (gone when the tab closes, never shared with other
 // tabs or written to disk the way localStorage is) and travels as an Authorization header, never in a URL
@@ -159,6 +159,36 @@
     );
   }
 
+  // The days left on the certificate this daemon serves and on the cluster CA. Whether a row warns is the
+  // daemon's call (warn_days, the threshold status.yml uses too), not a second copy of it here.
+  const CERTIFICATE_NAMES = { server: "server certificate (this daemon)", ca: "cluster CA" };
+
+  function drawCertificates(answer) {
+    const certificates = answer && Array.isArray(answer.certificates) ? answer.certificates.slice(0, 10) : [];
+    fill(
+      "certificates",
+      certificates.map((item) => {
+        const days = item.warn
+          ? item.days_left + " (fewer than " + answer.warn_days + ": renew)"
+          : String(item.days_left);
+        const tr = row(
+          [
+            cell(CERTIFICATE_NAMES[item.certificate] || item.certificate),
+            cell(days, item.warn ? "days-warn" : ""),
+            cell(item.not_after),
+          ],
+          { certificate: item.certificate, warn: item.warn ? "yes" : "no" },
+        );
+        if (item.warn) tr.className = "warn";
+        return tr;
+      }),
+    );
+    // An older daemon without the route says nothing about its certificates: not "plain HTTP".
+    $("certificates-empty").textContent = answer
+      ? "No certificate: this daemon serves plain HTTP."
+      : "This daemon does not report its certificates.";
+  }
+
   function sayFreshness(state, text) {
     const freshness = $("freshness");
     freshness.textContent = text;
@@ -174,10 +204,11 @@
     timer = null;
     if (!credential()) return askForCredential("");
     try {
-      const [nodes, models, errors] = await Promise.all([
+      const [nodes, models, errors, certificates] = await Promise.all([
         read("/v2/nodes"),
         read("/v2/catalog/models"),
         read("/v2/placement/errors"),
+        read("/v2/certificates"),
       ]);
       if (!credential()) return; // forgotten while the answers were on their way
       if (!nodes || !models) throw new Error("this daemon lacks /v2/nodes or /v2/catalog/models");
@@ -185,6 +216,7 @@
       drawPools(nodes.nodes || []);
       drawModels(models.models || []);
       drawErrors(errors);
+      drawCertificates(certificates);
       lastGoodAt = new Date();
       sayFreshness("ok", "updated " + clock(lastGoodAt) + ", every " + REFRESH_MS / 1000 + " s");
     } catch (problem) {
@@ -213,7 +245,7 @@
     timer = null;
     sessionStorage.removeItem(STORAGE_KEY);
     lastGoodAt = null;
-    for (const table of ["nodes", "pools", "models", "errors"]) fill(table, []);
+    for (const table of ["nodes", "pools", "models", "errors", "certificates"]) fill(table, []);
     askForCredential(problem);
   }
 
