@@ -204,6 +204,7 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
             schemas.CredentialList,
             schemas.JoinRequest,
             schemas.JoinAnswer,
+            schemas.Certificates,
         ],
         ref_template=REF,
     )
@@ -259,6 +260,15 @@ def build_document(metrics_enabled: bool = True) -> dict[str, Any]:
                 "responses": {
                     "200": _json("HeartbeatAnswer", "Recorded"),
                     **_errors("400", "401", "403", "404", "413"),
+                },
+            }
+        },
+        "/v2/certificates": {
+            "get": {
+                "summary": "Days left on the certificate this daemon serves and on the cluster CA (reader)",
+                "responses": {
+                    "200": _json("Certificates", "Server first, then the CA"),
+                    **_errors("401", "403"),
                 },
             }
         },

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
-import msgspec
 from aiohttp import web
 
 from .bodies import ApiError, json_response
 from .contract import CERTIFICATE_WARN_DAYS, days_left
 from .routes import rule
+from .schemas import CertificateDays, Certificates
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -99,18 +99,6 @@ async def ui_file(request: web.Request) -> web.Response:
 
 # tls.ServerTls.expiry (certificate label -> not-after, unix seconds), or None on plain HTTP; app.py sets it.
 CERTIFICATE_EXPIRY = web.AppKey("certificate_expiry", object)
-
-
-class CertificateDays(msgspec.Struct, forbid_unknown_fields=True):
-    certificate: str  # "server" (the one this daemon serves) or "ca" (the cluster CA)
-    not_after: str  # RFC 3339 UTC
-    days_left: int  # whole days, rounded down; negative once expired
-    warn: bool  # days_left < warn_days
-
-
-class Certificates(msgspec.Struct, forbid_unknown_fields=True):
-    certificates: list[CertificateDays]  # empty on plain HTTP (the lab switch)
-    warn_days: int
 
 
 def certificate_days(expiry: dict[str, float] | None, now_s: float) -> Certificates:

@@ -252,5 +252,19 @@ class Placement(Wire):
     model_id: Annotated[str, Meta(description="the model the chosen engine serves")]
 
 
+class CertificateDays(Wire):
+    certificate: Annotated[
+        str, Meta(description='"server" (the one this daemon serves) or "ca" (the cluster CA)')
+    ]
+    not_after: Annotated[str, Meta(description="RFC 3339 UTC")]
+    days_left: Annotated[int, Meta(description="whole days, rounded down; negative once expired")]
+    warn: Annotated[bool, Meta(description="days_left < warn_days")]
+
+
+class Certificates(Wire):
+    certificates: Annotated[list[CertificateDays], Meta(description="empty on plain HTTP (the lab switch)")]
+    warn_days: int
+
+
 def encode(value: Any) -> bytes:
     return msgspec.json.encode(value)
