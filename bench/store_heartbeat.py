@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -82,6 +83,7 @@ def main() -> None:
                 stored = [db.execute(STORED).fetchone()[0], daemon_sql(database, STORED)[0][0]]
     finally:
         server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
 
     print(f"median of {args.rounds} rounds of {args.duration} s:")
     for target, runs in zip(targets, (sqlite_runs, pg_runs), strict=True):
