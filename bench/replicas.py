@@ -1,13 +1,13 @@
 """What a replica carries: two orchestratord replicas on one throwaway PostgreSQL (Debian's server, as the
 tests start it, with fsync on), NODES nodes heartbeating every INTERVAL seconds.
 
-Two phases on the same replicas, each after a quiet spell that measures what a replica costs doing
-nothing but polling the database:
+Two phases on the same replicas, after one interval of warm-up, then a quiet spell that measures what a
+replica costs doing nothing but polling the database:
 - "first only": every node heartbeats to the first replica; the second learns every heartbeat from the
   first one's batched rows. This separates the two costs: CPU per heartbeat taken over HTTP (the first)
   and per heartbeat learnt from the database (the second).
 - "spread": half the nodes (even numbers) heartbeat to the first replica, half to the second, as agents
-  given both URLs spread themselves; each replica takes half over HTTP and learns the other half.
+  given the URL list in two orders are (docs/failover.md); each takes half over HTTP, learns the rest.
 Per phase it prints, per replica, the CPU per heartbeat and the cores used, and the database's write rate
 from pg_stat_database / pg_stat_user_tables deltas (rows and transactions per second, WAL bytes), then
 how many nodes each replica lists online.
@@ -269,7 +269,6 @@ def main() -> None:
             def phase(owner: list[int], seconds: float = args.seconds):
                 return lambda: asyncio.run(drive(urls, owner, args.interval, seconds))
 
-            measure_phase("quiet", replicas, server, database_name, quiet)
             # One interval to open the connections and settle every node's readings on both replicas.
             measure_phase(
                 "warm-up (not a figure)",
@@ -283,6 +282,9 @@ def main() -> None:
             measure_phase(
                 "spread", replicas, server, database_name, phase([n % 2 for n in range(args.nodes)])
             )
+            # Last, so that nothing from the registration (the other replica's records still being taken
+            # in) counts as the cost of doing nothing.
+            measure_phase("quiet", replicas, server, database_name, quiet)
             online = [online_on(url) for url in urls]
         finally:
             for replica in replicas:
