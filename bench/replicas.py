@@ -123,25 +123,44 @@ async def drive(urls: list[str], owner: list[int], interval_s: float, seconds: f
     return sent
 
 
-async def register(urls: list[str], nodes: int) -> None:
-    """Every node registered, node n at urls[n % len(urls)], with its first heartbeat."""
+REGISTER_TRIES = 3  # an agent retries a 503; so does the bench, and it says how often
+
+
+async def register(urls: list[str], nodes: int) -> int:
+    """Every node registered, node n at urls[n % len(urls)], with its first heartbeat; the number of 503
+    answers retried. Any other failure, or a 503 REGISTER_TRIES times over, ends the bench."""
     first_beat = heartbeat_bodies()[0].encode()
+    retried = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32), headers=HEADERS) as session:
         limit = asyncio.Semaphore(32)
 
-        async def one(number: int) -> None:
+        async def post(what: str, url: str, **body) -> str | None:
+            """None once answered 200, else why not."""
+            nonlocal retried
+            for attempt in range(1, REGISTER_TRIES + 1):
+                async with session.post(url, **body) as answer:
+                    if answer.status == 200:
+                        return None
+                    text = (await answer.text())[:300]
+                if answer.status != 503 or attempt == REGISTER_TRIES:
+                    return f"{what}: {answer.status} {text}"
+                retried += 1
+            return None
+
+        async def one(number: int) -> str | None:
             url = urls[number % len(urls)]
             async with limit:
                 registration = harness.registration(node_id(number), pools=2)
-                async with session.post(f"{url}/v2/nodes/register", json=registration) as answer:
-                    if answer.status != 200:
-                        sys.exit(f"register {node_id(number)}: {answer.status} {await answer.text()}")
+                failed = await post(
+                    f"register {node_id(number)}", f"{url}/v2/nodes/register", json=registration
+                )
                 beat_url = f"{url}/v2/nodes/{node_id(number)}/heartbeat"
-                async with session.post(beat_url, data=first_beat) as answer:
-                    if answer.status != 200:
-                        sys.exit(f"heartbeat {node_id(number)}: {answer.status} {await answer.text()}")
+                return failed or await post(f"heartbeat {node_id(number)}", beat_url, data=first_beat)
 
-        await asyncio.gather(*(one(n) for n in range(nodes)))
+        failures = [why for why in await asyncio.gather(*(one(n) for n in range(nodes))) if why]
+    if failures:
+        sys.exit(f"bench: {len(failures)} nodes could not register, the first: {failures[0]}")
+    return retried
 
 
 def online_on(url: str) -> int:
@@ -252,12 +271,13 @@ def main() -> None:
         urls = [r.url for r in replicas]
         try:
             started = time.monotonic()
-            asyncio.run(register(urls, args.nodes))
+            retried = asyncio.run(register(urls, args.nodes))
             print(
-                f"registered {args.nodes} nodes, half on each replica, in {time.monotonic() - started:.1f} s"
+                f"registered {args.nodes} nodes, half on each replica, "
+                f"in {time.monotonic() - started:.1f} s; {retried} answers 503 (the database busy) retried"
             )
-            # Registration takes long enough that the first nodes' one heartbeat is stale by now: wait
-            # until both replicas know every node; the phases' heartbeats bring them online.
+            # Each replica learns the other's registrations from the change log: wait until both list
+            # every node before anything is measured.
             for url in urls:
                 wait_until(
                     lambda url=url: listed_on(url) == args.nodes, timeout=60, interval=1, what=f"all on {url}"
