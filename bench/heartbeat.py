@@ -12,7 +12,6 @@ round with any answer that is not 2xx fails the bench instead.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,50 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _orchestratord import harness
-
-NODES = 1000
-CONNECTIONS = 64
-MODELS = ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b"]
-SLOT_STEPS = 5  # each node's heartbeats cycle through this many free-slot readings
-
-
-def heartbeat_bodies() -> list[str]:
-    return [
-        json.dumps(
-            harness.heartbeat_body(
-                [
-                    harness.pool_status("pool-0", 8 - step, 60, MODELS),
-                    harness.pool_status("pool-1", 8, 70, MODELS),
-                ]
-            )
-        )
-        for step in range(SLOT_STEPS)
-    ]
-
-
-def write_lua(path: Path, token: str | None) -> Path:
-    bodies = ", ".join(harness.lua_string(body) for body in heartbeat_bodies())
-    auth = f'wrk.headers["Authorization"] = {harness.lua_string("Bearer " + token)}' if token else ""
-    path.write_text(
-        f"""
-local ids = {{}}
-for i = 0, {NODES - 1} do ids[#ids + 1] = string.format("bench-%04d", i) end
-local bodies = {{ {bodies} }}
-local counter = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-{auth}
-request = function()
-  local node = counter % {NODES}
-  local visit = math.floor(counter / {NODES})
-  counter = counter + 1
-  local body = bodies[(visit % {SLOT_STEPS}) + 1]
-  return wrk.format(nil, "/v2/nodes/" .. ids[node + 1] .. "/heartbeat", nil, body)
-end
-"""
-    )
-    path.chmod(0o600)
-    return path
+from _orchestratord.heartbeat_load import (  # noqa: F401  (tls_heartbeat.py takes these from here)
+    CONNECTIONS,
+    NODES,
+    SLOT_STEPS,
+    heartbeat_bodies,
+    seed,
+    write_lua,
+)
 
 
 def main() -> None:
@@ -81,14 +44,7 @@ def main() -> None:
         daemon = harness.Daemon(scratch, db_dir, node_timeout_ms=600_000, heartbeat_interval_ms=5000)
         bare = harness.BareApp("heartbeat")
         try:
-            nodes = [
-                (
-                    harness.registration(f"bench-{n:04d}", pools=2),
-                    json.loads(heartbeat_bodies()[0]),
-                )
-                for n in range(NODES)
-            ]
-            seconds = harness.seed_nodes(daemon.url, daemon.token, nodes)
+            seconds = seed(daemon)
             print(f"registered {NODES} nodes over HTTP in {seconds:.1f} s (each registration fsynced)")
             daemon_script = write_lua(scratch / "daemon.lua", daemon.token)
             bare_script = write_lua(scratch / "bare.lua", None)

@@ -365,6 +365,38 @@ def rng(seed: int = 42) -> random.Random:
     return random.Random(seed)
 
 
+@dataclass
+class Target:
+    """One server a bench loads in turn with the others: what it is called, where, its process, its script."""
+
+    label: str
+    url: str
+    pid: int
+    script: Path
+
+
+def alternating_rounds(
+    targets: list[Target], rounds: int, duration_s: int, connections: int, note: str = ""
+) -> list[list[WrkResult]]:
+    """A 2 s warm-up of each target, then `rounds` rounds of each in turn, each round printed; the results
+    per target, in the order of `targets`. Every other round runs the targets in reverse order, so a
+    machine growing busier or quieter during the run does not favour whichever always runs first."""
+    for target in targets:
+        run_wrk(target.url, target.script, 2, connections, target.pid, f"warm-up, {target.label}")
+    results: list[list[WrkResult]] = [[] for _ in targets]
+    for number in range(1, rounds + 1):
+        order = list(enumerate(targets))
+        for index, target in order if number % 2 else reversed(order):
+            label = f"round {number}, {target.label}{note}"
+            results[index].append(
+                run_wrk(target.url, target.script, duration_s, connections, target.pid, label)
+            )
+        print(f"round {number}:")
+        for target, runs in zip(targets, results, strict=True):
+            print("  " + describe(target.label, runs[-1]))
+    return results
+
+
 def paired_rounds(
     daemon: Daemon,
     daemon_script: Path,
@@ -375,32 +407,15 @@ def paired_rounds(
     connections: int,
     note: str = "",
 ) -> tuple[list[WrkResult], list[WrkResult]]:
-    """A 2 s warm-up of each, then `rounds` of the daemon and the bare app back to back, each printed."""
-    run_wrk(daemon.url, daemon_script, 2, connections, daemon.proc.pid, "warm-up, daemon")
-    run_wrk(bare.url, bare_script, 2, connections, bare.proc.pid, "warm-up, bare")
-    daemon_runs, bare_runs = [], []
-    for number in range(1, rounds + 1):
-        daemon_runs.append(
-            run_wrk(
-                daemon.url,
-                daemon_script,
-                duration_s,
-                connections,
-                daemon.proc.pid,
-                f"round {number}, orchestratord{note}",
-            )
-        )
-        bare_runs.append(
-            run_wrk(
-                bare.url,
-                bare_script,
-                duration_s,
-                connections,
-                bare.proc.pid,
-                f"round {number}, bare aiohttp{note}",
-            )
-        )
-        print(f"round {number}:")
-        print("  " + describe("orchestratord", daemon_runs[-1]))
-        print("  " + describe("bare aiohttp", bare_runs[-1]))
+    """The daemon and the bare app in alternating rounds (see alternating_rounds)."""
+    daemon_runs, bare_runs = alternating_rounds(
+        [
+            Target("orchestratord", daemon.url, daemon.proc.pid, daemon_script),
+            Target("bare aiohttp", bare.url, bare.proc.pid, bare_script),
+        ],
+        rounds,
+        duration_s,
+        connections,
+        note,
+    )
     return daemon_runs, bare_runs
