@@ -89,3 +89,13 @@ def test_a_missing_or_short_db_password_is_refused(tmp_path):
         "orchestratord_db_password must be set, at least 16" in message
         and "short" not in message.split("must be set")[0]
     ), message
+
+
+def test_control_hosts_naming_different_databases_are_refused(tmp_path):
+    inv = inventory(orchestratord_db_password=DB_PASSWORD)
+    hosts = inv["all"]["children"]["control"]["hosts"]
+    hosts["ctl-a"]["orchestratord_db_url"] = DB_URL
+    hosts["ctl-b"]["orchestratord_db_url"] = DB_URL.replace("db-1", "db-2")
+    rc, message = validate(tmp_path, inv)
+    assert rc != 0
+    assert "name different databases" in message and "db-2" in message, message
