@@ -213,3 +213,26 @@ def downgrade_database(config: dict, version: int) -> None:
         for statement in _UNDO_MIGRATION[undone]:
             daemon_sql(config, statement)
         daemon_sql(config, "DELETE FROM schema_version WHERE version = $1", (undone,))
+
+
+def start_tls_postgres(cert_file: Path, key_file: Path) -> PostgresServer:
+    """A throwaway server that takes TLS connections only (hostssl ... scram-sha-256, as role postgresql
+    sets it up) with the given certificate and key; stop it and remove its root when done."""
+    bindir = server_bindir()
+    root = Path(tempfile.mkdtemp(prefix="llorch-pg-tls-"))
+    server = PostgresServer(root=root, bindir=bindir).init()
+    owner = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
+    for name, source, mode in (("server.crt", cert_file, 0o644), ("server.key", key_file, 0o600)):
+        target = server.data_dir / name
+        target.write_bytes(source.read_bytes())
+        target.chmod(mode)
+        if owner is not None:
+            os.chown(target, owner.pw_uid, owner.pw_gid)
+    # Later lines win: the TLS settings after init()'s `ssl = off`, and no plain-TCP line left in pg_hba.
+    with (server.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+    (server.data_dir / "pg_hba.conf").write_text(
+        "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\n"
+    )
+    server.start()
+    return server

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .auth import BearerAuth
 from .client_keys import ClientKeys
-from .config import Settings, parse_db_url
+from .config import Settings, database_target
 from .connections import ConnectionGuard
 from .engine_keys import EngineKeys
 from .gateway import Gateway
@@ -72,7 +72,7 @@ def build_store(settings: Settings, db_password: str | None) -> Store:
         raise StoreRefused(
             f"db_url is set but the PostgreSQL driver is missing ({exc}): install orchestratord[postgresql]"
         ) from None
-    return PostgresStore(parse_db_url(settings.db_url), db_password)
+    return PostgresStore(database_target(settings), db_password)
 
 
 def _replication(store: Store, registry: Registry, settings: Settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -38,6 +38,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # password comes from db_password_file (0600), never from the URL, which is logged.
     db_url: str | None = None
     db_password_file: str | None = None
+    # The CA bundle that signed the database server's certificate (libpq's sslrootcert): needs db_url with
+    # sslmode verify-ca or verify-full, which in turn need it (asyncpg would otherwise look in the daemon
+    # user's ~/.postgresql/root.crt). For a managed service with a public CA, the system bundle.
+    db_ca_file: str | None = None
     # PostgreSQL replicas (replication.py): how often each reads what the others wrote when no NOTIFY woke
     # it earlier. Other replicas' changes and heartbeats show within about this long.
     db_poll_interval_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
@@ -100,6 +104,7 @@ STRING_SETTINGS = (
     "db_path",
     "db_url",
     "db_password_file",
+    "db_ca_file",
     "log_level",
     "client_keys_file",
     "engine_keys_dir",
@@ -111,6 +116,8 @@ DB_URL_SCHEMES = ("postgresql", "postgres")
 # The only query parameter db_url takes: anything else (password=, passfile=) could carry a secret into a
 # logged value or change what the daemon trusts behind its back.
 DB_URL_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+# The modes that check the server's certificate against db_ca_file.
+DB_URL_VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class DatabaseTarget:
     user: str
     database: str
     sslmode: str
+    ca_file: str | None = None  # db_ca_file: the CA the server's certificate must verify against
 
     def __str__(self) -> str:  # for log lines and messages: no secret in it
         return f"PostgreSQL {self.user}@{self.host}:{self.port}/{self.database}"
@@ -212,7 +220,34 @@ def load_settings(config_path: str | Path | None, environ: dict[str, str] | None
         except ConfigError as exc:
             where = f"environment variable {ENV_PREFIX}DB_URL" if "db_url" in env else source
             raise ConfigError(f"{where}: {exc}") from None
+    _check_db_tls(settings, source, env)
     return settings
+
+
+def _check_db_tls(settings: Settings, source: str, env: dict) -> None:
+    """db_ca_file and a verifying sslmode come together; either alone is a mistake said at start."""
+    sslmode = parse_db_url(settings.db_url).sslmode if settings.db_url is not None else None
+    if settings.db_ca_file is not None:
+        where = f"environment variable {ENV_PREFIX}DB_CA_FILE" if "db_ca_file" in env else source
+        if sslmode is None:
+            raise ConfigError(f"{where}: db_ca_file is set but db_url is not (db_ca_file is for PostgreSQL)")
+        if sslmode not in DB_URL_VERIFYING_SSLMODES:
+            raise ConfigError(
+                f"{where}: db_ca_file is set but db_url's sslmode is {sslmode}, which never checks the "
+                "server's certificate: add ?sslmode=verify-full (or verify-ca) to db_url"
+            )
+    elif sslmode in DB_URL_VERIFYING_SSLMODES:
+        where = f"environment variable {ENV_PREFIX}DB_URL" if "db_url" in env else source
+        raise ConfigError(
+            f"{where}: db_url's sslmode={sslmode} needs db_ca_file, the CA that signed the database's "
+            "certificate (the system bundle /etc/ssl/certs/ca-certificates.crt for a public CA)"
+        )
+
+
+def database_target(settings: Settings) -> DatabaseTarget:
+    """Where the PostgreSQL store connects: db_url's parts and the CA it checks the server with."""
+    assert settings.db_url is not None
+    return replace(parse_db_url(settings.db_url), ca_file=settings.db_ca_file)
 
 
 def load_db_password(settings: Settings) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,6 +145,24 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+def client_ssl(target: DatabaseTarget) -> ssl.SSLContext | str:
+    """asyncpg's `ssl`: db_url's sslmode as is, or with db_ca_file a context that trusts that CA alone
+    (verify-full also checks db_url's host against the certificate's names). StoreRefused when the file
+    cannot serve as a CA: a person must fix it, a restart would not."""
+    if target.ca_file is None:
+        return target.sslmode
+    try:
+        context = ssl.create_default_context(cafile=target.ca_file)
+    except ssl.SSLError as exc:
+        raise StoreRefused(
+            f"db_ca_file {target.ca_file} holds no usable CA certificate ({exc.reason or exc})"
+        ) from None
+    except OSError as exc:
+        raise StoreRefused(f"db_ca_file {target.ca_file} cannot be read: {exc.strerror or exc}") from None
+    context.check_hostname = target.sslmode == "verify-full"
+    return context
+
+
 class PostgresStore:
     """load all, upsert node, update drain, delete node, write heartbeats in a batch."""
 
@@ -152,6 +171,7 @@ class PostgresStore:
         self.description = str(target)
         self._password = password
         self._pool: asyncpg.Pool | None = None
+        self._ssl: ssl.SSLContext | str = target.sslmode  # open() loads db_ca_file into it
         # FIFO: asyncio.Lock wakes waiters in the order they came, so writes keep the registry's order.
         self._write_lock = asyncio.Lock()
         self.write_error: str | None = None  # why the last write failed, until one works again
@@ -161,6 +181,7 @@ class PostgresStore:
     # --- lifecycle
 
     async def open(self) -> None:
+        self._ssl = client_ssl(self.target)
         try:
             self._pool = await asyncpg.create_pool(
                 host=self.target.host,
@@ -168,7 +189,7 @@ class PostgresStore:
                 user=self.target.user,
                 database=self.target.database,
                 password=self._password,
-                ssl=self.target.sslmode,
+                ssl=self._ssl,
                 # No floor: asyncpg would keep reconnecting to a database that is away in the background,
                 # logging a traceback each time; a call that needs a connection opens it and says why not.
                 min_size=0,
@@ -186,6 +207,13 @@ class PostgresStore:
             raise StoreRefused(
                 f"the database {self.description} refuses the login ({_one_line(exc)}); check the user in "
                 "db_url and the password in db_password_file"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            await self._close_pool()
+            raise StoreRefused(
+                f"the database {self.description} shows a certificate that db_ca_file "
+                f"{self.target.ca_file} does not vouch for ({exc.verify_message or _one_line(exc)}); "
+                "check db_ca_file and db_url's host"
             ) from None
         except _UNAVAILABLE as exc:
             await self._close_pool()
@@ -497,7 +525,7 @@ class PostgresStore:
             user=self.target.user,
             database=self.target.database,
             password=self._password,
-            ssl=self.target.sslmode,
+            ssl=self._ssl,
             timeout=CONNECT_TIMEOUT_S,
             command_timeout=STATEMENT_TIMEOUT_S,
             server_settings={"application_name": "orchestratord-listen"},

@@ -43,6 +43,12 @@ def project_identity(root: Path) -> tuple[str, str]:
         ) from None
 
 
+def optional_extras(root: Path) -> list[str]:
+    """The names of [project.optional-dependencies] in root's pyproject.toml."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return list(project.get("optional-dependencies", {}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--constraints", type=Path, required=True)
@@ -59,7 +65,11 @@ def main() -> None:
     packages, sources = {}, {}
     for root in args.sources:
         name, version = project_identity(root)
-        packages[name], sources[name] = version, str(root)
+        # Every optional extra goes into the package's wheels too (orchestratord[postgresql]: asyncpg), so
+        # a host that turns one on later installs it from the same archive, without an index.
+        extras = sorted(optional_extras(root))
+        packages[name] = version
+        sources[name] = str(root) + (f"[{','.join(extras)}]" if extras else "")
         for path in source_files(root):
             digest.update(f"\0{root.name}/{path.relative_to(root)}\0".encode())
             digest.update(path.read_bytes())
