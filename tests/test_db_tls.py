@@ -9,6 +9,7 @@ cannot work together are refused before anything connects."""
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -98,6 +99,40 @@ def test_verify_full_with_the_kit_ca_serves_and_keeps_what_it_wrote(tls_postgres
         assert rows[0][0] >= 1 and rows[0][1] is True, rows
         daemon.restart()
         wait_until(lambda: status_of(daemon, "gpu-1") == "draining", timeout=10, what="the drain kept")
+    finally:
+        daemon.stop()
+
+
+def test_sighup_reloads_db_ca_file_for_new_connections_and_keeps_the_trust_when_the_file_breaks(
+    tls_postgres, kit_pki, tmp_path
+):
+    """A rotated cluster CA reaches the database connections without a restart (docs/tls.md#rotation):
+    after SIGHUP, new connections trust what db_ca_file holds now; a file that no longer loads changes
+    nothing but one ERROR line."""
+    ca_file = tmp_path / "db-ca.crt"
+    shutil.copyfile(kit_pki / "ca.crt", ca_file)
+    settings = db_settings(tls_postgres, tmp_path, "verify-full")
+    daemon = make_daemon(tmp_path, **settings, db_ca_file=str(ca_file)).start()
+
+    def drain(value: bool) -> int:
+        return daemon.api("POST", "/v2/nodes/gpu-1/drain", {"drain": value}).status
+
+    try:
+        online_node(daemon, "gpu-1", ["llama"], serve="llama")
+        ca_file.write_bytes(b"not a certificate\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "db_ca_file reload refused" in daemon.log(), timeout=10, what="the refusal")
+        assert drain(True) == 200, "a broken file keeps the trust held so far"
+        write_ca(ca_file, common_name="someone else's CA")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded: new database connections" in daemon.log(), timeout=10, what="reload")
+        # The pool's connections are replaced: the next write needs a new one, which the kit's CA no
+        # longer vouches for.
+        wait_until(lambda: drain(False) == 503, timeout=20, what="a write refused under a foreign CA")
+        shutil.copyfile(kit_pki / "ca.crt", ca_file)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: drain(False) == 200, timeout=20, what="writes back under the kit's CA")
+        assert daemon.proc.poll() is None, "nothing restarted"
     finally:
         daemon.stop()
 

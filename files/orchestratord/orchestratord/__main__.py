@@ -26,7 +26,7 @@ from .config import (
     load_token,
     token_fingerprint,
 )
-from .store import StoreError, StoreRefused
+from .store import Store, StoreError, StoreRefused
 from .tls import HandshakeBoundSite, ServerTls, load_server_tls
 
 EXIT_CANNOT_SERVE = 1
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(app: web.Application, settings: Settings, server_tls: ServerTls | None = None) -> None:
     """What web.run_app does, plus the connection guard on the server it builds, until SIGTERM/SIGINT;
     over HTTPS when server_tls is given, whose certificate SIGHUP reloads."""
-    from .routes import CONNECTIONS
+    from .routes import CONNECTIONS, REGISTRY
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     try:
@@ -115,10 +115,8 @@ async def serve(app: web.Application, settings: Settings, server_tls: ServerTls 
         guard.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        # SIGHUP (systemctl reload) renews the certificate; on plain HTTP it must not end the process.
-        loop.add_signal_handler(
-            signal.SIGHUP, _nothing_to_reload if server_tls is None else server_tls.reload
-        )
+        # SIGHUP (systemctl reload) renews the certificate and the database's CA; it never ends the process.
+        loop.add_signal_handler(signal.SIGHUP, _reload, server_tls, app[REGISTRY].store)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
@@ -127,8 +125,12 @@ async def serve(app: web.Application, settings: Settings, server_tls: ServerTls 
         await runner.cleanup()
 
 
-def _nothing_to_reload() -> None:
-    log.info("SIGHUP: nothing to reload on plain HTTP")
+def _reload(server_tls: ServerTls | None, store: Store) -> None:
+    if server_tls is None:
+        log.info("SIGHUP: no certificate to reload on plain HTTP")
+    else:
+        server_tls.reload()
+    store.reload_tls()
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ class Store(Protocol):
     async def delete_node(self, node_id: str) -> None: ...
     async def write_heartbeats(self, rows: list[HeartbeatRow]) -> None: ...
     async def load_credentials(self) -> list[CredentialRow]: ...
+    def reload_tls(self) -> None:
+        """SIGHUP: the database's TLS trust read again (PostgreSQL's db_ca_file; nothing for SQLite)."""
 
     async def write_credentials(
         self, delete: list[str], put: list[CredentialRow], spend: tuple[str, bytes] | None = None
@@ -211,6 +213,9 @@ class SqliteStore:
             raise StoreDamaged(
                 f"the database at db_path {self.db_path} is damaged ({problem}); {_DAMAGE_HINT}"
             )
+
+    def reload_tls(self) -> None:
+        """A file on this host: no TLS to reload."""
 
     async def close(self) -> None:
         await self._run(self._close)

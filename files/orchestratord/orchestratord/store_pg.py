@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 POOL_MAX_SIZE = 4
 CONNECT_TIMEOUT_S = 5.0
 STATEMENT_TIMEOUT_S = 10.0  # a heartbeat batch of 10,000 nodes takes well under a second
+# The server ends a session of this daemon left idle inside a transaction this long: a replica whose event
+# loop stalls mid-write (it happened: 27.6 s while it indexed 10,000 nodes, bench/replicas.py) then fails its
+# own write instead of holding ORDER_LOCK_KEY, and with it every other replica's writes, for as long.
+IDLE_IN_TRANSACTION_MS = 5_000
 ACQUIRE_TIMEOUT_S = 5.0
 # pg_advisory_xact_lock's key for migrations: any constant other tools on the database do not use.
 MIGRATION_LOCK_KEY = 0x6C6C6F7263680001  # "llorch" + 1
@@ -172,6 +176,7 @@ class PostgresStore:
         self._password = password
         self._pool: asyncpg.Pool | None = None
         self._ssl: ssl.SSLContext | str = target.sslmode  # open() loads db_ca_file into it
+        self._expiring: asyncio.Task | None = None  # the pool's connections replaced after reload_tls
         # FIFO: asyncio.Lock wakes waiters in the order they came, so writes keep the registry's order.
         self._write_lock = asyncio.Lock()
         self.write_error: str | None = None  # why the last write failed, until one works again
@@ -184,19 +189,11 @@ class PostgresStore:
         self._ssl = client_ssl(self.target)
         try:
             self._pool = await asyncpg.create_pool(
-                host=self.target.host,
-                port=self.target.port,
-                user=self.target.user,
-                database=self.target.database,
-                password=self._password,
-                ssl=self._ssl,
                 # No floor: asyncpg would keep reconnecting to a database that is away in the background,
                 # logging a traceback each time; a call that needs a connection opens it and says why not.
                 min_size=0,
                 max_size=POOL_MAX_SIZE,
-                timeout=CONNECT_TIMEOUT_S,
-                command_timeout=STATEMENT_TIMEOUT_S,
-                server_settings={"application_name": "orchestratord"},
+                **self._connect_args(),
             )
             await self._migrate()
         except StoreError:
@@ -514,6 +511,41 @@ class PostgresStore:
                 )
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot prune the change log: {_one_line(exc)}") from None
+
+    def _connect_args(self) -> dict:
+        """What every pooled connection is opened with (asyncpg's connect arguments)."""
+        return {
+            "host": self.target.host,
+            "port": self.target.port,
+            "user": self.target.user,
+            "database": self.target.database,
+            "password": self._password,
+            "ssl": self._ssl,
+            "timeout": CONNECT_TIMEOUT_S,
+            "command_timeout": STATEMENT_TIMEOUT_S,
+            "server_settings": {
+                "application_name": "orchestratord",
+                "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
+            },
+        }
+
+    def reload_tls(self) -> None:
+        """SIGHUP: db_ca_file read again, for the connections opened from now on; the open ones are replaced
+        as they are released (a rotated cluster CA, docs/tls.md#rotation). A file that no longer loads: one
+        ERROR line, and the trust held so far stays."""
+        if self.target.ca_file is None or self._pool is None:
+            return
+        try:
+            fresh = client_ssl(self.target)
+        except StoreRefused as exc:
+            log.error("db_ca_file reload refused, the database's certificate checked as before: %s", exc)
+            return
+        self._ssl = fresh
+        self._pool.set_connect_args(**self._connect_args())
+        self._expiring = asyncio.get_running_loop().create_task(self._pool.expire_connections())
+        log.info(
+            "db_ca_file %s reloaded: new database connections trust what it holds now", self.target.ca_file
+        )
 
     async def listen(self, wake: Callable[[], None]) -> asyncpg.Connection:
         """A dedicated connection outside the pool, LISTENing for commits of other replicas; `wake` is
