@@ -342,7 +342,9 @@ def test_plain_http_has_no_expiry_gauge_and_survives_a_sighup(daemon):
     assert "orchestratord_tls_certificate_expiry" not in daemon.api("GET", "/metrics", token=None).text
     assert "plain_http: true" in daemon.log()
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "no certificate to reload on plain HTTP" in daemon.log(), timeout=10, what="the SIGHUP line")
+    wait_until(
+        lambda: "no certificate to reload on plain HTTP" in daemon.log(), timeout=10, what="the SIGHUP line"
+    )
     assert daemon.proc.poll() is None and daemon.api("GET", "/health", token=None).status == 200
 
 
