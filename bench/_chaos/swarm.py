@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class Sent:
     kind: str  # "register" | "heartbeat"
     status: int | None  # None: no HTTP answer (refused, timed out)
     answered_at: float
+    url: str = ""  # the control-plane URL that answered (or the next to try, with no answer)
 
 
 class RecordingControlPlane(ControlPlane):
@@ -62,7 +64,7 @@ class RecordingControlPlane(ControlPlane):
         sent = time.monotonic()
         answer = await super().request(method, path, *args, **kwargs)
         kind = path.rsplit("/", 1)[-1]  # "register", "heartbeat" or a node id (a deregistration)
-        self._swarm.sent.append(Sent(sent, self._node, kind, answer.status, time.monotonic()))
+        self._swarm.sent.append(Sent(sent, self._node, kind, answer.status, time.monotonic(), self.base_url))
         return answer
 
 
@@ -83,8 +85,12 @@ class Swarm:
         request_timeout_s: float = 5.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        urls_of: Callable[[int], tuple[str, ...]] | None = None,
     ):
         self.url = url
+        # Per node, the control plane's URLs in the order that node tries them (control_urls), when the
+        # swarm runs against replicas; None: every node has `url` alone.
+        self._urls_of = urls_of
         self.count = count
         # Appended by the swarm's loop only, read by other threads: a list append is atomic.
         self.sent: list[Sent] = []
@@ -106,8 +112,10 @@ class Swarm:
 
     def _settings(self, number: int) -> Settings:
         scratch = Path(self._scratch.name)
+        urls = self._urls_of(number) if self._urls_of is not None else None
         return Settings(
-            control_url=self.url,
+            control_url=urls[0] if urls else self.url,
+            control_urls=urls,
             token_file=str(scratch / "token-not-read"),  # the token is handed over; the name is for messages
             node_id=node_id(number),
             address=f"http://{node_id(number)}.swarm:8000",
@@ -132,7 +140,12 @@ class Swarm:
         await asyncio.sleep(random.uniform(0, self._start_over_s))
         settings = agent.settings
         async with RecordingControlPlane(
-            self, number, settings.control_url, self._token, settings.request_timeout_s, settings.ca_file
+            self,
+            number,
+            settings.control_urls or settings.control_url,
+            self._token,
+            settings.request_timeout_s,
+            settings.ca_file,
         ) as control:
             await agent._loop(control)  # the agent's own loop: backoff, pace, re-registration
 

@@ -1,6 +1,7 @@
 """`make chaos`: fault scenarios against the running podman lab under client load, then one table.
 
     python lab/chaos/run.py [SCENARIO ...] [--rate 4] [--away-s 60] [--swarm 1000] [--tasks-rate 1000]
+    python lab/chaos/run.py --no-lab [replica_kill db_restart] [--swarm 1000]   # the HA rows, no lab
 
 The first row is the load test on its own: 1,000 tasks (placements) a second for 30 s with P50/P95/P99.
 Then the client load (chat completions through the gateway, open loop) starts and runs through every other
@@ -38,7 +39,12 @@ SCENARIOS = (
     "gpu_hang",
     "disk_full",
     "node_reboot",
+    "replica_kill",
+    "db_restart",
 )
+# The HA rows: two replicas, their database and a swarm on this machine's loopback (replicas_ha.py), no lab
+# needed; `--no-lab` runs these alone.
+LOOPBACK = ("replica_kill", "db_restart")
 
 
 def lab_ready(ctx: Context) -> bool:
@@ -62,6 +68,33 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def run_scenario(name: str, ctx: Context) -> list[Row]:
+    print(f"== {name}", flush=True)
+    started = time.monotonic()
+    try:
+        new = importlib.import_module(name).run(ctx)
+    except Exception as error:  # a scenario that breaks is a failed row, and the run goes on
+        traceback.print_exc()
+        new = [Row(name, "runs to the end", f"{type(error).__name__}: {error}", False)]
+    for row in new:
+        print(f"   {'pass' if row.ok else 'FAIL'}: {row.scenario}: {row.measured}", flush=True)
+    print(f"   ({time.monotonic() - started:.0f} s)", flush=True)
+    return new
+
+
+def loopback_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The HA rows without the lab: they build their own control plane on loopback."""
+    names = LOOPBACK if args.scenarios == list(SCENARIOS) else args.scenarios  # none named: both
+    others = [name for name in names if name not in LOOPBACK]
+    if others:
+        parser.error(f"--no-lab runs only {', '.join(LOOPBACK)}; not {', '.join(others)}")
+    ctx = Context(None, None, args.away_s, args.swarm, args.tasks_rate)
+    rows = [row for name in names for row in run_scenario(name, ctx)]
+    print()
+    print(table(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,7 +108,12 @@ def main() -> int:
     parser.add_argument(
         "--tasks-rate", type=float, default=1000.0, help="the first row's tasks a second (default 1000)"
     )
+    parser.add_argument(
+        "--no-lab", action="store_true", help=f"run only the loopback rows ({', '.join(LOOPBACK)}), no lab"
+    )
     args = parser.parse_args()
+    if args.no_lab:
+        return loopback_only(parser, args)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
@@ -99,17 +137,7 @@ def main() -> int:
             if name != "tasks" and not loading:  # the tasks row runs on its own, before the client load
                 load.start()
                 loading = True
-            print(f"== {name}", flush=True)
-            started = time.monotonic()
-            try:
-                new = importlib.import_module(name).run(ctx)
-            except Exception as error:  # a scenario that breaks is a failed row, and the run goes on
-                traceback.print_exc()
-                new = [Row(name, "runs to the end", f"{type(error).__name__}: {error}", False)]
-            for row in new:
-                print(f"   {'pass' if row.ok else 'FAIL'}: {row.scenario}: {row.measured}", flush=True)
-            rows += new
-            print(f"   ({time.monotonic() - started:.0f} s)", flush=True)
+            rows += run_scenario(name, ctx)
             if poll(lambda: lab_ready(ctx), 180, 1) is None:
                 rows.append(Row(f"after {name}", "lab back to ready", "GPU nodes not ready in 180 s", False))
                 break
