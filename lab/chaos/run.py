@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -78,7 +79,7 @@ def run_scenario(name: str, ctx: Context) -> list[Row]:
         new = [Row(name, "runs to the end", f"{type(error).__name__}: {error}", False)]
     for row in new:
         print(f"   {'pass' if row.ok else 'FAIL'}: {row.scenario}: {row.measured}", flush=True)
-    print(f"   ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"   ({time.monotonic() - started:.0f} s, load average {os.getloadavg()[0]:.2f})", flush=True)
     return new
 
 
