@@ -38,11 +38,21 @@ from ansible_collections.llorch.kit.plugins.module_utils.llorch_api import (  # 
 class PlacementLoad:
     """`rate` placements a second over `urls` (tried in that order) with `token`, until stopped."""
 
-    def __init__(self, urls: list[str], token: str, body: dict, rate: float, workers: int = 16, timeout_s=10):
+    def __init__(
+        self,
+        urls: list[str],
+        token: str,
+        body: dict,
+        rate: float,
+        ca_path: str | None = None,
+        workers: int = 16,
+        timeout_s: int = 10,
+    ):
         self.requests: list[Request] = []  # appended by the workers, read by other threads
         self._sent_at: list[float] = []
         self._urls, self._token, self._body, self._rate = urls, token, body, rate
         self._timeout_s = timeout_s
+        self._ca_path = ca_path  # HTTPS replicas: the CA the client trusts (the client's ca_path option)
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="placements")
         self._stopping = threading.Event()
@@ -50,7 +60,9 @@ class PlacementLoad:
 
     def _client(self) -> LlorchClient:
         if not hasattr(self._local, "client"):
-            self._local.client = LlorchClient(self._urls, token=self._token, timeout=self._timeout_s)
+            self._local.client = LlorchClient(
+                self._urls, token=self._token, ca_path=self._ca_path, timeout=self._timeout_s
+            )
         return self._local.client
 
     def _one(self, due: float) -> None:

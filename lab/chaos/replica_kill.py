@@ -51,7 +51,7 @@ def run(ctx: Context) -> list[Row]:
         lb.clients.settled(end)
         down = lb.clients.window(killed_at, restarted_at)
         after = lb.clients.window(restarted_at, end)
-        alive = probe(a.url) and probe(b.url)
+        alive = probe(a) and probe(b)
 
     a_first = size - size // 2
     last = max(moved.values()) if len(moved) == a_first else None

@@ -1,19 +1,20 @@
 """What the HA rows (replica_kill, db_restart) share: a control plane of two replicas on this machine's
 loopback, built the way tests/test_orchestratord_replicas.py and bench/replicas.py build it.
 
-The podman lab has one control host, so two replicas and their database cannot be faulted there; here they
-are the shipped daemon (`python -m orchestratord`, plain HTTP on 127.0.0.1: the faults are about processes
-and the database, not the transport) on a throwaway PostgreSQL from Debian's server
-(bench/_orchestratord/postgres.py), the swarm of simulated agents (bench/_chaos/swarm.py) with both URLs,
-half listing A first and half B first, and registry clients asking for placements through the
-controller's own client over both URLs (bench/_chaos/placements.py). Everything is started by `loopback()`
-and stopped when its block ends, nothing left running.
+The podman lab has one control host, so two replicas and their database cannot be faulted there; here
+they are the shipped daemon (`python -m orchestratord`, HTTPS on 127.0.0.1 with a throwaway CA from
+tests/support_tls.py, which the agents, the clients and the checks trust) on a throwaway PostgreSQL from
+Debian's server (bench/_orchestratord/postgres.py), the swarm of simulated agents (bench/_chaos/swarm.py)
+with both URLs, half listing A first and half B first, and registry clients asking for placements through
+the controller's own client over both URLs (bench/_chaos/placements.py). Everything is started by
+`loopback()` and stopped when its block ends, nothing left running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -28,11 +29,11 @@ from support import (
     Daemon,
     engine_status,
     http,
-    make_daemon,
     sample_heartbeat,
     sample_registration,
 )
 from support_postgres import PostgresServer, fresh_database
+from support_tls import make_tls_daemon, write_ca
 
 HEARTBEAT_S = 5.0  # the lab's and the shipped interval
 NODE_TIMEOUT_S = 15.0  # the shipped three intervals
@@ -47,32 +48,24 @@ PLACEMENT = {"model_id": MODEL}
 class ServedNodes:
     """SERVED's heartbeats every HEARTBEAT_S, each to its first URL that answers, registering on a 404."""
 
-    def __init__(self, urls: tuple[str, str]):
+    def __init__(self, urls: tuple[str, str], context: ssl.SSLContext):
         self._orders = {SERVED[0]: urls, SERVED[1]: urls[::-1]}
+        self._context = context
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="served-nodes", daemon=True)
+
+    def _post(self, url: str, body: dict) -> int:
+        return http("POST", url, body, token=TEST_TOKEN, timeout=5, context=self._context).status
 
     def _beat(self, node: str) -> None:
         registration = sample_registration(node)
         pool = {"engine": engine_status(MODEL), "models_available": [MODEL]}
         for url in self._orders[node]:
+            beat_url = f"{url}/v2/nodes/{node}/heartbeat"
             try:
-                answer = http(
-                    "POST",
-                    f"{url}/v2/nodes/{node}/heartbeat",
-                    sample_heartbeat(registration, **pool),
-                    token=TEST_TOKEN,
-                    timeout=5,
-                )
-                if answer.status == 404:
-                    http("POST", f"{url}/v2/nodes/register", registration, token=TEST_TOKEN, timeout=5)
-                    http(
-                        "POST",
-                        f"{url}/v2/nodes/{node}/heartbeat",
-                        sample_heartbeat(registration, **pool),
-                        token=TEST_TOKEN,
-                        timeout=5,
-                    )
+                if self._post(beat_url, sample_heartbeat(registration, **pool)) == 404:
+                    self._post(f"{url}/v2/nodes/register", registration)
+                    self._post(beat_url, sample_heartbeat(registration, **pool))
                 return
             except OSError:
                 continue  # no answer: the next URL, as an agent does
@@ -142,22 +135,25 @@ def loopback(size: int) -> Iterator[Loopback]:
             "max_nodes": size + 16,
             "log_level": "warning",
         }
+        ca_file = server.root / "ca.pem"  # one throwaway CA signs both replicas' certificates
+        ca = write_ca(ca_file)
         for name in ("a", "b"):
-            replicas.append(make_daemon(server.root / name, **database, **settings).start())
+            replicas.append(make_tls_daemon(server.root / name, ca, **database, **settings).start())
         urls = (replicas[0].url, replicas[1].url)
         swarm = Swarm(
             urls[0],
             TEST_TOKEN,
             size,
             start_over_s=HEARTBEAT_S,
+            ca_file=str(ca_file),
             urls_of=lambda n: urls if n % 2 == 0 else urls[::-1],
         ).start()
         joined_at = time.monotonic()
         if poll(lambda: len(first_answer_after(swarm.sent, joined_at)) == size, 120, 0.5) is None:
             joined = len(first_answer_after(swarm.sent, joined_at))
             raise RuntimeError(f"the swarm did not join in 120 s ({joined} of {size})")
-        served = ServedNodes(urls).start()
-        clients = PlacementLoad(list(urls), TEST_TOKEN, PLACEMENT, PLACEMENTS_PER_S).start()
+        served = ServedNodes(urls, replicas[0].client_context()).start()
+        clients = PlacementLoad(list(urls), TEST_TOKEN, PLACEMENT, PLACEMENTS_PER_S, str(ca_file)).start()
         yield Loopback(server, replicas, swarm, clients)
     finally:
         if clients is not None:
@@ -173,8 +169,8 @@ def loopback(size: int) -> Iterator[Loopback]:
         shutil.rmtree(server.root, ignore_errors=True)
 
 
-def probe(url: str) -> bool:
+def probe(replica: Daemon) -> bool:
     try:
-        return http("GET", url + "/health", timeout=1).status == 200
+        return replica.api("GET", "/health", token=None, timeout=1).status == 200
     except OSError:
         return False
