@@ -16,7 +16,7 @@ from common import Context, Row, poll, seconds
 from replicas_ha import HEARTBEAT_S, loopback, probe, statuses
 
 DOWN_S = 2.5 * HEARTBEAT_S  # longer than two heartbeats
-AGREE_S = 5.0  # A back: it lists what B lists within this (the brief's "about 2 s", with room on 2 cores)
+AGREE_S = 2.0  # A back: it lists what B lists within this (it reads the database at start: 0.1 s measured)
 
 
 def run(ctx: Context) -> list[Row]:
