@@ -14,7 +14,7 @@ from collections import Counter
 
 from _chaos.swarm import node_id
 from common import Context, Row, poll, seconds
-from replicas_ha import HEARTBEAT_S, NODE_TIMEOUT_S, loopback, statuses
+from replicas_ha import AFTER_S, HEARTBEAT_S, NODE_TIMEOUT_S, loopback, statuses
 
 AWAY_S = 10.0
 BACK_S = 10.0  # a drain works again within this of the server's start
@@ -47,6 +47,7 @@ def run(ctx: Context) -> list[Row]:
         back = poll(lambda: lb.drain(a, node_id(3))[0] == 200 and lb.drain(b, node_id(5))[0] == 200, 30, 0.2)
         agree = poll(lambda: (shown := statuses(lb.nodes(a))) and shown == statuses(lb.nodes(b)), 30, 0.2)
         after_a, after_b = statuses(lb.nodes(a)), statuses(lb.nodes(b))
+        time.sleep(max(0.0, started_at + AFTER_S - time.monotonic()))  # a window of clients after
         end = time.monotonic()
         lb.clients.settled(end)
         away = lb.clients.window(stopped_at, started_at)

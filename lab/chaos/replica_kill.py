@@ -13,7 +13,7 @@ import time
 
 from _chaos.swarm import node_id
 from common import Context, Row, poll, seconds
-from replicas_ha import HEARTBEAT_S, loopback, probe, statuses
+from replicas_ha import AFTER_S, HEARTBEAT_S, loopback, probe, statuses
 
 DOWN_S = 2.5 * HEARTBEAT_S  # longer than two heartbeats
 AGREE_S = 2.0  # A back: it lists what B lists within this (it reads the database at start: 0.1 s measured)
@@ -47,6 +47,7 @@ def run(ctx: Context) -> list[Row]:
         back = time.monotonic() - restarted_at
         agree = poll(lambda: (shown := statuses(lb.nodes(a))) and shown == statuses(lb.nodes(b)), 30, 0.2)
         after_a, after_b = statuses(lb.nodes(a)), statuses(lb.nodes(b))
+        time.sleep(max(0.0, restarted_at + AFTER_S - time.monotonic()))  # a window of clients after
         end = time.monotonic()
         lb.clients.settled(end)
         down = lb.clients.window(killed_at, restarted_at)

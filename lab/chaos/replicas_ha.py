@@ -38,6 +38,7 @@ from support_tls import make_tls_daemon, write_ca
 HEARTBEAT_S = 5.0  # the lab's and the shipped interval
 NODE_TIMEOUT_S = 15.0  # the shipped three intervals
 PLACEMENTS_PER_S = 20.0
+AFTER_S = 5.0  # the clients' "after" window: at least this long from the repair
 # The swarm's agents run no engine, so two more nodes report one (ready, serving MODEL) for the placements;
 # each heartbeats like an agent given both URLs, one A first, one B first.
 MODEL = "chaos-model"
