@@ -24,7 +24,7 @@ def run(ctx: Context) -> list[Row]:
     size = ctx.swarm_size
     with loopback(size) as lb:
         a, b = lb.replicas
-        drained = [node_id(n) for n in range(0, size, max(1, size // 10))]
+        drained = [node_id(n) for n in range(0, size, 10)]  # every tenth node
         for name in drained:
             lb.drain(a, name)
         time.sleep(HEARTBEAT_S)
