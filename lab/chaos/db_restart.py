@@ -14,7 +14,7 @@ from collections import Counter
 
 from _chaos.swarm import node_id
 from common import Context, Row, poll, seconds
-from replicas_ha import AFTER_S, HEARTBEAT_S, NODE_TIMEOUT_S, loopback, statuses
+from replicas_ha import AFTER_S, HEARTBEAT_S, NODE_TIMEOUT_S, SERVED, loopback, statuses
 
 AWAY_S = 10.0
 BACK_S = 10.0  # a drain works again within this of the server's start
@@ -66,7 +66,8 @@ def run(ctx: Context) -> list[Row]:
             f"drains: {dict(drains)}; heartbeats {len(beats) - sum(beats_bad.values())}/{len(beats)} 200"
             f"{f' {dict(beats_bad)}' if beats_bad else ''}; offline at worst {offline}; clients: "
             f"{away.summary()}",
-            refused_right
+            len(before) == size + len(SERVED)
+            and refused_right
             and bool(drains)
             and bool(beats)
             and not beats_bad
@@ -77,7 +78,7 @@ def run(ctx: Context) -> list[Row]:
             "PostgreSQL back",
             f"a drain works on both <= {BACK_S:g} s; nothing lost; replicas agree",
             f"server up in {up:.1f} s, then a drain works on both after {seconds(back)}; agree after "
-            f"{seconds(agree)}; lost {len(lost)} nodes, "
+            f"{seconds(agree)}; lost {len(lost)} of {len(before)} nodes, "
             f"{len(drained) - len(kept)} of {len(drained)} drains ({len(after_a)} vs {len(after_b)} nodes); "
             f"clients after: {after.summary()}",
             back is not None

@@ -13,7 +13,7 @@ import time
 
 from _chaos.swarm import node_id
 from common import Context, Row, poll, seconds
-from replicas_ha import AFTER_S, HEARTBEAT_S, loopback, probe, statuses
+from replicas_ha import AFTER_S, HEARTBEAT_S, SERVED, loopback, probe, statuses
 
 DOWN_S = 2.5 * HEARTBEAT_S  # longer than two heartbeats
 AGREE_S = 2.0  # A back: it lists what B lists within this (it reads the database at start: 0.1 s measured)
@@ -31,7 +31,6 @@ def run(ctx: Context) -> list[Row]:
 
         killed_at = time.monotonic()
         a.kill()
-        in_flight = lb.clients.in_flight(killed_at)
         offline_on_b = 0
         while time.monotonic() - killed_at < DOWN_S:
             offline_on_b = max(offline_on_b, len(lb.nodes(b, "offline") or {}))
@@ -50,6 +49,7 @@ def run(ctx: Context) -> list[Row]:
         time.sleep(max(0.0, restarted_at + AFTER_S - time.monotonic()))  # a window of clients after
         end = time.monotonic()
         lb.clients.settled(end)
+        in_flight = lb.clients.in_flight(killed_at)  # once settled: a request is recorded when it ends
         down = lb.clients.window(killed_at, restarted_at)
         after = lb.clients.window(restarted_at, end)
         alive = probe(a) and probe(b)
@@ -64,9 +64,11 @@ def run(ctx: Context) -> list[Row]:
             f"A's agents on B <= 2 heartbeats ({2 * HEARTBEAT_S:g} s); none offline; nothing lost; "
             f"client errors <= in flight at the kill",
             f"last of {len(moved)}/{a_first} A-first nodes on B after {seconds(last)}; offline on B at "
-            f"worst {offline_on_b}; lost {len(lost)} nodes, {len(undrained)} of {len(drained)} drains; "
+            f"worst {offline_on_b}; lost {len(lost)} of {len(before)} nodes, {len(undrained)} of "
+            f"{len(drained)} drains; "
             f"clients while A down: {down.summary()} ({in_flight} in flight at the kill)",
-            last is not None
+            len(before) == size + len(SERVED)
+            and last is not None
             and last <= 2 * HEARTBEAT_S
             and offline_on_b == 0
             and not lost
