@@ -84,7 +84,8 @@ lab-down:
 	bash lab/down.sh
 
 # Fault scenarios against the lab `make lab` brought up, under client load through the gateway; prints one
-# table and fails on any failed row (docs/chaos.md). CHAOS_ARGS: scenario names, --away-s, --rate, --swarm.
+# table and fails on any failed row (docs/chaos.md). CHAOS_ARGS: scenario names, --away-s, --rate, --swarm;
+# --no-lab runs only the HA rows (two replicas on a throwaway PostgreSQL on loopback), without the lab.
 chaos: venv
 	$(BIN)/python lab/chaos/run.py $(CHAOS_ARGS)
 
