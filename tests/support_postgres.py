@@ -10,6 +10,7 @@ login role, so tests sharing the session's server never see each other's rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -17,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -146,16 +148,22 @@ def start_postgres() -> PostgresServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """One PostgreSQL server for the whole session, stopped and removed at the end."""
-    server = start_postgres()
+@contextlib.contextmanager
+def serving(server: PostgresServer) -> Iterator[PostgresServer]:
+    """`server` for the block, then stopped (if a test left it running) and its files removed."""
     try:
         yield server
     finally:
         if server.running():
             server.stop()
         shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the whole session, stopped and removed at the end."""
+    with serving(start_postgres()) as server:
+        yield server
 
 
 def fresh_database(server: PostgresServer, workdir: Path) -> dict[str, str]:

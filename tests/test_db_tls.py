@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support import REPO_ROOT, make_daemon, wait_until
 from support_daemon import online_node, run_daemon_once, status_of, write_yaml
-from support_postgres import fresh_database, start_tls_postgres
+from support_postgres import fresh_database, serving, start_tls_postgres
 from support_registry import ansible_env, run_tasks
 from support_tls import write_ca
 
@@ -58,13 +58,8 @@ def kit_pki(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tls_postgres(kit_pki):
-    server = start_tls_postgres(kit_pki / "db" / "server.crt", kit_pki / "db" / "server.key")
-    try:
+    with serving(start_tls_postgres(kit_pki / "db" / "server.crt", kit_pki / "db" / "server.key")) as server:
         yield server
-    finally:
-        if server.running():
-            server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 def db_settings(server, workdir: Path, sslmode: str, host: str = "127.0.0.1") -> dict:
