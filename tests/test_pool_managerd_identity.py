@@ -17,7 +17,7 @@ from support_agent import AgentProcess, TlsFront, make_agent
 from support_tls import write_ca, write_server_certificate
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
-from pool_managerd.identity import ca_pin
+from pool_managerd.identity import ca_pins
 
 NODE = "gpu-node-1"
 
@@ -168,7 +168,7 @@ def tls_front(daemon, tmp_path) -> Iterator[tuple[TlsFront, Path]]:
 def test_over_https_the_join_token_pins_the_ca(daemon, tmp_path, agents, tls_front):
     front, ca_file = tls_front
     secret = issue_join(daemon)
-    pin = ca_pin(str(ca_file))
+    pin = ca_pins(str(ca_file))[0]
     agent = joining_agent(
         tmp_path, daemon, f"sha256:{pin}::{secret}", agents, control_url=front.url, ca_file=str(ca_file)
     ).start()

@@ -31,7 +31,7 @@ from support_tls import write_ca
 
 sys.path.insert(0, str(REPO_ROOT / "files" / "pool_managerd"))
 from pool_managerd.config import load_settings
-from pool_managerd.identity import ca_pin
+from pool_managerd.identity import ca_pins
 
 ROLE = REPO_ROOT / "roles" / "pool_managerd"
 NODE = "gpu-7"
@@ -266,7 +266,7 @@ def test_over_https_the_join_token_pins_the_cluster_ca_from_the_controllers_pki(
     node.run("identity", "configure")
     pin, _, secret = node.join_token_file.read_text().strip().removeprefix("sha256:").partition("::")
     der = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes()).public_bytes(Encoding.DER)
-    assert pin == hashlib.sha256(der).hexdigest() == ca_pin(str(pki / "ca.crt"))
+    assert pin == hashlib.sha256(der).hexdigest() == ca_pins(str(pki / "ca.crt"))[0]
     assert secret.startswith("llj_")
     assert yaml.safe_load(node.config_file.read_text())["ca_file"] == "/etc/llorch/tls/ca.crt"
 

@@ -20,6 +20,7 @@ import traceback
 
 from ansible_collections.llorch.kit.plugins.module_utils.llorch_contract import (
     SecretFileError,
+    days_left,
     open_owner_only,
 )
 
@@ -146,7 +147,7 @@ def facts(cert: x509.Certificate) -> dict:
     der = cert.public_bytes(serialization.Encoding.DER)
     return {
         "not_after": not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "days_left": int((not_after - _now()).total_seconds() // 86400),
+        "days_left": days_left(not_after.timestamp(), _now().timestamp()),
         "serial": format(cert.serial_number, "x"),
         "sha256": hashlib.sha256(der).hexdigest(),
     }

@@ -73,11 +73,6 @@ def ca_pins(ca_file: str) -> list[str]:
     return pins
 
 
-def ca_pin(ca_file: str) -> str:
-    """The pin of the first certificate in ca_file."""
-    return ca_pins(ca_file)[0]
-
-
 def read_join_secret(path: str) -> JoinSecret:
     try:
         text = read_secret_file(path, what="join_token_file")
