@@ -110,3 +110,21 @@ def render_role(
     if template is not None:
         rendered["config"] = out / template
     return rendered
+
+
+# Role validate_inventory on its own, as the playbooks run it first.
+VALIDATE_PLAY = [
+    {
+        "name": "Validate",
+        "hosts": "all",
+        "gather_facts": False,
+        "run_once": True,
+        "roles": ["validate_inventory"],
+    }
+]
+
+
+def validate(tmp_path: Path, inventory: dict) -> tuple[int, str]:
+    """validate_inventory against `inventory`: its exit code and every failure message, in one line."""
+    rc, output = run_playbook(tmp_path, VALIDATE_PLAY, inventory)
+    return rc, " ".join(failures(output).values())

@@ -3,17 +3,7 @@
 from __future__ import annotations
 
 from support import TEST_TOKEN
-from support_roles import failures, local_host, run_playbook
-
-PLAY = [
-    {
-        "name": "Validate",
-        "hosts": "all",
-        "gather_facts": False,
-        "run_once": True,
-        "roles": ["validate_inventory"],
-    }
-]
+from support_roles import local_host, validate
 
 
 def inventory(control=("ctl",), gpu_pools=None, **shared):
@@ -31,11 +21,6 @@ def inventory(control=("ctl",), gpu_pools=None, **shared):
             },
         }
     }
-
-
-def validate(tmp_path, inv):
-    rc, output = run_playbook(tmp_path, PLAY, inv)
-    return rc, " ".join(failures(output).values())
 
 
 def test_a_good_inventory_passes(tmp_path):

@@ -4,17 +4,8 @@ database (orchestratord_db_url, no password in it, a vaulted password); a db gro
 from __future__ import annotations
 
 from support import TEST_TOKEN
-from support_roles import failures, local_host, run_playbook
+from support_roles import local_host, validate
 
-PLAY = [
-    {
-        "name": "Validate",
-        "hosts": "all",
-        "gather_facts": False,
-        "run_once": True,
-        "roles": ["validate_inventory"],
-    }
-]
 DB_URL = "postgresql://orchestratord@db-1:5432/orchestratord?sslmode=verify-full"
 DB_PASSWORD = "a-vaulted-db-password-of-some-length"
 
@@ -28,11 +19,6 @@ def inventory(control=("ctl-a", "ctl-b"), db=("db-1",), **shared):
         children["db"] = {"hosts": {name: local_host() for name in db}}
     shared_vars = {"llorch_api_token": TEST_TOKEN, "llorch_control_url": "https://ctl-a:9200", **shared}
     return {"all": {"vars": shared_vars, "children": children}}
-
-
-def validate(tmp_path, inv):
-    rc, output = run_playbook(tmp_path, PLAY, inv)
-    return rc, " ".join(failures(output).values())
 
 
 def test_two_replicas_on_the_db_groups_server_pass(tmp_path):
